@@ -1,0 +1,46 @@
+"""fedquant: communication-efficient federated learning via clipped uniform quantization.
+
+Implements Bozorgasl & Chen, "Communication-Efficient Federated Learning via
+Clipped Uniform Quantization" (arXiv 2405.13365): MSE-optimal (OCTAV) clipping,
+B-bit uniform quantization with stochastic or nearest rounding, a bit-packed
+wire format, and inverse-MSE aggregation.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from fedquant.errors import (
+    ConfigError,
+    DataError,
+    DecodeError,
+    FedquantError,
+    InvalidInputError,
+    NonFiniteError,
+)
+from fedquant.quant.clipping import threshold
+from fedquant.quant.codec import decode, encode, encode_with_stats
+from fedquant.quant.quantizer import dequantize, quantize
+from fedquant.quant.spec import QuantSpec
+
+try:
+    __version__ = version("fedquant")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = "0.0.0"
+
+__all__ = [
+    "ConfigError",
+    "DataError",
+    "DecodeError",
+    "FedquantError",
+    "InvalidInputError",
+    "NonFiniteError",
+    "QuantSpec",
+    "__version__",
+    "decode",
+    "dequantize",
+    "encode",
+    "encode_with_stats",
+    "quantize",
+    "threshold",
+]

@@ -1,0 +1,560 @@
+"""The wire format of a model update: :func:`encode` and :func:`decode`.
+
+The byte length of an encoded payload is the traffic fedquant reports: nothing
+is simulated. There is no pickle anywhere; every field is checked on decode.
+
+Layout (version 1, all integers little-endian)::
+
+    header (24 bytes)
+      magic        4s   b"FQNT"
+      version      u16  1
+      flags        u16  0 (reserved)
+      total_len    u64  bytes in the whole payload, header and checksum included
+      n_tensors    u32
+      meta_len     u32  bytes of metadata that follow
+    meta           meta_len bytes: a UTF-8 JSON object of scalar values (may be empty)
+    n_tensors records
+      name_len     u16, then the UTF-8 name (1..1024 bytes, unique)
+      dtype        u8   original dtype (see DTYPES)
+      kind         u8   0 = quantized, 1 = float32 raw, 2 = integer raw (in `dtype`)
+      bits         u8   1..8 if quantized; 32 for float32 raw; 8*itemsize for integer raw
+      granularity  u8   0 = per tensor, 1 = per output channel (dim 0)
+      transform    u8   0 (reserved for rotations)
+      coding       u8   0 = packed codes (reserved for entropy coding)
+      ndim         u8   0..16
+      reserved     u8   0
+      dims         ndim x u64
+      n_scales     u32  1 (per tensor) or dims[0] (per channel) if quantized, else 0
+      scales       n_scales x f32   clipping thresholds s (finite, >= 0)
+      mse          f64  measured quantization MSE of this tensor (finite, >= 0)
+      data_len     u64  must equal ceil(numel*bits/8), 4*numel or itemsize*numel
+      data         packed codes (fedquant.quant.packing) / raw little-endian values
+    crc32          u32  zlib.crc32 of every byte before it
+
+Decoding validates the header, the total length and the checksum first, then
+every field against the bytes actually present before allocating anything, so
+a hostile payload costs at most ``O(len(payload))`` memory (a quantized tensor
+expands by at most 32/bits) and raises :class:`~fedquant.errors.DecodeError`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fedquant.errors import DecodeError, InvalidInputError
+from fedquant.quant.clipping import _threshold_flat
+from fedquant.quant.grid import FLOAT_BITS, Rounding
+from fedquant.quant.packing import packed_size
+from fedquant.quant.quantizer import (
+    Granularity,
+    SeedLike,
+    _quantize_rows,
+    _row_view,
+    check_finite,
+    dequantize_packed,
+    rng_key,
+)
+from fedquant.quant.spec import QuantSpec, TensorPlan
+
+MAGIC = b"FQNT"
+VERSION = 1
+MAX_NAME = 1024
+MAX_NDIM = 16
+MAX_META = 1 << 20
+MAX_DIM = 1 << 48
+
+_HEADER = struct.Struct("<4sHHQII")
+_REC_FIXED = struct.Struct("<BBBBBBBB")
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+_F64 = struct.Struct("<d")
+_CRC = struct.Struct("<I")
+#: smallest possible record (1-byte name, 0-d raw float: 4 data bytes)
+_MIN_RECORD = 2 + 1 + _REC_FIXED.size + 4 + 8 + 8 + 4
+
+KIND_QUANT, KIND_FLOAT, KIND_INT = 0, 1, 2
+_GRAN = {Granularity.TENSOR: 0, Granularity.CHANNEL: 1}
+_GRAN_BACK = {v: k for k, v in _GRAN.items()}
+
+#: dtype codes on the wire -> (name, numpy dtype used for raw integer data)
+DTYPES: dict[int, tuple[str, np.dtype | None]] = {
+    1: ("float32", None),
+    2: ("float16", None),
+    3: ("bfloat16", None),
+    4: ("float64", None),
+    5: ("int64", np.dtype("<i8")),
+    6: ("int32", np.dtype("<i4")),
+    7: ("int16", np.dtype("<i2")),
+    8: ("int8", np.dtype("i1")),
+    9: ("uint8", np.dtype("u1")),
+    10: ("bool", np.dtype("u1")),
+}
+_DTYPE_CODE = {name: code for code, (name, _) in DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What the payload says about one tensor."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    bits: int  # 1..8 quantized, 32 float32 raw, 8*itemsize integer raw
+    granularity: Granularity
+    scales: np.ndarray
+    mse: float
+    nbytes: int  # bytes of this tensor's record in the payload
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits <= 8 and self.dtype in ("float32", "float16", "bfloat16", "float64")
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class EncodeResult:
+    """An encoded update and what the client measured while encoding it."""
+
+    payload: bytes
+    tensors: dict[str, TensorInfo]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.payload)
+
+    @property
+    def float32_nbytes(self) -> int:
+        """Bytes of the same tensors as raw float32 (integers at their own size)."""
+        return sum(_float32_size(i) for i in self.tensors.values())
+
+    @property
+    def mse(self) -> dict[str, float]:
+        return {n: i.mse for n, i in self.tensors.items()}
+
+
+@dataclass(frozen=True)
+class DecodedUpdate:
+    """A decoded update: values (float32 for floating tensors), per-tensor info, metadata."""
+
+    tensors: dict[str, np.ndarray]
+    info: dict[str, TensorInfo]
+    meta: dict[str, Any]
+    nbytes: int
+
+    @property
+    def mse(self) -> dict[str, float]:
+        return {n: i.mse for n, i in self.info.items()}
+
+
+def _float32_size(info: TensorInfo) -> int:
+    if info.dtype in ("float32", "float16", "bfloat16", "float64"):
+        return 4 * info.numel
+    return (info.bits // 8) * info.numel
+
+
+# --------------------------------------------------------------------------- encode
+
+
+def _as_numpy(name: str, t: Any) -> tuple[np.ndarray, str]:
+    """(array, wire dtype name) of a numpy array or torch tensor, without importing torch."""
+    if hasattr(t, "detach") and hasattr(t, "numpy"):
+        dtype = str(t.dtype).removeprefix("torch.")
+        if t.is_floating_point():
+            return t.detach().to("cpu").float().numpy(), dtype
+        return t.detach().to("cpu").numpy(), dtype
+    arr = np.asarray(t)
+    return arr, str(arr.dtype)
+
+
+def _tensor_keys(seed: SeedLike, n: int) -> list[np.uint64] | None:
+    """One independent 64-bit key per tensor, derived from the caller's seed."""
+    if seed is None:
+        return None
+    if isinstance(seed, np.random.Generator):
+        return [rng_key(seed, where="encode") for _ in range(n)]
+    ss = seed if isinstance(seed, np.random.SeedSequence) else None
+    if ss is None:
+        rng_key(seed, where="encode")  # validates the type
+        ss = np.random.SeedSequence(int(seed))  # type: ignore[arg-type]
+    return [np.uint64(c.generate_state(1, np.uint64)[0]) for c in ss.spawn(n)]
+
+
+def _meta_bytes(meta: Mapping[str, Any] | None) -> bytes:
+    if not meta:
+        return b""
+    for k, v in meta.items():
+        if not isinstance(k, str) or not (v is None or isinstance(v, (str, int, float, bool))):
+            raise InvalidInputError(
+                f"encode: meta[{k!r}]={v!r} is not allowed; expected str keys and "
+                "str/int/float/bool/None values"
+            )
+        if isinstance(v, float) and not math.isfinite(v):
+            raise InvalidInputError(f"encode: meta[{k!r}]={v!r} is not finite")
+    raw = json.dumps(dict(meta), sort_keys=True, separators=(",", ":")).encode()
+    if len(raw) > MAX_META:
+        raise InvalidInputError(f"encode: meta is {len(raw)} bytes; at most {MAX_META} allowed")
+    return raw
+
+
+def encode_with_stats(
+    tensors: Mapping[str, Any],
+    spec: QuantSpec | None = None,
+    *,
+    seed: SeedLike = None,
+    meta: Mapping[str, Any] | None = None,
+) -> EncodeResult:
+    """Encode a model update and report per-tensor bits, scales and measured MSE.
+
+    Parameters
+    ----------
+    tensors : Mapping[str, np.ndarray | torch.Tensor]
+        The update (e.g. a ``state_dict``), in order.
+    spec : QuantSpec, optional
+        How each tensor travels (default ``QuantSpec()``: weights at 8 bits,
+        stochastic rounding, OCTAV).
+    seed : int, np.random.Generator or SeedSequence, optional
+        Required when any tensor uses stochastic rounding; each tensor gets an
+        independent key derived from it.
+    meta : Mapping[str, scalar], optional
+        Small metadata that travels with the payload (e.g. round, client id).
+
+    Raises
+    ------
+    InvalidInputError
+        Non-finite values, bad names, unsupported dtypes, missing seed.
+    ConfigError
+        The spec does not fit the model (e.g. ``4-2-2-4`` on a model with 5 layers).
+    """
+    spec = spec if spec is not None else QuantSpec()
+    arrays: dict[str, tuple[np.ndarray, str]] = {}
+    for name, t in tensors.items():
+        if not isinstance(name, str) or not name or len(name.encode()) > MAX_NAME:
+            raise InvalidInputError(
+                f"encode: tensor name {name!r} must be a str of 1..{MAX_NAME} bytes"
+            )
+        arr, dtype = _as_numpy(name, t)
+        if dtype not in _DTYPE_CODE:
+            raise InvalidInputError(
+                f"encode: tensor {name!r} has dtype {dtype}; supported: {', '.join(_DTYPE_CODE)}"
+            )
+        if arr.ndim > MAX_NDIM:
+            raise InvalidInputError(
+                f"encode: tensor {name!r} has {arr.ndim} dims; at most {MAX_NDIM}"
+            )
+        arrays[name] = (arr, dtype)
+    plans = spec.resolve({n: (a.shape, a.dtype.kind == "f") for n, (a, _) in arrays.items()})
+    needs_seed = any(p.quantized and p.rounding is Rounding.STOCHASTIC for p in plans.values())
+    keys = _tensor_keys(seed, len(arrays))
+    if needs_seed and keys is None:
+        rng_key(None, where="encode")  # raises the standard "needs seed=" error
+    meta_raw = _meta_bytes(meta)
+
+    chunks: list[bytes] = []
+    infos: dict[str, TensorInfo] = {}
+    for idx, (name, (arr, dtype)) in enumerate(arrays.items()):
+        plan = plans[name]
+        key = keys[idx] if keys is not None else np.uint64(0)
+        rec, info = _encode_tensor(name, arr, dtype, plan, key)
+        chunks.append(rec)
+        infos[name] = info
+
+    body = b"".join(chunks)
+    total = _HEADER.size + len(meta_raw) + len(body) + _CRC.size
+    head = _HEADER.pack(MAGIC, VERSION, 0, total, len(arrays), len(meta_raw))
+    crc = zlib.crc32(body, zlib.crc32(meta_raw, zlib.crc32(head)))
+    payload = b"".join((head, meta_raw, body, _CRC.pack(crc)))
+    return EncodeResult(payload=payload, tensors=infos, meta=dict(meta or {}))
+
+
+def encode(
+    tensors: Mapping[str, Any],
+    spec: QuantSpec | None = None,
+    *,
+    seed: SeedLike = None,
+    meta: Mapping[str, Any] | None = None,
+) -> bytes:
+    """Encode a model update into a payload (see :func:`encode_with_stats`)."""
+    return encode_with_stats(tensors, spec, seed=seed, meta=meta).payload
+
+
+def _encode_tensor(
+    name: str, arr: np.ndarray, dtype: str, plan: TensorPlan, key: np.uint64
+) -> tuple[bytes, TensorInfo]:
+    shape = tuple(int(d) for d in arr.shape)
+    name_b = name.encode()
+    gran = Granularity.TENSOR
+    scales = np.zeros(0, dtype=np.float32)
+    mse = 0.0
+    if arr.dtype.kind == "f":
+        flat32 = np.ascontiguousarray(arr, dtype=np.float32)
+        if plan.quantized:
+            rows, gran = _row_view(flat32, plan.granularity)
+            scales = np.array(
+                [
+                    _threshold_flat(rows[r], plan.bits, plan.rounding, plan.method, plan.percentile)
+                    for r in range(rows.shape[0])
+                ],
+                dtype=np.float32,
+            )
+            packed, sq = _quantize_rows(rows, scales, plan.bits, plan.rounding, key)
+            if not math.isfinite(sq):
+                check_finite(flat32, f"encode: tensor {name!r}")
+                packed, sq = _quantize_rows(rows, scales, plan.bits, plan.rounding, key, wide=True)
+            mse = sq / rows.size if rows.size else 0.0
+            kind, bits, data = KIND_QUANT, plan.bits, packed.tobytes()
+        else:
+            check_finite(flat32, f"encode: tensor {name!r}")
+            kind, bits, data = KIND_FLOAT, FLOAT_BITS, flat32.astype("<f4").tobytes()
+    elif arr.dtype.kind in "biu":
+        raw_dtype = DTYPES[_DTYPE_CODE[dtype]][1]
+        assert raw_dtype is not None
+        kind, bits = KIND_INT, 8 * raw_dtype.itemsize
+        data = np.ascontiguousarray(arr).astype(raw_dtype).tobytes()
+    else:
+        raise InvalidInputError(f"encode: tensor {name!r} has unsupported dtype {arr.dtype}")
+    parts = [
+        _U16.pack(len(name_b)),
+        name_b,
+        _REC_FIXED.pack(_DTYPE_CODE[dtype], kind, bits, _GRAN[gran], 0, 0, len(shape), 0),
+        b"".join(_U64.pack(d) for d in shape),
+        _U32.pack(scales.size),
+        scales.astype("<f4").tobytes(),
+        _F64.pack(mse),
+        _U64.pack(len(data)),
+        data,
+    ]
+    rec = b"".join(parts)
+    info = TensorInfo(name, shape, dtype, bits, gran, scales, mse, len(rec))
+    return rec, info
+
+
+# --------------------------------------------------------------------------- decode
+
+
+class _Reader:
+    """Bounds-checked cursor over the payload body."""
+
+    def __init__(self, buf: memoryview, start: int, end: int) -> None:
+        self.buf, self.pos, self.end = buf, start, end
+
+    def take(self, n: int, what: str) -> memoryview:
+        if n < 0 or self.pos + n > self.end:
+            raise DecodeError(
+                f"decode: payload truncated in {what}: need {n} byte(s) at offset {self.pos}, "
+                f"{self.end - self.pos} left"
+            )
+        out = self.buf[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def unpack(self, st: struct.Struct, what: str) -> tuple[Any, ...]:
+        return st.unpack(self.take(st.size, what))
+
+
+def peek_header(payload: bytes | bytearray | memoryview) -> tuple[int, int, int]:
+    """Validate the fixed header only; returns ``(version, total_len, n_tensors)``."""
+    n = len(payload)
+    if n < _HEADER.size + _CRC.size:
+        raise DecodeError(
+            f"decode: payload truncated: {n} byte(s), a fedquant payload has at least "
+            f"{_HEADER.size + _CRC.size}"
+        )
+    magic, version, flags, total, count, _meta_len = _HEADER.unpack_from(payload, 0)
+    if magic != MAGIC:
+        raise DecodeError(
+            f"decode: wrong magic {bytes(magic)!r}; expected {MAGIC!r} (not a fedquant payload)"
+        )
+    if version != VERSION:
+        raise DecodeError(
+            f"decode: unknown format version {version}; this fedquant reads version {VERSION}"
+        )
+    if flags != 0:
+        raise DecodeError(f"decode: header flags {flags:#x} are not supported; expected 0")
+    if total != n:
+        raise DecodeError(
+            f"decode: inconsistent length: header says {total} bytes, payload has {n} "
+            "(truncated or padded)"
+        )
+    return version, total, count
+
+
+def decode(payload: bytes | bytearray | memoryview) -> DecodedUpdate:
+    """Decode a payload made by :func:`encode`.
+
+    Returns
+    -------
+    DecodedUpdate
+        ``tensors``: float32 arrays for floating tensors (quantized ones
+        dequantized), the original integer dtype for integer tensors.
+
+    Raises
+    ------
+    DecodeError
+        For every kind of malformed input: truncated, corrupted (checksum),
+        wrong magic, unknown version, inconsistent lengths, out-of-range
+        fields, non-finite scales or MSE, absurd shapes.
+    """
+    if not isinstance(payload, (bytes, bytearray, memoryview)):
+        raise DecodeError(f"decode: expected bytes, got {type(payload).__name__}")
+    buf = memoryview(payload).cast("B") if isinstance(payload, memoryview) else memoryview(payload)
+    _, total, count = peek_header(buf)
+    (stored_crc,) = _CRC.unpack_from(buf, total - _CRC.size)
+    if zlib.crc32(buf[: total - _CRC.size]) != stored_crc:
+        raise DecodeError("decode: checksum mismatch: the payload is corrupted")
+    meta_len = _HEADER.unpack_from(buf, 0)[5]
+    reader = _Reader(buf, _HEADER.size, total - _CRC.size)
+    meta = _decode_meta(
+        reader.take(meta_len, "metadata") if meta_len <= MAX_META else None, meta_len
+    )
+    left = reader.end - reader.pos
+    if count > left // _MIN_RECORD:
+        raise DecodeError(
+            f"decode: header claims {count} tensors but only {left} bytes of records follow"
+        )
+    tensors: dict[str, np.ndarray] = {}
+    infos: dict[str, TensorInfo] = {}
+    for i in range(count):
+        name, arr, info = _decode_record(reader, i)
+        if name in tensors:
+            raise DecodeError(f"decode: tensor name {name!r} appears twice")
+        tensors[name] = arr
+        infos[name] = info
+    if reader.pos != reader.end:
+        raise DecodeError(
+            f"decode: inconsistent length: {reader.end - reader.pos} unexplained byte(s) after "
+            f"the last of {count} tensors"
+        )
+    return DecodedUpdate(tensors=tensors, info=infos, meta=meta, nbytes=total)
+
+
+def _decode_meta(raw: memoryview | None, meta_len: int) -> dict[str, Any]:
+    if raw is None:
+        raise DecodeError(f"decode: metadata of {meta_len} bytes exceeds the {MAX_META}-byte limit")
+    if not meta_len:
+        return {}
+
+    def no_constants(c: str) -> Any:
+        raise ValueError(f"non-finite number {c}")
+
+    try:
+        meta = json.loads(bytes(raw).decode("utf-8"), parse_constant=no_constants)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise DecodeError(f"decode: metadata is not valid UTF-8 JSON: {e}") from None
+    if not isinstance(meta, dict) or not all(
+        isinstance(v, (str, int, float, bool)) or v is None for v in meta.values()
+    ):
+        raise DecodeError("decode: metadata must be a JSON object of scalar values")
+    return meta
+
+
+def _decode_record(r: _Reader, index: int) -> tuple[str, np.ndarray, TensorInfo]:
+    start = r.pos
+    where = f"tensor #{index}"
+    (name_len,) = r.unpack(_U16, f"{where} name length")
+    if not 1 <= name_len <= MAX_NAME:
+        raise DecodeError(f"decode: {where}: name length {name_len} is not in 1..{MAX_NAME}")
+    try:
+        name = bytes(r.take(name_len, f"{where} name")).decode("utf-8")
+    except UnicodeDecodeError:
+        raise DecodeError(f"decode: {where}: name is not valid UTF-8") from None
+    where = f"tensor {name!r}"
+    dcode, kind, bits, gcode, transform, coding, ndim, reserved = r.unpack(_REC_FIXED, where)
+    if dcode not in DTYPES:
+        raise DecodeError(
+            f"decode: {where}: unknown dtype code {dcode}; expected one of {sorted(DTYPES)}"
+        )
+    dtype, raw_dtype = DTYPES[dcode]
+    floating = raw_dtype is None
+    if kind not in (KIND_QUANT, KIND_FLOAT, KIND_INT) or (kind == KIND_INT) == floating:
+        raise DecodeError(f"decode: {where}: kind {kind} is not valid for dtype {dtype}")
+    if kind == KIND_QUANT and not 1 <= bits <= 8:
+        raise DecodeError(
+            f"decode: {where}: bits={bits} out of range; expected 1..8 for a quantized tensor"
+        )
+    if kind == KIND_FLOAT and bits != FLOAT_BITS:
+        raise DecodeError(f"decode: {where}: bits={bits}; expected 32 for a raw float32 tensor")
+    if kind == KIND_INT and raw_dtype is not None and bits != 8 * raw_dtype.itemsize:
+        raise DecodeError(
+            f"decode: {where}: bits={bits}; expected {8 * raw_dtype.itemsize} for {dtype}"
+        )
+    if gcode not in _GRAN_BACK or (kind != KIND_QUANT and gcode != 0):
+        raise DecodeError(f"decode: {where}: granularity code {gcode} is not valid")
+    if transform != 0 or coding != 0 or reserved != 0:
+        raise DecodeError(
+            f"decode: {where}: transform={transform}, coding={coding}, reserved={reserved} "
+            "are not supported by format version 1 (expected 0)"
+        )
+    if ndim > MAX_NDIM:
+        raise DecodeError(f"decode: {where}: ndim={ndim}; at most {MAX_NDIM}")
+    shape = tuple(r.unpack(_U64, f"{where} shape")[0] for _ in range(ndim))
+    if any(d > MAX_DIM for d in shape):
+        raise DecodeError(f"decode: {where}: absurd shape {shape}")
+    numel = math.prod(shape)
+    gran = _GRAN_BACK[gcode]
+    (n_scales,) = r.unpack(_U32, f"{where} scale count")
+    if kind == KIND_QUANT:
+        want = shape[0] if gran is Granularity.CHANNEL else 1
+        if gran is Granularity.CHANNEL and (ndim < 2 or shape[0] == 0):
+            raise DecodeError(f"decode: {where}: per-channel scales need >= 2 dims, shape {shape}")
+    else:
+        want = 0
+    if n_scales != want:
+        raise DecodeError(f"decode: {where}: {n_scales} scale(s); expected {want}")
+    scales = np.frombuffer(r.take(4 * n_scales, f"{where} scales"), dtype="<f4").astype(np.float32)
+    if not np.isfinite(scales).all() or (scales < 0).any():
+        raise DecodeError(f"decode: {where}: scales must be finite and >= 0")
+    (mse,) = r.unpack(_F64, f"{where} mse")
+    if not math.isfinite(mse) or mse < 0:
+        raise DecodeError(f"decode: {where}: mse={mse!r}; expected a finite value >= 0")
+    (data_len,) = r.unpack(_U64, f"{where} data length")
+    if kind == KIND_QUANT:
+        expected = packed_size(numel, bits)
+    elif kind == KIND_FLOAT:
+        expected = 4 * numel
+    else:
+        expected = (bits // 8) * numel
+    if data_len != expected:
+        raise DecodeError(
+            f"decode: {where}: data length {data_len} does not match shape {shape} at "
+            f"{bits} bits ({expected} bytes expected)"
+        )
+    if expected > r.end - r.pos:
+        raise DecodeError(
+            f"decode: {where}: shape {shape} needs {expected} data bytes but only "
+            f"{r.end - r.pos} remain"
+        )
+    data = r.take(expected, f"{where} data")
+    if kind == KIND_QUANT:
+        raw = np.frombuffer(data, dtype=np.uint8)
+        spare = 8 * expected - numel * bits
+        if spare and int(raw[-1]) >> (8 - spare):
+            raise DecodeError(f"decode: {where}: padding bits of the last byte are not zero")
+        arr = dequantize_packed(raw, shape, bits, scales)
+    elif kind == KIND_FLOAT:
+        arr = np.frombuffer(data, dtype="<f4").astype(np.float32).reshape(shape)
+        if not np.isfinite(arr).all():
+            raise DecodeError(f"decode: {where}: float32 data holds NaN/Inf")
+    else:
+        assert raw_dtype is not None
+        arr = np.frombuffer(data, dtype=raw_dtype).copy().reshape(shape)
+        if dtype == "bool":
+            if (arr > 1).any():
+                raise DecodeError(f"decode: {where}: bool data holds values other than 0/1")
+            arr = arr.astype(bool)
+        else:
+            arr = arr.astype(raw_dtype.newbyteorder("="))
+    info = TensorInfo(name, shape, dtype, bits, gran, scales, float(mse), r.pos - start)
+    return name, arr, info

@@ -1,0 +1,438 @@
+"""Fused numba kernels behind the quantizer, the threshold search and the bit packing.
+
+Everything here is private plumbing: the public, validated entry points live in
+:mod:`fedquant.quant.quantizer`, :mod:`fedquant.quant.clipping` and
+:mod:`fedquant.quant.packing`. Each kernel makes a single pass over its input.
+
+Why numba
+---------
+Stochastic rounding needs one random number per weight. Drawn with torch or
+NumPy and combined in several array expressions, a 10M-element tensor takes
+0.02-0.05x the time of a memcpy (``../shared/PERF-NOTES.md``). Here clipping,
+the random draw, rounding and the squared-error sum are one loop that LLVM
+vectorizes (AVX-512 where present) and numba runs on all cores.
+
+Determinism
+-----------
+* Random numbers come from a counter-based generator: the uniform for element
+  ``i`` is a SplitMix64 finalizer of ``key + (i + 1) * 0x9E3779B97F4A7C15``
+  (Steele, Lea & Flood, OOPSLA 2014), so the codes depend only on the key and the
+  element index -- not on the number of threads or on chunking.
+* Reductions (squared error, histograms) are summed per fixed-size chunk and the
+  chunk partials are added in index order, so results do not depend on the
+  number of threads either.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import types
+from collections.abc import Callable
+from typing import Any
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+# numba's OpenMP layer busy-waits between parallel regions; next to torch's own
+# OpenMP pool (or any other busy process) on a 2-core machine that made kernels
+# 10x slower and a torch training step 5x slower (measured). The workqueue layer
+# has no such spinning. A user's own NUMBA_THREADING_LAYER setting is respected.
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "workqueue"
+
+#: below this many elements kernels run on one thread (thread start-up costs more).
+PARALLEL_MIN = 1 << 18
+# the workqueue layer must not be entered from two Python threads at once
+_PARALLEL_LOCK = threading.Lock()
+
+#: elements per parallel work item; a multiple of 8 so packed chunks align on bytes.
+CHUNK = 1 << 16
+#: mantissa bits kept by the log-linear |x| histogram (relative bin width 2**-HIST_MANTISSA).
+HIST_MANTISSA = 5
+#: bins of finite values (exponents 0..254); patterns past them are Inf/NaN.
+HIST_BINS = 255 << HIST_MANTISSA
+_HIST_ALL = 1 << (8 + HIST_MANTISSA)
+#: fixed number of partial histograms (independent of the thread count, for determinism).
+HIST_GROUPS = 16
+
+_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_U24 = np.float32(1.0 / 16777216.0)
+
+
+@njit(inline="always")
+def _uniform24(key, i):  # pragma: no cover - compiled
+    """Uniform float32 in [0, 1) with 24 random bits, a pure function of (key, i)."""
+    z = key + np.uint64(i + 1) * _GAMMA
+    z = (z ^ (z >> np.uint64(30))) * _M1
+    z = (z ^ (z >> np.uint64(27))) * _M2
+    z = z ^ (z >> np.uint64(31))
+    return np.float32(np.uint32(z >> np.uint64(40))) * _U24
+
+
+def uniform24_reference(key: int, index: np.ndarray) -> np.ndarray:
+    """NumPy twin of the kernels' random stream (for tests and non-numba callers)."""
+    with np.errstate(over="ignore"):
+        z = np.uint64(key) + (index.astype(np.uint64) + np.uint64(1)) * _GAMMA
+        z = (z ^ (z >> np.uint64(30))) * _M1
+        z = (z ^ (z >> np.uint64(27))) * _M2
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(40)).astype(np.float32) * _U24
+
+
+# --------------------------------------------------------------------------- stats
+
+
+def _abs_stats_impl(x):  # pragma: no cover - compiled
+    """One pass: (max |x|, sum |x|, sum x**2, number of non-finite values)."""
+    n = x.size
+    nch = (n + CHUNK - 1) // CHUNK
+    mx = np.zeros(nch)
+    s1 = np.zeros(nch)
+    s2 = np.zeros(nch)
+    bad = np.zeros(nch, dtype=np.int64)
+    for c in prange(nch):
+        lo = c * CHUNK
+        hi = min(n, lo + CHUNK)
+        m = 0.0
+        a1 = 0.0
+        a2 = 0.0
+        b = 0
+        for i in range(lo, hi):
+            v = np.float64(x[i])
+            if not np.isfinite(v):
+                b += 1
+                continue
+            a = abs(v)
+            m = max(m, a)
+            a1 += a
+            a2 += a * a
+        mx[c] = m
+        s1[c] = a1
+        s2[c] = a2
+        bad[c] = b
+    m = 0.0
+    t1 = 0.0
+    t2 = 0.0
+    tb = 0
+    for c in range(nch):
+        m = max(m, mx[c])
+        t1 += s1[c]
+        t2 += s2[c]
+        tb += bad[c]
+    return m, t1, t2, tb
+
+
+def _abs_histogram_impl(x):  # pragma: no cover - compiled
+    """Log-linear histogram of |x| keyed by the top bits of the float32 pattern.
+
+    Bin ``k`` holds the values whose float32 bit pattern, sign dropped, shifted
+    right by ``23 - HIST_MANTISSA`` equals ``k``: 2**HIST_MANTISSA bins per
+    octave, each of relative width <= 2**-HIST_MANTISSA, for every exponent from
+    denormals to the largest float. Returns per-bin (count, sum |x|, sum x**2)
+    and the number of non-finite values (exponent 255, which lands past the
+    last finite bin).
+    """
+    n = x.size
+    groups = min(HIST_GROUPS, max(1, (n + CHUNK - 1) // CHUNK))
+    per = (n + groups - 1) // groups
+    cnt = np.zeros((groups, _HIST_ALL), dtype=np.int64)
+    s1 = np.zeros((groups, _HIST_ALL))
+    s2 = np.zeros((groups, _HIST_ALL))
+    bits = x.view(np.uint32)
+    shift = np.uint32(23 - HIST_MANTISSA)
+    mask = np.uint32(0x7FFFFFFF)
+    for g in prange(groups):
+        lo = g * per
+        hi = min(n, lo + per)
+        for i in range(lo, hi):
+            k = (bits[i] & mask) >> shift
+            cnt[g, k] += 1
+            if k < HIST_BINS:
+                a = abs(np.float64(x[i]))
+                s1[g, k] += a
+                s2[g, k] += a * a
+    tc = np.zeros(HIST_BINS, dtype=np.int64)
+    t1 = np.zeros(HIST_BINS)
+    t2 = np.zeros(HIST_BINS)
+    bad = 0
+    for g in range(groups):
+        for k in range(HIST_BINS):
+            tc[k] += cnt[g, k]
+            t1[k] += s1[g, k]
+            t2[k] += s2[g, k]
+        for k in range(HIST_BINS, _HIST_ALL):
+            bad += cnt[g, k]
+    return tc, t1, t2, bad
+
+
+def _abs_window_histogram_impl(x, lo, hi, nbins):  # pragma: no cover - compiled
+    """Linear histogram of the |x| in ``[lo, hi)`` (count, sum, sum of squares per bin),
+    plus the same three totals over ``|x| < lo``.
+
+    Used to refine a threshold found on the coarse log-linear histogram.
+    """
+    n = x.size
+    groups = min(HIST_GROUPS, max(1, (n + CHUNK - 1) // CHUNK))
+    per = (n + groups - 1) // groups
+    cnt = np.zeros((groups, nbins + 1), dtype=np.int64)
+    s1 = np.zeros((groups, nbins + 1))
+    s2 = np.zeros((groups, nbins + 1))
+    scale = nbins / (hi - lo)
+    for g in prange(groups):
+        a0 = g * per
+        a1 = min(n, a0 + per)
+        for i in range(a0, a1):
+            a = abs(np.float64(x[i]))
+            if a < hi:
+                k = nbins  # slot nbins collects everything below lo
+                if a >= lo:
+                    k = min(int((a - lo) * scale), nbins - 1)
+                cnt[g, k] += 1
+                s1[g, k] += a
+                s2[g, k] += a * a
+    tc = np.zeros(nbins + 1, dtype=np.int64)
+    t1 = np.zeros(nbins + 1)
+    t2 = np.zeros(nbins + 1)
+    for g in range(groups):
+        for k in range(nbins + 1):
+            tc[k] += cnt[g, k]
+            t1[k] += s1[g, k]
+            t2[k] += s2[g, k]
+    return tc, t1, t2
+
+
+def histogram_edges() -> np.ndarray:
+    """Lower edge of every histogram bin plus the upper edge of the last, as float64."""
+    pattern = (np.arange(HIST_BINS, dtype=np.uint64) << np.uint64(23 - HIST_MANTISSA)).astype(
+        np.uint32
+    )
+    edges = pattern.view(np.float32).astype(np.float64)
+    # the last bin ends at the largest finite float32 (its "next octave" would be inf)
+    return np.append(edges, float(np.finfo(np.float32).max))
+
+
+# --------------------------------------------------------------------------- quantize
+
+
+@njit(inline="always")
+def _code(v, inv, half, steps_f, stochastic, key, i):  # pragma: no cover - compiled
+    """Code of one value: clip to the grid, scale to [0, L], round, clamp."""
+    t = v * inv + half
+    t = min(max(t, 0.0), steps_f)  # clipping to [-s, s], in grid units
+    f = np.floor(t)
+    if stochastic:
+        # up with probability frac(t): E[code] = t (to 2**-24 of a step)
+        f = f + (_uniform24(key, i) < (t - f))
+    else:
+        f = np.floor(t + 0.5)
+    return min(f, steps_f)
+
+
+@njit(inline="always")
+def _pack_into(buf, m, bits, out, ob):  # pragma: no cover - compiled
+    """Pack the ``m`` codes of ``buf`` into ``out[ob:]`` (see :func:`pack` for the layout).
+
+    Bit widths that divide 8 get loops LLVM can vectorize; the others go
+    through a 64-bit word per group of 8 codes (8 codes = exactly ``bits`` bytes).
+    """
+    if bits == 8:
+        for j in range(m):
+            out[ob + j] = buf[j]
+    elif bits == 4 or bits == 2 or bits == 1:
+        per = 8 // bits
+        q = m // per
+        if bits == 4:
+            for j in range(q):
+                out[ob + j] = buf[2 * j] | (buf[2 * j + 1] << 4)
+        elif bits == 2:
+            for j in range(q):
+                out[ob + j] = (
+                    buf[4 * j]
+                    | (buf[4 * j + 1] << 2)
+                    | (buf[4 * j + 2] << 4)
+                    | (buf[4 * j + 3] << 6)
+                )
+        else:
+            for j in range(q):
+                b = np.uint8(0)
+                for t in range(8):
+                    b |= buf[8 * j + t] << t
+                out[ob + j] = b
+        r = m - per * q
+        if r:
+            b = np.uint8(0)
+            for t in range(r):
+                b |= buf[per * q + t] << (bits * t)
+            out[ob + q] = b
+    else:
+        nbytes = (m * bits + 7) // 8
+        for g in range((m + 7) // 8):
+            word = np.uint64(0)
+            for j in range(8):
+                if 8 * g + j < m:
+                    word |= np.uint64(buf[8 * g + j]) << np.uint64(j * bits)
+            for b in range(bits):
+                if g * bits + b < nbytes:
+                    out[ob + g * bits + b] = np.uint8((word >> np.uint64(8 * b)) & np.uint64(0xFF))
+
+
+def _quantize_pack_flat_impl(
+    x, inv, step, bits, stochastic, key, out
+):  # pragma: no cover - compiled
+    """Per-tensor quantization of flat ``x`` straight into packed bytes ``out``.
+
+    ``inv = L / (2 s)`` and ``step = 2 s / L`` are scalars whose dtype (float32
+    or float64) selects the arithmetic precision. Returns the sum of squared
+    errors. Codes of one chunk go through a small local buffer, so the unpacked
+    codes never touch main memory.
+    """
+    n = x.size
+    steps_f = inv * 0 + ((1 << bits) - 1)
+    half = steps_f * 0.5
+    nch = (n + CHUNK - 1) // CHUNK
+    part = np.zeros(nch)
+    for c in prange(nch):
+        lo = c * CHUNK
+        hi = min(n, lo + CHUNK)
+        buf = np.empty(hi - lo, np.uint8)
+        acc = half * 0
+        for i in range(lo, hi):
+            v = x[i]
+            k = _code(v, inv, half, steps_f, stochastic, key, i)
+            buf[i - lo] = np.uint8(k)
+            d = v - (k - half) * step
+            acc += d * d
+        part[c] = acc
+        _pack_into(buf, hi - lo, bits, out, (lo // 8) * bits)
+    total = 0.0
+    for c in range(nch):
+        total += part[c]
+    return total
+
+
+def _quantize_rows_impl(x, inv, step, bits, stochastic, key, codes):  # pragma: no cover - compiled
+    """Per-row (per output channel) quantization of 2-D ``x``; returns per-row squared error."""
+    rows, m = x.shape
+    steps_f = inv[0] * 0 + ((1 << bits) - 1)
+    half = steps_f * 0.5
+    err = np.zeros(rows)
+    for r in prange(rows):
+        ir = inv[r]
+        sr = step[r]
+        base = r * m
+        acc = 0.0
+        for j in range(m):
+            v = x[r, j]
+            k = _code(v, ir, half, steps_f, stochastic, key, base + j)
+            codes[base + j] = np.uint8(k)
+            d = np.float64(v) - np.float64((k - half) * sr)
+            acc += d * d
+        err[r] = acc
+    return err
+
+
+# --------------------------------------------------------------------------- packing
+
+
+def _pack_impl(codes, bits, out):  # pragma: no cover - compiled
+    """Pack B-bit codes LSB-first: code j occupies bits [j*B, (j+1)*B) of the stream."""
+    n = codes.size
+    nch = (n + CHUNK - 1) // CHUNK
+    for c in prange(nch):
+        lo = c * CHUNK
+        hi = min(n, lo + CHUNK)
+        _pack_into(codes[lo:hi], hi - lo, bits, out, (lo // 8) * bits)
+
+
+def _unpack_impl(packed, bits, n, out):  # pragma: no cover - compiled
+    """Inverse of :func:`pack` for ``n`` codes."""
+    nbytes = packed.size
+    groups = (n + 7) // 8
+    per = CHUNK // 8
+    nch = (groups + per - 1) // per
+    mask = np.uint64((1 << bits) - 1)
+    for c in prange(nch):
+        g0 = c * per
+        g1 = min(groups, g0 + per)
+        for g in range(g0, g1):
+            word = np.uint64(0)
+            ib = g * bits
+            for b in range(bits):
+                if ib + b < nbytes:
+                    word |= np.uint64(packed[ib + b]) << np.uint64(8 * b)
+            base = g * 8
+            for j in range(8):
+                if base + j < n:
+                    out[base + j] = np.uint8((word >> np.uint64(j * bits)) & mask)
+
+
+def _unpack_dequantize_impl(packed, bits, n, lut, row_len, out):  # pragma: no cover - compiled
+    """Fused :func:`unpack` + level lookup: ``out[i] = lut[i // row_len, code_i]``."""
+    nbytes = packed.size
+    mask = np.uint64((1 << bits) - 1)
+    nch = (n + CHUNK - 1) // CHUNK
+    per_tensor = lut.shape[0] == 1
+    for c in prange(nch):
+        lo = c * CHUNK
+        hi = min(n, lo + CHUNK)
+        for g in range(lo // 8, (hi + 7) // 8):
+            word = np.uint64(0)
+            ib = g * bits
+            for b in range(bits):
+                if ib + b < nbytes:
+                    word |= np.uint64(packed[ib + b]) << np.uint64(8 * b)
+            base = g * 8
+            for j in range(8):
+                i = base + j
+                if i < hi:
+                    code = (word >> np.uint64(j * bits)) & mask
+                    if per_tensor:
+                        out[i] = lut[0, code]
+                    else:
+                        out[i] = lut[i // row_len, code]
+
+
+# --------------------------------------------------------------------------- dispatch
+
+
+def _compile(impl: Callable[..., Any], *, parallel: bool, fastmath: bool) -> Any:
+    """Compile ``impl``; the serial twin gets its own name so numba's caches stay apart."""
+    fn = impl
+    if not parallel:
+        fn = types.FunctionType(
+            impl.__code__, impl.__globals__, impl.__name__ + "_serial", impl.__defaults__
+        )
+        fn.__qualname__ = impl.__qualname__ + "_serial"
+    return njit(parallel=parallel, fastmath=fastmath, cache=True)(fn)
+
+
+def _dispatcher(impl: Callable[..., Any], size_arg: int, *, fastmath: bool = False) -> Any:
+    par = _compile(impl, parallel=True, fastmath=fastmath)
+    ser = _compile(impl, parallel=False, fastmath=fastmath)
+
+    def call(*args: Any) -> Any:
+        n = args[size_arg] if isinstance(args[size_arg], int) else args[size_arg].size
+        if n < PARALLEL_MIN:
+            return ser(*args)
+        with _PARALLEL_LOCK:
+            return par(*args)
+
+    call.__name__ = impl.__name__.removeprefix("_").removesuffix("_impl")
+    call.__doc__ = impl.__doc__
+    call.parallel = par  # type: ignore[attr-defined]
+    call.serial = ser  # type: ignore[attr-defined]
+    return call
+
+
+abs_stats = _dispatcher(_abs_stats_impl, 0)
+abs_histogram = _dispatcher(_abs_histogram_impl, 0)
+abs_window_histogram = _dispatcher(_abs_window_histogram_impl, 0)
+quantize_pack_flat = _dispatcher(_quantize_pack_flat_impl, 0, fastmath=True)
+quantize_rows = _dispatcher(_quantize_rows_impl, 0, fastmath=True)
+pack = _dispatcher(_pack_impl, 0)
+unpack = _dispatcher(_unpack_impl, 2)
+unpack_dequantize = _dispatcher(_unpack_dequantize_impl, 2)

@@ -1,0 +1,321 @@
+"""Clipped uniform quantization of one tensor (arXiv 2405.13365, Sec. III).
+
+``quantize`` clips a tensor at a threshold ``s`` (chosen by a
+:mod:`~fedquant.quant.clipping` rule or given), maps it to the ``2**B`` levels
+of :mod:`fedquant.quant.grid` with nearest or stochastic rounding, packs the
+integer codes (:mod:`~fedquant.quant.packing`) and measures the squared error,
+all in one fused pass. ``dequantize`` maps codes back to values.
+
+Example
+-------
+>>> import numpy as np
+>>> from fedquant.quant.quantizer import quantize, dequantize
+>>> q = quantize(np.array([-1.5, -0.4, 0.6, 1.5], np.float32), bits=2, scale=1.5)
+>>> q.codes.tolist(), dequantize(q).tolist()
+([0, 1, 2, 3], [-1.5, -0.5, 0.5, 1.5])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import numpy as np
+
+from fedquant.errors import InvalidInputError, NonFiniteError
+from fedquant.quant import kernels
+from fedquant.quant.clipping import ThresholdMethod, _threshold_flat, parse_method
+from fedquant.quant.grid import Rounding, check_bits, num_steps, parse_rounding
+from fedquant.quant.packing import packed_size, unpack
+
+#: scales inside this range use float32 arithmetic; outside it, float64 (no overflow).
+_F32_SAFE = (1e-30, 1e30)
+
+SeedLike = int | np.integer | np.random.Generator | np.random.SeedSequence | None
+
+
+class Granularity(str, Enum):
+    """One threshold for the whole tensor, or one per output channel (dim 0)."""
+
+    TENSOR = "tensor"
+    CHANNEL = "channel"
+
+
+def parse_granularity(granularity: Granularity | str) -> Granularity:
+    """Normalize a granularity name; raise :class:`InvalidInputError` for unknown names."""
+    if isinstance(granularity, Granularity):
+        return granularity
+    try:
+        return Granularity(str(granularity).lower())
+    except ValueError:
+        allowed = ", ".join(g.value for g in Granularity)
+        raise InvalidInputError(
+            f"granularity={granularity!r} is unknown; expected one of: {allowed}"
+        ) from None
+
+
+def rng_key(seed: SeedLike, *, where: str = "quantize") -> np.uint64:
+    """A 64-bit key for the counter-based generator, from an explicit seed or generator."""
+    if seed is None:
+        raise InvalidInputError(
+            f"{where}: stochastic rounding needs seed= (an int, np.random.Generator or "
+            "SeedSequence); fedquant never uses global random state"
+        )
+    if isinstance(seed, np.random.Generator):
+        return np.uint64(seed.integers(0, 2**64, dtype=np.uint64))
+    if isinstance(seed, np.random.SeedSequence):
+        return np.uint64(seed.generate_state(1, np.uint64)[0])
+    if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) and seed >= 0:
+        return np.uint64(np.random.SeedSequence(int(seed)).generate_state(1, np.uint64)[0])
+    raise InvalidInputError(
+        f"{where}: seed={seed!r} is not usable; expected a non-negative int, "
+        "np.random.Generator or np.random.SeedSequence"
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class QuantizedTensor:
+    """A quantized tensor: packed codes plus everything needed to dequantize it.
+
+    Attributes
+    ----------
+    packed : np.ndarray
+        uint8, ``ceil(numel * bits / 8)`` bytes (layout: :mod:`fedquant.quant.packing`).
+    shape : tuple of int
+        Shape of the original tensor.
+    bits : int
+        1..8.
+    granularity : Granularity
+        ``TENSOR`` (one scale) or ``CHANNEL`` (one per row of dim 0).
+    scales : np.ndarray
+        float32 clipping thresholds ``s``, one per row (length 1 for per-tensor).
+    mse : float
+        Measured mean squared error ``mean((x - dequantize(q))**2)``.
+    rounding : Rounding
+        The rounding that produced the codes (informational).
+    """
+
+    packed: np.ndarray
+    shape: tuple[int, ...]
+    bits: int
+    granularity: Granularity
+    scales: np.ndarray
+    mse: float
+    rounding: Rounding
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of packed codes plus float32 scales (the payload's data for this tensor)."""
+        return int(self.packed.size) + 4 * int(self.scales.size)
+
+    @property
+    def codes(self) -> np.ndarray:
+        """The unpacked integer codes, uint8 in ``0 .. 2**bits - 1``, flat."""
+        return unpack(self.packed, self.bits, self.numel)
+
+    @property
+    def steps(self) -> np.ndarray:
+        """Level spacing per row: ``2 s / (2**bits - 1)`` (float64)."""
+        return 2.0 * self.scales.astype(np.float64) / num_steps(self.bits)
+
+
+def as_float32_array(x: Any, *, where: str = "quantize") -> np.ndarray:
+    """A C-contiguous float32 NumPy view/copy of an ndarray or torch tensor."""
+    if hasattr(x, "detach") and hasattr(x, "numpy"):  # torch.Tensor, without importing torch
+        if x.is_complex() or not (x.is_floating_point()):
+            raise InvalidInputError(
+                f"{where}: expected a floating-point tensor, got dtype {x.dtype}"
+            )
+        x = x.detach().to("cpu").float().numpy()
+    arr = np.asarray(x)
+    if arr.dtype.kind != "f":
+        raise InvalidInputError(f"{where}: expected a floating-point array, got dtype {arr.dtype}")
+    return np.asarray(arr, dtype=np.float32, order="C")
+
+
+def _row_view(arr: np.ndarray, granularity: Granularity) -> tuple[np.ndarray, Granularity]:
+    """2-D (rows, row_len) view; per-channel on a tensor with ndim < 2 is per-tensor."""
+    if granularity is Granularity.CHANNEL and arr.ndim >= 2 and arr.shape[0] > 0:
+        return arr.reshape(arr.shape[0], -1), Granularity.CHANNEL
+    return arr.reshape(1, -1), Granularity.TENSOR
+
+
+def _coefficients(scales: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """``inv = L/(2s)`` and ``step = 2s/L`` per row, float32 when safe else float64."""
+    s = scales.astype(np.float64)
+    steps = num_steps(bits)
+    with np.errstate(divide="ignore"):
+        inv = np.where(s > 0, steps / (2.0 * np.where(s > 0, s, 1.0)), 0.0)
+    step = 2.0 * s / steps
+    nz = s[s > 0]
+    if nz.size == 0 or (nz.min() > _F32_SAFE[0] and nz.max() < _F32_SAFE[1]):
+        return inv.astype(np.float32), step.astype(np.float32)
+    return inv, step
+
+
+def quantize(
+    x: Any,
+    bits: int,
+    *,
+    scale: float | np.ndarray | None = None,
+    method: ThresholdMethod | str = ThresholdMethod.OCTAV,
+    rounding: Rounding | str = Rounding.NEAREST,
+    granularity: Granularity | str = Granularity.TENSOR,
+    seed: SeedLike = None,
+    percentile: float = 99.99,
+) -> QuantizedTensor:
+    """Quantize a float tensor to ``bits`` bits.
+
+    Parameters
+    ----------
+    x : array_like or torch.Tensor
+        Floating-point values of any shape (0-d and empty included). NaN/Inf are refused.
+    bits : int
+        1..8.
+    scale : float or array, optional
+        Clipping threshold(s) to use (one, or one per channel). If omitted, the
+        threshold is chosen by ``method``. Rounded to float32.
+    method : str, default "octav"
+        Threshold rule (:class:`~fedquant.quant.clipping.ThresholdMethod`).
+    rounding : {"nearest", "stochastic"}, default "nearest"
+    granularity : {"tensor", "channel"}, default "tensor"
+        ``"channel"`` uses one threshold per index of dim 0; tensors with fewer
+        than 2 dimensions are always quantized per tensor.
+    seed : int, np.random.Generator or np.random.SeedSequence, optional
+        Required for stochastic rounding. The random stream is a pure function
+        of the derived 64-bit key and the element index (any thread count gives
+        the same codes).
+    percentile : float, default 99.99
+        For ``method="percentile"``.
+
+    Returns
+    -------
+    QuantizedTensor
+
+    Raises
+    ------
+    InvalidInputError
+        Bad bits/method/rounding/granularity/seed/scale, non-float input.
+    NonFiniteError
+        ``x`` holds NaN or Inf.
+    """
+    bits = check_bits(bits)
+    rnd = parse_rounding(rounding)
+    gran = parse_granularity(granularity)
+    meth = parse_method(method)
+    arr = as_float32_array(x)
+    shape = tuple(int(d) for d in arr.shape)
+    rows, gran = _row_view(arr, gran)
+    key = rng_key(seed) if rnd is Rounding.STOCHASTIC else np.uint64(0)
+
+    scales: np.ndarray
+    if scale is None:
+        if gran is Granularity.TENSOR:
+            scales = np.array([_threshold_flat(rows[0], bits, rnd, meth, percentile)], np.float32)
+        else:
+            scales = np.array(
+                [
+                    _threshold_flat(rows[r], bits, rnd, meth, percentile)
+                    for r in range(rows.shape[0])
+                ],
+                dtype=np.float32,
+            )
+    else:
+        scales = np.asarray(scale, dtype=np.float64).reshape(-1)
+        if scales.size != rows.shape[0]:
+            raise InvalidInputError(
+                f"quantize: got {scales.size} scale(s) for {rows.shape[0]} row(s) "
+                f"(granularity={gran.value!r}, shape={shape})"
+            )
+        if not np.isfinite(scales).all() or (scales < 0).any():
+            raise InvalidInputError(f"quantize: scale must be finite and >= 0, got {scale!r}")
+        scales = scales.astype(np.float32)
+        if not np.isfinite(scales).all():
+            raise InvalidInputError(f"quantize: scale {scale!r} overflows float32")
+
+    packed, sq_err = _quantize_rows(rows, scales, bits, rnd, key)
+    if not np.isfinite(sq_err):
+        if not np.isfinite(arr).all():
+            bad = int(np.count_nonzero(~np.isfinite(arr)))
+            raise NonFiniteError(
+                f"quantize: input holds {bad} NaN/Inf value(s); expected finite values"
+            )
+        # finite but huge errors overflowed float32 accumulation: redo in float64
+        packed, sq_err = _quantize_rows(rows, scales, bits, rnd, key, wide=True)
+    n = rows.size
+    return QuantizedTensor(
+        packed=packed,
+        shape=shape,
+        bits=bits,
+        granularity=gran,
+        scales=scales,
+        mse=float(sq_err / n) if n else 0.0,
+        rounding=rnd,
+    )
+
+
+def _quantize_rows(
+    rows: np.ndarray,
+    scales: np.ndarray,
+    bits: int,
+    rnd: Rounding,
+    key: np.uint64,
+    *,
+    wide: bool = False,
+) -> tuple[np.ndarray, float]:
+    inv, step = _coefficients(scales, bits)
+    if wide:
+        inv, step = inv.astype(np.float64), step.astype(np.float64)
+    stochastic = rnd is Rounding.STOCHASTIC
+    packed = np.empty(packed_size(rows.size, bits), dtype=np.uint8)
+    if rows.shape[0] == 1:
+        flat = rows.reshape(-1)
+        err = kernels.quantize_pack_flat(flat, inv[0], step[0], bits, stochastic, key, packed)
+        return packed, float(err)
+    codes = np.empty(rows.size, dtype=np.uint8)
+    errs = kernels.quantize_rows(rows, inv, step, bits, stochastic, key, codes)
+    kernels.pack(codes, bits, packed)
+    return packed, float(errs.sum())
+
+
+def level_table(scales: np.ndarray, bits: int) -> np.ndarray:
+    """All levels per row, float32 ``(rows, 2**bits)``: ``(k - L/2) * 2s/L``."""
+    steps = num_steps(bits)
+    k = np.arange(steps + 1, dtype=np.float64) - steps / 2.0
+    step = 2.0 * np.asarray(scales, dtype=np.float64).reshape(-1, 1) / steps
+    return np.ascontiguousarray((k[None, :] * step).astype(np.float32))
+
+
+def dequantize_packed(
+    packed: np.ndarray, shape: tuple[int, ...], bits: int, scales: np.ndarray
+) -> np.ndarray:
+    """Values of packed codes (validated sizes assumed), float32 of ``shape``."""
+    n = int(np.prod(shape, dtype=np.int64))
+    out = np.empty(n, dtype=np.float32)
+    if n:
+        lut = level_table(scales, bits)
+        row_len = max(1, n // lut.shape[0])
+        kernels.unpack_dequantize(packed, bits, n, lut, row_len, out)
+    return out.reshape(shape)
+
+
+def dequantize(q: QuantizedTensor) -> np.ndarray:
+    """Map a :class:`QuantizedTensor` back to float32 values of its original shape."""
+    return dequantize_packed(q.packed, q.shape, q.bits, q.scales)
+
+
+def fake_quantize(x: Any, bits: int, **kwargs: Any) -> np.ndarray:
+    """``dequantize(quantize(x, bits, **kwargs))``: the values the server will see."""
+    return dequantize(quantize(x, bits, **kwargs))
+
+
+def check_finite(x: np.ndarray, where: str) -> None:
+    """Raise :class:`NonFiniteError` naming ``where`` if ``x`` holds NaN/Inf."""
+    if not np.isfinite(x).all():
+        bad = int(np.count_nonzero(~np.isfinite(x)))
+        raise NonFiniteError(f"{where}: input holds {bad} NaN/Inf value(s); expected finite values")

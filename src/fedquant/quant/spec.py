@@ -1,0 +1,233 @@
+"""Which tensor of a model update is quantized, and how: :class:`QuantSpec`.
+
+A spec resolves every tensor of a state dict to a :class:`TensorPlan` (bit
+width, threshold method, rounding, granularity). The rules, in order of
+precedence:
+
+1. ``rules``: ``(pattern, bits)`` pairs matched with :func:`fnmatch.fnmatchcase`
+   against the tensor name; the first match wins. ``bits=32`` keeps a tensor
+   in float32. Rules may quantize any floating tensor (a bias too).
+2. ``layer_bits``: the paper's per-layer notation, e.g. ``"4-2-2-4"`` -- one
+   width per *quantizable* tensor, in state-dict order. A quantizable tensor is
+   a floating-point tensor with at least 2 dimensions (conv and linear weights).
+   If given, its length must equal the number of quantizable tensors.
+3. ``default_bits`` for the remaining quantizable tensors.
+
+Everything else (biases, BatchNorm weights and statistics, 0-d and 1-d
+tensors) travels as little-endian float32 unless a rule says otherwise;
+integer tensors (e.g. BatchNorm's ``num_batches_tracked``) always travel raw.
+
+>>> spec = QuantSpec.from_strings(bits="4-2-2-4")
+>>> spec.layer_bits
+(4, 2, 2, 4)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from fnmatch import fnmatchcase
+from typing import Any
+
+from fedquant.errors import ConfigError, InvalidInputError
+from fedquant.quant.clipping import ThresholdMethod, parse_method
+from fedquant.quant.grid import FLOAT_BITS, Rounding, check_bits, parse_rounding
+from fedquant.quant.quantizer import Granularity, parse_granularity
+
+SPEC_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """How one tensor travels: ``bits`` 1..8 (quantized) or 32 (float32, unchanged)."""
+
+    bits: int
+    method: ThresholdMethod = ThresholdMethod.OCTAV
+    rounding: Rounding = Rounding.STOCHASTIC
+    granularity: Granularity = Granularity.TENSOR
+    percentile: float = 99.99
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits != FLOAT_BITS
+
+
+def _bits(value: Any, option: str) -> int:
+    try:
+        return check_bits(value, allow_float=True, where=option)
+    except InvalidInputError as e:
+        raise ConfigError(option, str(e).split(": ", 1)[-1] if ": " in str(e) else str(e)) from e
+
+
+def parse_layer_bits(text: str) -> tuple[int, ...]:
+    """Parse the paper's ``"4-2-2-4"`` notation (also ``"4,2,2,4"``) into widths."""
+    parts = [p.strip() for p in str(text).replace(",", "-").split("-") if p.strip()]
+    if not parts:
+        raise ConfigError("bits", f"{text!r} is empty; expected e.g. '4-2-2-4' or '8'")
+    out = []
+    for p in parts:
+        try:
+            b = int(p)
+        except ValueError:
+            raise ConfigError(
+                "bits",
+                f"{p!r} in {text!r} is not an integer; expected widths 1..8 or 32, e.g. '4-2-2-4'",
+            ) from None
+        out.append(_bits(b, "bits"))
+    return tuple(out)
+
+
+def parse_rules(text: str) -> tuple[tuple[str, int], ...]:
+    """Parse ``"fc2.*=8,conv1.weight=32"`` into ``(pattern, bits)`` pairs."""
+    rules = []
+    for item in str(text).split(","):
+        item = item.strip()
+        if not item:
+            continue
+        pattern, sep, value = item.rpartition("=")
+        if not sep or not pattern.strip():
+            raise ConfigError(
+                "rules", f"{item!r} is not PATTERN=BITS; expected e.g. 'fc2.*=8,*.bias=32'"
+            )
+        try:
+            bits = int(value)
+        except ValueError:
+            raise ConfigError(
+                "rules", f"{item!r}: {value!r} is not an integer; expected bits 1..8 or 32"
+            ) from None
+        rules.append((pattern.strip(), _bits(bits, "rules")))
+    return tuple(rules)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """Quantization settings of a whole model update (see the module docstring).
+
+    Attributes
+    ----------
+    layer_bits : tuple of int
+        Per quantizable tensor, in order (the paper's ``4-2-2-4``); empty = use ``default_bits``.
+    rules : tuple of (str, int)
+        Name patterns and bit widths; the first match wins.
+    default_bits : int, default 8
+        Width of quantizable tensors not covered by the above.
+    method : ThresholdMethod, default "octav"
+    rounding : Rounding, default "stochastic"
+    granularity : Granularity, default "tensor"
+    percentile : float, default 99.99
+        For ``method="percentile"``.
+    """
+
+    layer_bits: tuple[int, ...] = ()
+    rules: tuple[tuple[str, int], ...] = ()
+    default_bits: int = 8
+    method: ThresholdMethod = ThresholdMethod.OCTAV
+    rounding: Rounding = Rounding.STOCHASTIC
+    granularity: Granularity = Granularity.TENSOR
+    percentile: float = 99.99
+    version: int = field(default=SPEC_VERSION, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layer_bits", tuple(_bits(b, "bits") for b in self.layer_bits))
+        object.__setattr__(self, "rules", tuple((str(p), _bits(b, "rules")) for p, b in self.rules))
+        object.__setattr__(self, "default_bits", _bits(self.default_bits, "default_bits"))
+        for option, parse, value in (
+            ("method", parse_method, self.method),
+            ("rounding", parse_rounding, self.rounding),
+            ("granularity", parse_granularity, self.granularity),
+        ):
+            try:
+                object.__setattr__(self, option, parse(value))
+            except InvalidInputError as e:
+                raise ConfigError(option, str(e)) from e
+        if not (0.0 < float(self.percentile) <= 100.0):
+            raise ConfigError("percentile", f"{self.percentile!r} is not in (0, 100]")
+
+    @classmethod
+    def from_strings(
+        cls,
+        bits: str | int = 8,
+        rules: str = "",
+        **kwargs: Any,
+    ) -> QuantSpec:
+        """Build a spec from CLI-style strings: ``bits="4-2-2-4"`` or ``bits="8"``."""
+        widths = parse_layer_bits(str(bits))
+        if len(widths) == 1:
+            return cls(default_bits=widths[0], rules=parse_rules(rules), **kwargs)
+        return cls(layer_bits=widths, rules=parse_rules(rules), **kwargs)
+
+    def with_(self, **changes: Any) -> QuantSpec:
+        """A copy with some fields changed (validated again)."""
+        return replace(self, **changes)
+
+    def describe_bits(self) -> str:
+        """The bit setting in the notation it was given (``4-2-2-4`` or ``8``)."""
+        if self.layer_bits:
+            return "-".join(str(b) for b in self.layer_bits)
+        return str(self.default_bits)
+
+    @staticmethod
+    def is_quantizable(shape: tuple[int, ...], floating: bool) -> bool:
+        """Conv/linear weights: floating tensors with at least 2 dimensions."""
+        return floating and len(shape) >= 2
+
+    def resolve(self, tensors: Mapping[str, tuple[tuple[int, ...], bool]]) -> dict[str, TensorPlan]:
+        """Plan for every tensor, given ``name -> (shape, is_floating)`` in state-dict order.
+
+        Integer tensors get no plan entry with bits < 32: they always travel raw.
+        """
+        quantizable = [n for n, (shape, fl) in tensors.items() if self.is_quantizable(shape, fl)]
+        if self.layer_bits and len(self.layer_bits) != len(quantizable):
+            raise ConfigError(
+                "bits",
+                f"{self.describe_bits()!r} gives {len(self.layer_bits)} per-layer widths but the "
+                f"model has {len(quantizable)} quantizable tensors ({', '.join(quantizable)}); "
+                "give one width per tensor or a single width",
+            )
+        positional = dict(zip(quantizable, self.layer_bits, strict=False))
+        plans: dict[str, TensorPlan] = {}
+        for name, (_shape, floating) in tensors.items():
+            bits = FLOAT_BITS
+            if floating:
+                rule = next((b for p, b in self.rules if fnmatchcase(name, p)), None)
+                if rule is not None:
+                    bits = rule
+                elif name in positional:
+                    bits = positional[name]
+                elif name in quantizable:
+                    bits = self.default_bits
+            plans[name] = TensorPlan(
+                bits=bits,
+                method=self.method,
+                rounding=self.rounding,
+                granularity=self.granularity,
+                percentile=self.percentile,
+            )
+        return plans
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON/TOML-friendly description (round-trips through :meth:`from_dict`)."""
+        return {
+            "bits": self.describe_bits(),
+            "rules": ",".join(f"{p}={b}" for p, b in self.rules),
+            "method": self.method.value,
+            "rounding": self.rounding.value,
+            "granularity": self.granularity.value,
+            "percentile": self.percentile,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> QuantSpec:
+        known = {"bits", "rules", "method", "rounding", "granularity", "percentile"}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(
+                "spec", f"unknown key(s) {sorted(unknown)}; expected some of {sorted(known)}"
+            )
+        kw = {k: d[k] for k in ("method", "rounding", "granularity", "percentile") if k in d}
+        return cls.from_strings(bits=d.get("bits", 8), rules=d.get("rules", ""), **kw)
+
+
+def plans_summary(plans: Mapping[str, TensorPlan]) -> Iterable[str]:
+    """Human-readable lines ``name: bits`` (for logs)."""
+    return (f"{n}: {'float32' if not p.quantized else f'{p.bits} bits'}" for n, p in plans.items())
