@@ -26,6 +26,14 @@ def small_update() -> dict[str, np.ndarray]:
     }
 
 
+def quantize_with_key(x: np.ndarray, bits: int, rounding: str, granularity: str, key: np.uint64):  # type: ignore[no-untyped-def]
+    """quantize() with an explicit 64-bit stream key (what encode uses per tensor)."""
+    from unittest import mock
+
+    with mock.patch("fedquant.quant.quantizer.rng_key", return_value=np.uint64(key)):
+        return quantize(x, bits, rounding=rounding, granularity=granularity, seed=0)
+
+
 def fix_checksum(buf: bytearray) -> bytes:
     """Recompute total length and CRC so a test can reach the field checks behind them."""
     struct.pack_into("<Q", buf, 8, len(buf))
@@ -43,13 +51,11 @@ def test_decode_of_encode_equals_dequantize_of_quantize(
     spec = QuantSpec(default_bits=bits, rounding=rounding, granularity=granularity)
     seed = 1234
     dec = decode(encode(upd, spec, seed=seed))
-    # encode derives one key per tensor by spawning the seed's SeedSequence, in order
-    children = np.random.SeedSequence(seed).spawn(len(upd))
+    # encode derives key i of tensor i from SeedSequence(seed).generate_state(n, uint64)
+    keys = np.random.SeedSequence(seed).generate_state(len(upd), np.uint64)
     for i, name in enumerate(("conv.weight", "fc.weight")):
         idx = list(upd).index(name)
-        q = quantize(
-            upd[name], bits, rounding=rounding, granularity=granularity, seed=children[idx]
-        )
+        q = quantize_with_key(upd[name], bits, rounding, granularity, keys[idx])
         assert np.array_equal(dec.tensors[name], dequantize(q)), (i, name)
         assert dec.info[name].mse == pytest.approx(q.mse)
         assert np.array_equal(dec.info[name].scales, q.scales)

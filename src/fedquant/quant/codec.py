@@ -51,8 +51,8 @@ import numpy as np
 
 from fedquant.errors import DecodeError, InvalidInputError
 from fedquant.quant.clipping import _threshold_flat
-from fedquant.quant.grid import FLOAT_BITS, Rounding
-from fedquant.quant.packing import packed_size
+from fedquant.quant.grid import FLOAT_BITS, Rounding, num_steps
+from fedquant.quant.packing import packed_size, unpack
 from fedquant.quant.quantizer import (
     Granularity,
     SeedLike,
@@ -180,16 +180,19 @@ def _as_numpy(name: str, t: Any) -> tuple[np.ndarray, str]:
 
 
 def _tensor_keys(seed: SeedLike, n: int) -> list[np.uint64] | None:
-    """One independent 64-bit key per tensor, derived from the caller's seed."""
+    """One independent 64-bit key per tensor, derived from the caller's seed.
+
+    An int or SeedSequence yields ``SeedSequence(seed).generate_state(n, uint64)``
+    (key ``i`` for the ``i``-th tensor); a Generator yields ``n`` draws.
+    """
     if seed is None:
         return None
     if isinstance(seed, np.random.Generator):
         return [rng_key(seed, where="encode") for _ in range(n)]
-    ss = seed if isinstance(seed, np.random.SeedSequence) else None
-    if ss is None:
-        rng_key(seed, where="encode")  # validates the type
-        ss = np.random.SeedSequence(int(seed))  # type: ignore[arg-type]
-    return [np.uint64(c.generate_state(1, np.uint64)[0]) for c in ss.spawn(n)]
+    if not isinstance(seed, np.random.SeedSequence):
+        rng_key(seed, where="encode")  # validates the type and sign
+        seed = np.random.SeedSequence(int(seed))
+    return [np.uint64(k) for k in seed.generate_state(max(n, 1), np.uint64)[:n]]
 
 
 def _meta_bytes(meta: Mapping[str, Any] | None) -> bytes:
@@ -391,6 +394,15 @@ def peek_header(payload: bytes | bytearray | memoryview) -> tuple[int, int, int]
     return version, total, count
 
 
+def inspect(payload: bytes | bytearray | memoryview) -> DecodedUpdate:
+    """Validate a payload like :func:`decode` but skip dequantization.
+
+    The result's ``tensors`` is empty; ``info`` and ``meta`` are filled. The
+    server uses it to read every client's per-tensor MSE before decoding.
+    """
+    return _decode(payload, values=False)
+
+
 def decode(payload: bytes | bytearray | memoryview) -> DecodedUpdate:
     """Decode a payload made by :func:`encode`.
 
@@ -407,9 +419,21 @@ def decode(payload: bytes | bytearray | memoryview) -> DecodedUpdate:
         wrong magic, unknown version, inconsistent lengths, out-of-range
         fields, non-finite scales or MSE, absurd shapes.
     """
+    return _decode(payload, values=True)
+
+
+def _decode(payload: bytes | bytearray | memoryview, *, values: bool) -> DecodedUpdate:
     if not isinstance(payload, (bytes, bytearray, memoryview)):
         raise DecodeError(f"decode: expected bytes, got {type(payload).__name__}")
-    buf = memoryview(payload).cast("B") if isinstance(payload, memoryview) else memoryview(payload)
+    try:
+        # cast a view to bytes; copy one that is not contiguous (a strided slice)
+        buf = (
+            (payload.cast("B") if payload.c_contiguous else memoryview(payload.tobytes()))
+            if isinstance(payload, memoryview)
+            else memoryview(payload)
+        )
+    except ValueError as e:  # a released memoryview
+        raise DecodeError(f"decode: unusable memoryview: {e}") from None
     _, total, count = peek_header(buf)
     (stored_crc,) = _CRC.unpack_from(buf, total - _CRC.size)
     if zlib.crc32(buf[: total - _CRC.size]) != stored_crc:
@@ -427,10 +451,11 @@ def decode(payload: bytes | bytearray | memoryview) -> DecodedUpdate:
     tensors: dict[str, np.ndarray] = {}
     infos: dict[str, TensorInfo] = {}
     for i in range(count):
-        name, arr, info = _decode_record(reader, i)
-        if name in tensors:
+        name, arr, info = _decode_record(reader, i, values)
+        if name in infos:
             raise DecodeError(f"decode: tensor name {name!r} appears twice")
-        tensors[name] = arr
+        if arr is not None:
+            tensors[name] = arr
         infos[name] = info
     if reader.pos != reader.end:
         raise DecodeError(
@@ -449,8 +474,16 @@ def _decode_meta(raw: memoryview | None, meta_len: int) -> dict[str, Any]:
     def no_constants(c: str) -> Any:
         raise ValueError(f"non-finite number {c}")
 
+    def finite_float(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value):  # e.g. 1e999 overflows to inf
+            raise ValueError(f"non-finite number {text[:32]}")
+        return value
+
     try:
-        meta = json.loads(bytes(raw).decode("utf-8"), parse_constant=no_constants)
+        meta = json.loads(
+            bytes(raw).decode("utf-8"), parse_constant=no_constants, parse_float=finite_float
+        )
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise DecodeError(f"decode: metadata is not valid UTF-8 JSON: {e}") from None
     if not isinstance(meta, dict) or not all(
@@ -460,7 +493,9 @@ def _decode_meta(raw: memoryview | None, meta_len: int) -> dict[str, Any]:
     return meta
 
 
-def _decode_record(r: _Reader, index: int) -> tuple[str, np.ndarray, TensorInfo]:
+def _decode_record(
+    r: _Reader, index: int, values: bool
+) -> tuple[str, np.ndarray | None, TensorInfo]:
     start = r.pos
     where = f"tensor #{index}"
     (name_len,) = r.unpack(_U16, f"{where} name length")
@@ -500,15 +535,16 @@ def _decode_record(r: _Reader, index: int) -> tuple[str, np.ndarray, TensorInfo]
     if ndim > MAX_NDIM:
         raise DecodeError(f"decode: {where}: ndim={ndim}; at most {MAX_NDIM}")
     shape = tuple(r.unpack(_U64, f"{where} shape")[0] for _ in range(ndim))
-    if any(d > MAX_DIM for d in shape):
+    # zero-size tensors carry no data to bound their other dims: bound the product
+    if math.prod(max(d, 1) for d in shape) > MAX_DIM:
         raise DecodeError(f"decode: {where}: absurd shape {shape}")
     numel = math.prod(shape)
     gran = _GRAN_BACK[gcode]
     (n_scales,) = r.unpack(_U32, f"{where} scale count")
     if kind == KIND_QUANT:
-        want = shape[0] if gran is Granularity.CHANNEL else 1
         if gran is Granularity.CHANNEL and (ndim < 2 or shape[0] == 0):
             raise DecodeError(f"decode: {where}: per-channel scales need >= 2 dims, shape {shape}")
+        want = shape[0] if gran is Granularity.CHANNEL else 1
     else:
         want = 0
     if n_scales != want:
@@ -537,24 +573,49 @@ def _decode_record(r: _Reader, index: int) -> tuple[str, np.ndarray, TensorInfo]
             f"{r.end - r.pos} remain"
         )
     data = r.take(expected, f"{where} data")
+    arr: np.ndarray | None = None
     if kind == KIND_QUANT:
         raw = np.frombuffer(data, dtype=np.uint8)
         spare = 8 * expected - numel * bits
         if spare and int(raw[-1]) >> (8 - spare):
             raise DecodeError(f"decode: {where}: padding bits of the last byte are not zero")
-        arr = dequantize_packed(raw, shape, bits, scales)
+        if values:
+            arr = _dequantize(raw, shape, numel, bits, scales)
     elif kind == KIND_FLOAT:
-        arr = np.frombuffer(data, dtype="<f4").astype(np.float32).reshape(shape)
-        if not np.isfinite(arr).all():
+        floats = np.frombuffer(data, dtype="<f4")
+        if not np.isfinite(floats).all():
             raise DecodeError(f"decode: {where}: float32 data holds NaN/Inf")
+        if values:
+            arr = floats.astype(np.float32).reshape(shape)
     else:
         assert raw_dtype is not None
-        arr = np.frombuffer(data, dtype=raw_dtype).copy().reshape(shape)
-        if dtype == "bool":
-            if (arr > 1).any():
-                raise DecodeError(f"decode: {where}: bool data holds values other than 0/1")
-            arr = arr.astype(bool)
-        else:
-            arr = arr.astype(raw_dtype.newbyteorder("="))
+        ints = np.frombuffer(data, dtype=raw_dtype)
+        if dtype == "bool" and (ints > 1).any():
+            raise DecodeError(f"decode: {where}: bool data holds values other than 0/1")
+        if values:
+            target = np.dtype(bool) if dtype == "bool" else raw_dtype.newbyteorder("=")
+            arr = ints.astype(target).reshape(shape)
     info = TensorInfo(name, shape, dtype, bits, gran, scales, float(mse), r.pos - start)
     return name, arr, info
+
+
+def _dequantize(
+    raw: np.ndarray, shape: tuple[int, ...], numel: int, bits: int, scales: np.ndarray
+) -> np.ndarray:
+    """:func:`dequantize_packed`, without its level table where that outweighs the tensor.
+
+    The table holds ``2**bits`` levels per scale (12 bytes each while built), so
+    per channel with rows shorter than ``2**bits`` it costs more than the values
+    themselves: ~600 bytes per 5 payload bytes at 8 bits and one element per row.
+    There the levels are computed per element instead, with the float64
+    arithmetic of :func:`~fedquant.quant.quantizer.level_table` (so the values are
+    identical), in at most 13 bytes per element.
+    """
+    rows = scales.size
+    if rows <= 1 or numel == 0 or rows << bits <= numel:
+        return dequantize_packed(raw, shape, bits, scales)
+    steps = num_steps(bits)
+    values = unpack(raw, bits, numel).astype(np.float64).reshape(rows, -1)
+    values -= steps / 2.0
+    values *= 2.0 * scales.astype(np.float64).reshape(-1, 1) / steps
+    return values.astype(np.float32).reshape(shape)

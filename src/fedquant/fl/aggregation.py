@@ -1,0 +1,266 @@
+"""Server-side aggregation rules: pure functions shared by the simulator and the Flower strategy.
+
+Rules (:class:`AggregationRule`), per tensor ``l`` and client ``j``:
+
+``fedavg``
+    ``w_j = n_j / sum_k n_k`` -- the client discloses its number of examples.
+``inverse-mse``
+    ``w_lj = (1 / e_lj) / sum_k (1 / e_lk)`` where ``e_lj`` is the quantization
+    MSE client ``j`` measured for tensor ``l`` and sent in its payload (arXiv
+    2405.13365, Sec. IV). No dataset sizes are disclosed. ``e -> 0`` is guarded
+    by a floor: ``e_lj <- max(e_lj, MSE_FLOOR_REL * median_k(e_lk), MSE_FLOOR_ABS)``,
+    i.e. no client is weighted more than ``1 / MSE_FLOOR_REL = 100`` times a
+    median client on the same tensor, whatever MSE it claims. Tensors that
+    travel unquantized (float32 biases, BatchNorm, integer counters) have no
+    quantization error (``e = 0`` for every client): the floor makes their
+    weights equal, i.e. they are averaged with ``mean``.
+``mean``
+    ``w_j = 1 / m``.
+
+Optionally every weight is capped at ``max_weight`` (then renormalized, the
+excess spread over the others; see :func:`cap_weights`) so that no single
+client can dominate a tensor.
+
+Every parameter is aggregated -- BatchNorm statistics and biases included
+(the paper's reference code copies those from one client instead). Integer
+tensors are averaged and rounded to the nearest integer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import Enum
+
+import numpy as np
+
+from fedquant.errors import ConfigError, InvalidInputError
+from fedquant.quant import codec
+from fedquant.quant.codec import TensorInfo
+
+MSE_FLOOR_REL = 1e-2
+MSE_FLOOR_ABS = 1e-30
+
+
+class AggregationRule(str, Enum):
+    """How the server weights client updates."""
+
+    FEDAVG = "fedavg"
+    INVERSE_MSE = "inverse-mse"
+    MEAN = "mean"
+
+
+def parse_rule(rule: AggregationRule | str) -> AggregationRule:
+    """Normalize a rule name; :class:`ConfigError` names the allowed values."""
+    if isinstance(rule, AggregationRule):
+        return rule
+    try:
+        return AggregationRule(str(rule).lower())
+    except ValueError:
+        allowed = ", ".join(r.value for r in AggregationRule)
+        raise ConfigError(
+            "aggregation", f"{rule!r} is unknown; expected one of: {allowed}"
+        ) from None
+
+
+def cap_weights(w: np.ndarray, max_weight: float | None) -> np.ndarray:
+    """Normalized weights with no entry above ``max_weight`` (water-filling).
+
+    Entries above the cap are set to it and the remaining mass is shared by the
+    others in proportion to their weights, repeatedly, until none exceeds it.
+    A cap below ``1/m`` is infeasible and yields equal weights.
+    """
+    w = np.asarray(w, dtype=np.float64)
+    w = w / w.sum()
+    m = w.size
+    if max_weight is None or max_weight >= 1.0 or m == 0:
+        return w
+    if max_weight * m <= 1.0:
+        return np.full(m, 1.0 / m)
+    capped = np.zeros(m, dtype=bool)
+    for _ in range(m):
+        over = (w > max_weight * (1 + 1e-12)) & ~capped
+        if not over.any():
+            break
+        capped |= over
+        free = 1.0 - max_weight * capped.sum()
+        rest = w[~capped]
+        w = np.where(capped, max_weight, 0.0)
+        w[~capped] = rest / rest.sum() * free if rest.sum() > 0 else free / max(1, (~capped).sum())
+    return w
+
+
+def compute_weights(
+    rule: AggregationRule | str,
+    names: Sequence[str],
+    *,
+    mse: Sequence[Mapping[str, float]] | None = None,
+    num_examples: Sequence[int] | None = None,
+    num_clients: int | None = None,
+    max_weight: float | None = None,
+    mse_floor_rel: float = MSE_FLOOR_REL,
+) -> dict[str, np.ndarray]:
+    """Per-tensor client weights (each array sums to 1), in client order.
+
+    Parameters
+    ----------
+    rule : {"fedavg", "inverse-mse", "mean"}
+    names : sequence of str
+        Tensor names to weight.
+    mse : sequence of mapping, optional
+        Per client, the per-tensor quantization MSE it reported (``inverse-mse``).
+    num_examples : sequence of int, optional
+        Per client, its number of training examples (``fedavg``).
+    num_clients : int, optional
+        Number of clients for ``mean`` if neither of the above is given.
+    max_weight : float, optional
+        Cap on any client's weight for any tensor (see :func:`cap_weights`).
+    mse_floor_rel : float, default 1e-2
+        Relative MSE floor (see the module docstring).
+    """
+    r = parse_rule(rule)
+    m = (
+        len(mse)
+        if mse is not None
+        else len(num_examples)
+        if num_examples is not None
+        else num_clients
+    )
+    if not m:
+        raise InvalidInputError("aggregate: no client updates to aggregate")
+    out: dict[str, np.ndarray] = {}
+    if r is AggregationRule.FEDAVG:
+        if num_examples is None or len(num_examples) != m:
+            raise InvalidInputError("aggregate: fedavg needs num_examples for every client")
+        n = np.asarray(num_examples, dtype=np.float64)
+        if not np.isfinite(n).all() or (n < 0).any() or n.sum() <= 0:
+            raise InvalidInputError(
+                f"aggregate: num_examples must be >= 0 with a positive sum, got {list(num_examples)}"
+            )
+        base = cap_weights(n, max_weight)
+        return {name: base for name in names}
+    if r is AggregationRule.MEAN:
+        base = np.full(m, 1.0 / m)
+        return {name: base for name in names}
+    if mse is None:
+        raise InvalidInputError("aggregate: inverse-mse needs every client's per-tensor MSE")
+    for name in names:
+        try:
+            e = np.array([float(c[name]) for c in mse], dtype=np.float64)
+        except KeyError:
+            raise InvalidInputError(
+                f"aggregate: a client reported no MSE for tensor {name!r}"
+            ) from None
+        if not np.isfinite(e).all() or (e < 0).any():
+            raise InvalidInputError(
+                f"aggregate: MSE values for {name!r} must be finite and >= 0, got {e.tolist()}"
+            )
+        floor = max(mse_floor_rel * float(np.median(e)), MSE_FLOOR_ABS)
+        inv = 1.0 / np.maximum(e, floor)
+        out[name] = cap_weights(inv, max_weight)
+    return out
+
+
+def weighted_average(
+    updates: Iterable[Mapping[str, np.ndarray]],
+    weights: Mapping[str, np.ndarray],
+) -> dict[str, np.ndarray]:
+    """``sum_j w_lj * x_lj`` per tensor, consuming ``updates`` one client at a time.
+
+    Accumulates in float64; returns float32 for floating tensors and the
+    original dtype (rounded) for integer ones. Memory: one accumulator per
+    tensor, whatever the number of clients.
+    """
+    acc: dict[str, np.ndarray] = {}
+    dtypes: dict[str, np.dtype] = {}
+    count = 0
+    for j, upd in enumerate(updates):
+        if set(upd) != set(weights):
+            missing = sorted(set(weights) - set(upd))
+            extra = sorted(set(upd) - set(weights))
+            raise InvalidInputError(
+                f"aggregate: client #{j} has missing tensors {missing} / unexpected tensors {extra}"
+            )
+        for name, x in upd.items():
+            arr = np.asarray(x)
+            if name not in acc:
+                acc[name] = np.zeros(arr.shape, dtype=np.float64)
+                dtypes[name] = arr.dtype
+            elif arr.shape != acc[name].shape:
+                raise InvalidInputError(
+                    f"aggregate: client #{j} sent {name!r} with shape {arr.shape}; expected {acc[name].shape}"
+                )
+            acc[name] += weights[name][j] * arr
+        count += 1
+    for name, w in weights.items():
+        if w.size != count:
+            raise InvalidInputError(f"aggregate: {w.size} weights for {name!r} but {count} updates")
+    out: dict[str, np.ndarray] = {}
+    for name, a in acc.items():
+        if dtypes[name].kind == "f":
+            out[name] = a.astype(np.float32)
+        elif dtypes[name].kind == "b":
+            out[name] = a >= 0.5
+        else:
+            out[name] = np.rint(a).astype(dtypes[name])
+    return out
+
+
+@dataclass(frozen=True)
+class AggregateResult:
+    """The aggregated tensors, the weights used, and what each client's payload said."""
+
+    tensors: dict[str, np.ndarray]
+    weights: dict[str, np.ndarray]
+    infos: list[dict[str, TensorInfo]]
+    nbytes: int  # total uplink bytes of the aggregated payloads
+
+
+def aggregate_payloads(
+    payloads: Sequence[bytes],
+    rule: AggregationRule | str,
+    *,
+    num_examples: Sequence[int] | None = None,
+    max_weight: float | None = None,
+    mse_floor_rel: float = MSE_FLOOR_REL,
+    infos: Sequence[Mapping[str, TensorInfo]] | None = None,
+) -> AggregateResult:
+    """Decode client payloads and aggregate them with ``rule``.
+
+    Two passes: :func:`~fedquant.quant.codec.inspect` reads every payload's
+    per-tensor MSE (validating it fully), then payloads are dequantized and
+    accumulated one at a time, so memory does not grow with the number of
+    clients. Raises :class:`~fedquant.errors.DecodeError` for a malformed
+    payload and :class:`~fedquant.errors.InvalidInputError` for payloads that
+    disagree on tensor names or shapes. ``infos`` may pass the
+    :func:`~fedquant.quant.codec.inspect` results the caller already has.
+    """
+    if not payloads:
+        raise InvalidInputError("aggregate: no client payloads to aggregate")
+    if infos is None:
+        infos = [codec.inspect(p).info for p in payloads]
+    elif len(infos) != len(payloads):
+        raise InvalidInputError(f"aggregate: {len(infos)} infos for {len(payloads)} payloads")
+    info_list: list[dict[str, TensorInfo]] = [dict(i) for i in infos]
+    names = list(info_list[0])
+    for j, info in enumerate(info_list[1:], start=1):
+        if list(info) != names:
+            raise InvalidInputError(
+                f"aggregate: payload #{j} has tensors {list(info)}; payload #0 has {names}"
+            )
+        for n in names:
+            if info[n].shape != info_list[0][n].shape:
+                raise InvalidInputError(
+                    f"aggregate: payload #{j} sent {n!r} with shape {info[n].shape}; "
+                    f"payload #0 has {info_list[0][n].shape}"
+                )
+    weights = compute_weights(
+        rule,
+        names,
+        mse=[{n: i.mse for n, i in info.items()} for info in info_list],
+        num_examples=num_examples,
+        max_weight=max_weight,
+        mse_floor_rel=mse_floor_rel,
+    )
+    tensors = weighted_average((codec.decode(p).tensors for p in payloads), weights)
+    return AggregateResult(tensors, weights, info_list, sum(len(p) for p in payloads))

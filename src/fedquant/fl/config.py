@@ -1,0 +1,304 @@
+"""The configuration of a federated run: one frozen dataclass, validated at the boundary.
+
+Every field is a CLI flag (``--num-clients``) and a key of the TOML file given
+to ``--config`` (flat, or grouped in any tables: ``[clients] num_clients = 30``);
+flags override the file, the file overrides the defaults. :data:`FIELDS`
+describes each option once (help text, allowed values) for the CLI, the TOML
+reader and the errors.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import MISSING, asdict, dataclass, fields, replace
+from typing import Any
+
+from fedquant.errors import ConfigError, InvalidInputError
+from fedquant.fl.aggregation import AggregationRule
+from fedquant.quant.clipping import ThresholdMethod
+from fedquant.quant.grid import Rounding
+from fedquant.quant.quantizer import Granularity
+from fedquant.quant.spec import QuantSpec
+
+DATASETS = ("mnist-embedded", "mnist", "fashion-mnist", "cifar10", "cifar10-jpeg", "imagefolder")
+PARTITIONS = ("iid", "dirichlet", "shards")
+
+
+def _choices(enum: Any) -> tuple[str, ...]:
+    return tuple(e.value for e in enum)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """All settings of a run (defaults: the ``fedquant run`` default job)."""
+
+    # data
+    dataset: str = "mnist-embedded"
+    data_root: str | None = None
+    cache_dir: str | None = None
+    # clients
+    num_clients: int = 10
+    partition: str = "iid"
+    alpha: float = 0.5
+    shards_per_client: int = 2
+    client_fraction: float = 1.0
+    # model and local training
+    model: str = "paper-cnn"
+    rounds: int = 30
+    epochs: int = 1
+    batch_size: int = 64
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    qat: bool = False
+    # uplink quantization
+    bits: str = "4-2-2-4"
+    rules: str = ""
+    method: str = "octav"
+    rounding: str = "stochastic"
+    granularity: str = "tensor"
+    percentile: float = 99.99
+    # downlink quantization ("32" = the global model travels as float32)
+    downlink_bits: str = "32"
+    downlink_rounding: str = "nearest"
+    # server
+    aggregation: str = "inverse-mse"
+    max_weight: float = 1.0
+    mse_floor: float = 1e-2
+    min_clients: int = 1
+    failure_rate: float = 0.0
+    eval_every: int = 1
+    # run
+    seed: int = 0
+    device: str = "cpu"
+    threads: int = 0
+    out: str = "runs"
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            spec = FIELDS[f.name]
+            value = getattr(self, f.name)
+            checked = spec.check(f.name, value)
+            if checked is not value:
+                object.__setattr__(self, f.name, checked)
+        if self.min_clients > self.num_clients:
+            raise ConfigError(
+                "min_clients", f"{self.min_clients} exceeds num_clients={self.num_clients}"
+            )
+        self.uplink_spec()  # validates bits/rules/method/... together
+        self.downlink_spec()
+
+    def uplink_spec(self) -> QuantSpec:
+        """The clients' quantization spec."""
+        return QuantSpec.from_strings(
+            bits=self.bits,
+            rules=self.rules,
+            method=self.method,
+            rounding=self.rounding,
+            granularity=self.granularity,
+            percentile=self.percentile,
+        )
+
+    def downlink_spec(self) -> QuantSpec | None:
+        """The server's broadcast spec, or ``None`` for float32."""
+        try:
+            spec = QuantSpec.from_strings(
+                bits=self.downlink_bits,
+                method=self.method,
+                rounding=self.downlink_rounding,
+                granularity=self.granularity,
+                percentile=self.percentile,
+            )
+        except ConfigError as e:
+            raise ConfigError(f"downlink_{e.option}", str(e).split(": ", 1)[-1]) from e
+        return None if spec.layer_bits == () and spec.default_bits == 32 else spec
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def with_(self, **changes: Any) -> RunConfig:
+        return replace(self, **changes)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], *, source: str = "config") -> RunConfig:
+        """Build from a (possibly nested) mapping, e.g. a parsed TOML file; keys may use '-' or '_'."""
+        flat: dict[str, Any] = {}
+
+        def walk(d: Mapping[str, Any], path: str) -> None:
+            for k, v in d.items():
+                key = str(k).replace("-", "_")
+                if isinstance(v, Mapping):
+                    walk(v, f"{path}{k}.")
+                    continue
+                if key not in FIELDS:
+                    raise ConfigError(
+                        f"{path}{k}",
+                        f"unknown option in {source}; known options: {', '.join(FIELDS)}",
+                    )
+                flat[key] = v
+
+        walk(values, "")
+        return cls(**flat)
+
+
+@dataclass(frozen=True)
+class Field:
+    """One option: its help text and what values it accepts."""
+
+    help: str
+    kind: type
+    choices: tuple[str, ...] = ()
+    lo: float | None = None
+    hi: float | None = None
+    optional: bool = False
+    check_fn: Any = None
+
+    def describe(self) -> str:
+        if self.choices:
+            return "one of: " + ", ".join(self.choices)
+        if self.kind is bool:
+            return "true or false"
+        rng = []
+        if self.lo is not None:
+            rng.append(f">= {self.lo:g}")
+        if self.hi is not None:
+            rng.append(f"<= {self.hi:g}")
+        what = {int: "an integer", float: "a number", str: "a string"}[self.kind]
+        return what + (" " + " and ".join(rng) if rng else "")
+
+    def check(self, name: str, value: Any) -> Any:
+        if value is None and self.optional:
+            return None
+        if self.kind is bool:
+            if not isinstance(value, bool):
+                raise ConfigError(name, f"{value!r} is not valid; expected {self.describe()}")
+            return value
+        if self.kind is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(name, f"{value!r} is not valid; expected {self.describe()}")
+        elif self.kind is float:
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+            ):
+                raise ConfigError(name, f"{value!r} is not valid; expected {self.describe()}")
+            value = float(value)
+        elif not isinstance(value, str):
+            raise ConfigError(name, f"{value!r} is not valid; expected {self.describe()}")
+        if self.choices and value not in self.choices:
+            raise ConfigError(name, f"{value!r} is not valid; expected {self.describe()}")
+        if (self.lo is not None and value < self.lo) or (self.hi is not None and value > self.hi):
+            raise ConfigError(name, f"{value!r} is out of range; expected {self.describe()}")
+        if self.check_fn is not None:
+            try:
+                self.check_fn(value)
+            except (ConfigError, InvalidInputError) as e:
+                raise ConfigError(
+                    name, f"{value!r} is not valid: {str(e).split(': ', 1)[-1]}"
+                ) from e
+        return value
+
+
+def _model_check(value: str) -> None:
+    from fedquant.fl.models import MODELS
+
+    if value not in MODELS and ":" not in value:
+        raise ConfigError(
+            "model", f"expected one of: {', '.join(MODELS)}, or 'package.module:factory'"
+        )
+
+
+def _bits_check(value: str) -> None:
+    QuantSpec.from_strings(bits=value)
+
+
+def _rules_check(value: str) -> None:
+    QuantSpec.from_strings(rules=value)
+
+
+FIELDS: dict[str, Field] = {
+    "dataset": Field("data set to train on", str, DATASETS),
+    "data_root": Field(
+        "directory or archive holding the data set's files (not needed for mnist-embedded)",
+        str,
+        optional=True,
+    ),
+    "cache_dir": Field(
+        "where decoded data sets are cached (default $FEDQUANT_CACHE or ~/.cache/fedquant)",
+        str,
+        optional=True,
+    ),
+    "num_clients": Field("number of clients N", int, lo=1, hi=100_000),
+    "partition": Field("how the training set is split among clients", str, PARTITIONS),
+    "alpha": Field(
+        "Dirichlet concentration for --partition dirichlet (smaller = more skew)", float, lo=1e-6
+    ),
+    "shards_per_client": Field("label shards per client for --partition shards", int, lo=1),
+    "client_fraction": Field("fraction of clients sampled each round", float, lo=1e-9, hi=1.0),
+    "model": Field(
+        "model: 'paper-cnn', or 'package.module:factory' with factory(in_shape, num_classes) -> nn.Module",
+        str,
+        check_fn=_model_check,
+    ),
+    "rounds": Field("number of federated rounds", int, lo=1),
+    "epochs": Field("local epochs per round", int, lo=1),
+    "batch_size": Field("local mini-batch size", int, lo=1),
+    "lr": Field("local SGD learning rate", float, lo=0.0),
+    "momentum": Field(
+        "local SGD momentum (optimizer state is reset every round)", float, lo=0.0, hi=1.0
+    ),
+    "weight_decay": Field("local SGD weight decay", float, lo=0.0),
+    "qat": Field("quantization-aware local training (straight-through estimator)", bool),
+    "bits": Field(
+        "uplink bits: one width for all weight tensors ('8') or one per weight tensor in order "
+        "('4-2-2-4'); 1..8, or 32 for float32",
+        str,
+        check_fn=_bits_check,
+    ),
+    "rules": Field(
+        "per-tensor overrides PATTERN=BITS, comma separated (e.g. 'fc2.*=8,*.bias=32')",
+        str,
+        check_fn=_rules_check,
+    ),
+    "method": Field("clipping-threshold rule", str, _choices(ThresholdMethod)),
+    "rounding": Field("uplink rounding", str, _choices(Rounding)),
+    "granularity": Field(
+        "one threshold per tensor or per output channel", str, _choices(Granularity)
+    ),
+    "percentile": Field("percentile for --method percentile", float, lo=1e-9, hi=100.0),
+    "downlink_bits": Field(
+        "downlink bits of the broadcast global model, same notation as --bits; 32 = float32",
+        str,
+        check_fn=_bits_check,
+    ),
+    "downlink_rounding": Field("downlink rounding", str, _choices(Rounding)),
+    "aggregation": Field("server aggregation rule", str, _choices(AggregationRule)),
+    "max_weight": Field(
+        "cap on any client's aggregation weight for any tensor (1 = no cap)", float, lo=0.0, hi=1.0
+    ),
+    "mse_floor": Field(
+        "inverse-mse floor, relative to the median client MSE of a tensor", float, lo=0.0, hi=1.0
+    ),
+    "min_clients": Field(
+        "minimum number of valid replies for a round to update the model", int, lo=1
+    ),
+    "failure_rate": Field(
+        "simulated probability that a client fails in a round", float, lo=0.0, hi=0.99
+    ),
+    "eval_every": Field("evaluate the global model every k rounds (and after the last)", int, lo=1),
+    "seed": Field("seed of every random stream (derived per round and client)", int, lo=0),
+    "device": Field("torch device for training and evaluation", str, ("cpu", "cuda", "mps")),
+    "threads": Field("torch threads (0 = torch's default)", int, lo=0),
+    "out": Field("directory under which the results directory is created", str),
+}
+
+_defaults = {f.name for f in fields(RunConfig)}
+if set(FIELDS) != _defaults:  # pragma: no cover - a developer error caught at import
+    raise RuntimeError(f"FIELDS and RunConfig disagree: {set(FIELDS) ^ _defaults}")
+
+
+def default_of(name: str) -> Any:
+    f = next(f for f in fields(RunConfig) if f.name == name)
+    return None if f.default is MISSING else f.default

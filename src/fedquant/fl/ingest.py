@@ -1,0 +1,109 @@
+"""Server-side admission of client payloads: every reply is checked before it is aggregated.
+
+Used by the simulator and the Flower strategy alike. A payload is *rejected*
+(with a logged, one-line reason; the round goes on without it) when:
+
+* it is larger than ``max_bytes`` (default: 2x the float32 size of the model
+  plus 64 KiB -- no honest encoding is bigger);
+* it does not decode (:class:`~fedquant.errors.DecodeError`: truncated,
+  corrupted, NaN/Inf scales or MSE, non-finite float32 values, ...);
+* its tensor names, shapes or dtypes differ from the global model's;
+* the same client id was already accepted in this round (duplicates).
+
+Claimed MSE values that are 0, tiny or huge are not rejected: the inverse-MSE
+floor and the weight cap of :mod:`fedquant.fl.aggregation` neutralize them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedquant.errors import DecodeError
+from fedquant.quant import codec
+from fedquant.quant.codec import DecodedUpdate
+
+log = logging.getLogger("fedquant.server")
+
+_FLOATS = ("float32", "float16", "bfloat16", "float64")
+
+
+@dataclass(frozen=True)
+class Reference:
+    """What a valid update must look like: name -> (shape, is_floating), in order."""
+
+    tensors: dict[str, tuple[tuple[int, ...], bool]]
+    float32_nbytes: int
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, np.ndarray]) -> Reference:
+        t = {
+            k: (tuple(int(d) for d in v.shape), np.asarray(v).dtype.kind == "f")
+            for k, v in state.items()
+        }
+        nbytes = sum(int(np.prod(s, dtype=np.int64)) * (4 if f else 8) for s, f in t.values())
+        return cls(t, nbytes)
+
+    def default_max_bytes(self) -> int:
+        return 2 * self.float32_nbytes + (64 << 10)
+
+
+@dataclass(frozen=True)
+class Admission:
+    """The outcome for one payload: the inspected update, or the reason it was refused."""
+
+    client: str
+    update: DecodedUpdate | None
+    reason: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.update is not None
+
+
+def admit(
+    client: str,
+    payload: bytes,
+    ref: Reference,
+    *,
+    max_bytes: int | None = None,
+    seen: set[str] | None = None,
+) -> Admission:
+    """Check one payload against ``ref``; never raises for bad payloads."""
+    limit = ref.default_max_bytes() if max_bytes is None else max_bytes
+
+    def reject(reason: str) -> Admission:
+        log.warning("rejected update from client %s: %s", client, reason)
+        return Admission(client, None, reason)
+
+    if seen is not None and client in seen:
+        return reject("duplicate client id in this round")
+    if not isinstance(payload, (bytes, bytearray, memoryview)):
+        return reject(f"payload is {type(payload).__name__}, not bytes")
+    if len(payload) > limit:
+        return reject(f"payload of {len(payload)} bytes exceeds the limit of {limit}")
+    try:
+        upd = codec.inspect(payload)
+    except DecodeError as e:
+        return reject(str(e))
+    names = list(upd.info)
+    if names != list(ref.tensors):
+        missing = sorted(set(ref.tensors) - set(names))
+        extra = sorted(set(names) - set(ref.tensors))
+        return reject(
+            f"tensor names differ from the model's (missing {missing}, unexpected {extra})"
+        )
+    for name, info in upd.info.items():
+        shape, floating = ref.tensors[name]
+        if info.shape != shape:
+            return reject(f"tensor {name!r} has shape {info.shape}; the model's is {shape}")
+        if (info.dtype in _FLOATS) != floating:
+            return reject(
+                f"tensor {name!r} has dtype {info.dtype}, which does not match the model's"
+            )
+    if seen is not None:
+        seen.add(client)
+    return Admission(client, upd)

@@ -1,0 +1,325 @@
+"""The federated simulator: many clients in one process, the paper's method end to end.
+
+One round (:meth:`Simulation.run_round`):
+
+1. the server samples ``client_fraction * N`` clients (seeded by round) and
+   encodes the global model once for the broadcast (float32, or quantized with
+   the downlink spec); downlink traffic = payload length x sampled clients;
+2. each client loads the broadcast into the one shared working model, trains
+   locally (:func:`fedquant.fl.client.train_local`), and encodes its full state
+   with the uplink spec (:func:`fedquant.quant.codec.encode_with_stats`);
+   uplink traffic = the payload lengths. Clients may fail (``failure_rate``);
+3. the server admits each payload (:mod:`fedquant.fl.ingest`), aggregates the
+   admitted ones (:func:`fedquant.fl.aggregation.aggregate_payloads`) if at
+   least ``min_clients`` arrived, and evaluates every ``eval_every`` rounds.
+
+Only orchestration and bookkeeping live here; the math is in
+:mod:`fedquant.quant` and :mod:`fedquant.fl.aggregation`. All randomness is
+derived from ``(seed, round, client)`` (:mod:`fedquant.fl.seeding`), so a run
+resumed from a checkpoint ends exactly like an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedquant.errors import ConfigError
+from fedquant.fl import seeding
+from fedquant.fl.aggregation import AggregationRule, aggregate_payloads, parse_rule
+from fedquant.fl.client import (
+    TrainConfig,
+    encode_model,
+    evaluate,
+    load_numpy_state,
+    state_numpy,
+    train_local,
+)
+from fedquant.fl.config import RunConfig
+from fedquant.fl.data import Dataset, TensorData, load_dataset, to_tensors
+from fedquant.fl.ingest import Reference, admit
+from fedquant.fl.models import build_model
+from fedquant.fl.partition import label_counts, partition
+from fedquant.fl.seeding import Purpose
+from fedquant.quant import codec
+
+log = logging.getLogger("fedquant.simulation")
+
+#: metrics that are timings (they differ between otherwise identical runs)
+TIMING_KEYS = ("seconds_train", "seconds_codec", "seconds_eval", "seconds_round")
+
+
+def make_model(cfg: RunConfig, in_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+    """The configured model: a registered name or ``"package.module:factory"``."""
+    if ":" in cfg.model:
+        mod_name, _, attr = cfg.model.partition(":")
+        try:
+            factory = getattr(importlib.import_module(mod_name), attr)
+        except (ImportError, AttributeError) as e:
+            raise ConfigError("model", f"cannot load {cfg.model!r}: {e}") from e
+        model = factory(in_shape, num_classes)
+        if not isinstance(model, nn.Module):
+            raise ConfigError(
+                "model", f"{cfg.model!r} returned {type(model).__name__}, not a torch.nn.Module"
+            )
+        return model
+    return build_model(cfg.model, in_shape, num_classes)
+
+
+@dataclass
+class RunState:
+    """Everything that changes between rounds (what a checkpoint holds)."""
+
+    round: int
+    global_state: dict[str, np.ndarray]
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Simulation:
+    """A federated run of ``cfg`` in this process.
+
+    Parameters
+    ----------
+    cfg : RunConfig
+    dataset : Dataset, optional
+        Use this data set instead of loading ``cfg.dataset``.
+    model : torch.nn.Module, optional
+        Use this (untrained) model instead of building ``cfg.model``; any
+        module whose state dict the codec can carry works.
+    """
+
+    def __init__(
+        self, cfg: RunConfig, *, dataset: Dataset | None = None, model: nn.Module | None = None
+    ) -> None:
+        self.cfg = cfg
+        if cfg.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device", "'cuda' was requested but torch sees no CUDA device")
+        if cfg.device == "mps" and not torch.backends.mps.is_available():
+            raise ConfigError("device", "'mps' was requested but torch sees no MPS device")
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.device = torch.device(cfg.device)
+        self.dataset = (
+            dataset
+            if dataset is not None
+            else load_dataset(cfg.dataset, cfg.data_root, cfg.cache_dir)
+        )
+        self.data: TensorData = to_tensors(self.dataset)
+        labels = self.dataset.train_y
+        self.parts = partition(
+            labels,
+            cfg.num_clients,
+            cfg.partition,
+            alpha=cfg.alpha,
+            shards_per_client=cfg.shards_per_client,
+            seed=seeding.int_seed(cfg.seed, Purpose.PARTITION),
+        )
+        self.label_counts = label_counts(labels, self.parts, self.dataset.num_classes)
+        if model is None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seeding.int_seed(cfg.seed, Purpose.INIT))
+                model = make_model(cfg, self.dataset.input_shape, self.dataset.num_classes)
+        self.model = model.to(self.device)
+        self.initial_state = state_numpy(self.model)
+        self.reference = Reference.from_state(self.initial_state)
+        self.uplink = cfg.uplink_spec()
+        self.downlink = cfg.downlink_spec()
+        self.rule = parse_rule(cfg.aggregation)
+        self.train_cfg = TrainConfig(
+            epochs=cfg.epochs,
+            batch_size=cfg.batch_size,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            qat=cfg.qat,
+        )
+        # validate the spec against the model now, not in round 1
+        self.uplink.resolve(
+            {k: (v.shape, v.dtype.kind == "f") for k, v in self.initial_state.items()}
+        )
+
+    # ------------------------------------------------------------------ rounds
+
+    def new_state(self) -> RunState:
+        return RunState(round=0, global_state={k: v.copy() for k, v in self.initial_state.items()})
+
+    def sample_clients(self, round_: int) -> np.ndarray:
+        n = self.cfg.num_clients
+        m = max(1, round(self.cfg.client_fraction * n))
+        if m >= n:
+            return np.arange(n)
+        rng = seeding.numpy_rng(self.cfg.seed, Purpose.SAMPLE, round_)
+        return np.sort(rng.choice(n, size=m, replace=False))
+
+    def broadcast(self, state: RunState, round_: int) -> bytes:
+        """The server's downlink payload for this round."""
+        from fedquant.quant.spec import QuantSpec
+
+        spec = self.downlink if self.downlink is not None else QuantSpec(default_bits=32)
+        return codec.encode(
+            state.global_state,
+            spec,
+            seed=seeding.seed_sequence(self.cfg.seed, Purpose.DOWNLINK, round_),
+            meta={"round": round_},
+        )
+
+    def client_payload(
+        self, client: int, start: Mapping[str, np.ndarray], round_: int
+    ) -> tuple[bytes, float, float]:
+        """Train client ``client`` from ``start``; returns (payload, train loss, train seconds)."""
+        cfg = self.cfg
+        load_numpy_state(self.model, start)
+        idx = torch.from_numpy(self.parts[client])
+        x, y = self.data.train_x[idx], self.data.train_y[idx]
+        if self.device.type != "cpu":
+            x, y = x.to(self.device), y.to(self.device)
+        stats = train_local(
+            self.model,
+            x,
+            y,
+            self.train_cfg,
+            generator=seeding.torch_generator(cfg.seed, Purpose.SHUFFLE, round_, client),
+            qat_spec=self.uplink,
+            qat_rng=seeding.numpy_rng(cfg.seed, Purpose.QAT, round_, client),
+        )
+        meta: dict[str, Any] = {"round": round_, "client": client}
+        if self.rule is AggregationRule.FEDAVG:
+            meta["num_examples"] = stats.num_examples  # only FedAvg makes the client disclose it
+        enc = encode_model(
+            self.model,
+            self.uplink,
+            seed=seeding.seed_sequence(cfg.seed, Purpose.UPLINK, round_, client),
+            meta=meta,
+        )
+        return enc.payload, stats.loss, stats.seconds
+
+    def run_round(self, state: RunState) -> dict[str, Any]:
+        """Run round ``state.round + 1``, update ``state`` in place, return its metrics."""
+        cfg = self.cfg
+        r = state.round + 1
+        t_round = time.perf_counter()
+        clients = self.sample_clients(r)
+        fail_rng = seeding.numpy_rng(cfg.seed, Purpose.FAILURE, r)
+        failed = (
+            clients[fail_rng.random(clients.size) < cfg.failure_rate]
+            if cfg.failure_rate > 0
+            else clients[:0]
+        )
+
+        t0 = time.perf_counter()
+        down = self.broadcast(state, r)
+        start = state.global_state if self.downlink is None else codec.decode(down).tensors
+        codec_s = time.perf_counter() - t0
+        train_s = 0.0
+        payloads: list[bytes] = []
+        infos: list[dict[str, Any]] = []
+        admitted: list[int] = []
+        rejected: dict[str, str] = {}
+        losses, num_examples = [], []
+        seen: set[str] = set()
+        for c in clients:
+            if c in failed:
+                continue
+            t0 = time.perf_counter()
+            payload, loss, secs = self.client_payload(int(c), start, r)
+            train_s += secs
+            t1 = time.perf_counter()
+            adm = admit(str(int(c)), payload, self.reference, seen=seen)
+            codec_s += time.perf_counter() - t1 + (t1 - t0 - secs)  # encode + admission
+            if not adm.ok:
+                rejected[str(int(c))] = adm.reason
+                continue
+            assert adm.update is not None
+            payloads.append(payload)
+            infos.append(adm.update.info)
+            admitted.append(int(c))
+            losses.append(loss)
+            if self.rule is AggregationRule.FEDAVG:
+                num_examples.append(int(adm.update.meta.get("num_examples", 0)))
+
+        row: dict[str, Any] = {
+            "round": r,
+            "clients_sampled": int(clients.size),
+            "clients_failed": int(failed.size),
+            "clients_rejected": len(rejected),
+            "clients_aggregated": 0,
+            "uplink_bytes": int(sum(len(p) for p in payloads)),
+            "downlink_bytes": int(len(down) * (clients.size - failed.size)),
+            "uplink_float32_bytes": int(self.reference.float32_nbytes * len(payloads)),
+            "train_loss": float(np.mean(losses)) if losses else math.nan,
+        }
+        if rejected:
+            row["rejected"] = rejected
+        t0 = time.perf_counter()
+        if len(payloads) >= cfg.min_clients:
+            agg = aggregate_payloads(
+                payloads,
+                self.rule,
+                num_examples=num_examples if self.rule is AggregationRule.FEDAVG else None,
+                max_weight=cfg.max_weight if cfg.max_weight < 1.0 else None,
+                mse_floor_rel=cfg.mse_floor,
+                infos=infos,
+            )
+            state.global_state = agg.tensors
+            row["clients_aggregated"] = len(payloads)
+            row["mse"] = {
+                name: float(np.mean([info[name].mse for info in agg.infos]))
+                for name in agg.infos[0]
+                if agg.infos[0][name].bits <= 8
+            }
+            row["max_weight_used"] = float(max(float(w.max()) for w in agg.weights.values()))
+        else:
+            row["skipped"] = f"{len(payloads)} valid replies < min_clients={cfg.min_clients}"
+            log.warning("round %d: %s; global model unchanged", r, row["skipped"])
+        codec_s += time.perf_counter() - t0
+        row["uplink_ratio"] = (
+            row["uplink_float32_bytes"] / row["uplink_bytes"] if row["uplink_bytes"] else math.nan
+        )
+
+        t0 = time.perf_counter()
+        if r % cfg.eval_every == 0 or r == cfg.rounds:
+            load_numpy_state(self.model, state.global_state)
+            loss, acc = evaluate(self.model, self.data.test_x, self.data.test_y)
+            row["test_loss"], row["test_accuracy"] = loss, acc
+        eval_s = time.perf_counter() - t0
+        prev = state.metrics[-1] if state.metrics else {}
+        row["cum_uplink_bytes"] = prev.get("cum_uplink_bytes", 0) + row["uplink_bytes"]
+        row["cum_downlink_bytes"] = prev.get("cum_downlink_bytes", 0) + row["downlink_bytes"]
+        row["seconds_train"] = train_s
+        row["seconds_codec"] = codec_s
+        row["seconds_eval"] = eval_s
+        row["seconds_round"] = time.perf_counter() - t_round
+        state.round = r
+        state.metrics.append(row)
+        return row
+
+    def run(
+        self,
+        state: RunState | None = None,
+        *,
+        on_round: Callable[[RunState, dict[str, Any]], None] | None = None,
+    ) -> RunState:
+        """Run the remaining rounds of ``state`` (a new run if ``None``)."""
+        state = state if state is not None else self.new_state()
+        while state.round < self.cfg.rounds:
+            row = self.run_round(state)
+            if on_round is not None:
+                on_round(state, row)
+        return state
+
+
+def final_accuracy(metrics: list[dict[str, Any]]) -> float:
+    """Test accuracy of the last evaluated round (NaN if none)."""
+    for row in reversed(metrics):
+        if "test_accuracy" in row:
+            return float(row["test_accuracy"])
+    return math.nan
