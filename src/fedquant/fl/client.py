@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from fedquant.errors import InvalidInputError
 from fedquant.quant.codec import EncodeResult, encode_with_stats
 from fedquant.quant.quantizer import fake_quantize
 from fedquant.quant.spec import QuantSpec, TensorPlan
@@ -110,7 +111,7 @@ def train_local(
     attached: list[tuple[nn.Module, str, list[str]]] = []
     if cfg.qat:
         if qat_spec is None or qat_rng is None:
-            raise ValueError("train_local: qat=True needs qat_spec and qat_rng")
+            raise InvalidInputError("train_local: qat=True needs qat_spec and qat_rng")
         attached = _attach_qat(model, qat_spec, qat_rng)
     model.train()
     device = next(model.parameters()).device
@@ -175,13 +176,25 @@ def load_numpy_state(model: nn.Module, state: Mapping[str, np.ndarray]) -> None:
     missing = set(current) - set(state)
     unexpected = set(state) - set(current)
     if missing or unexpected:
-        raise ValueError(
-            f"state mismatch: missing {sorted(missing)}, unexpected {sorted(unexpected)}"
+        raise InvalidInputError(
+            f"load_numpy_state: state mismatch: missing {sorted(missing)}, unexpected {sorted(unexpected)}"
         )
     with torch.no_grad():
         for k, t in current.items():
             src = torch.from_numpy(np.ascontiguousarray(state[k]))
             t.copy_(src.to(t.device, t.dtype).reshape(t.shape))
+
+
+def upload_meta(
+    round_: int, client: int, *, disclose_num_examples: int | None = None
+) -> dict[str, int]:
+    """The metadata a client's upload carries: round and client id, and its number of
+    examples only when the server aggregates with FedAvg (which needs it). Used by the
+    simulator and the Flower mod alike, so both produce the same bytes."""
+    meta = {"round": int(round_), "client": int(client)}
+    if disclose_num_examples is not None:
+        meta["num_examples"] = int(disclose_num_examples)
+    return meta
 
 
 def encode_model(

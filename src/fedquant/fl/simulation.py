@@ -43,6 +43,7 @@ from fedquant.fl.client import (
     load_numpy_state,
     state_numpy,
     train_local,
+    upload_meta,
 )
 from fedquant.fl.config import RunConfig
 from fedquant.fl.data import Dataset, TensorData, load_dataset, to_tensors
@@ -191,9 +192,13 @@ class Simulation:
             qat_spec=self.uplink,
             qat_rng=seeding.numpy_rng(cfg.seed, Purpose.QAT, round_, client),
         )
-        meta: dict[str, Any] = {"round": round_, "client": client}
-        if self.rule is AggregationRule.FEDAVG:
-            meta["num_examples"] = stats.num_examples  # only FedAvg makes the client disclose it
+        meta = upload_meta(
+            round_,
+            client,
+            disclose_num_examples=stats.num_examples
+            if self.rule is AggregationRule.FEDAVG
+            else None,
+        )
         enc = encode_model(
             self.model,
             self.uplink,

@@ -1,0 +1,1 @@
+"""fedquant on Flower: an example Flower App (see ../README.md)."""
