@@ -7,13 +7,21 @@ Rules (:class:`AggregationRule`), per tensor ``l`` and client ``j``:
 ``inverse-mse``
     ``w_lj = (1 / e_lj) / sum_k (1 / e_lk)`` where ``e_lj`` is the quantization
     MSE client ``j`` measured for tensor ``l`` and sent in its payload (arXiv
-    2405.13365, Sec. IV). No dataset sizes are disclosed. ``e -> 0`` is guarded
-    by a floor: ``e_lj <- max(e_lj, MSE_FLOOR_REL * median_k(e_lk), MSE_FLOOR_ABS)``,
-    i.e. no client is weighted more than ``1 / MSE_FLOOR_REL = 100`` times a
-    median client on the same tensor, whatever MSE it claims. Tensors that
-    travel unquantized (float32 biases, BatchNorm, integer counters) have no
-    quantization error (``e = 0`` for every client): the floor makes their
-    weights equal, i.e. they are averaged with ``mean``.
+    2405.13365, Sec. IV). No dataset sizes are disclosed. The claimed MSE is
+    not trusted blindly; two floors guard ``e -> 0``:
+
+    * a plausibility floor from the client's own payload
+      (:func:`plausible_mse`): a quantizer with step ``D`` cannot have a mean
+      squared error much below ``D**2 / 12`` (nearest rounding of values spread
+      over the range; stochastic rounding adds twice that), so a claim below
+      ``PLAUSIBLE_FRACTION * D**2 / 12`` is raised to it;
+    * a relative floor: ``e_lj <- max(e_lj, MSE_FLOOR_REL * median_k(e_lk),
+      MSE_FLOOR_ABS)``, i.e. no client is weighted more than
+      ``1 / MSE_FLOOR_REL = 100`` times a median client on the same tensor.
+
+    Tensors that travel unquantized (float32 biases, BatchNorm, integer
+    counters) have no quantization error (``e = 0`` for every client): the
+    floor makes their weights equal, i.e. they are averaged with ``mean``.
 ``mean``
     ``w_j = 1 / m``.
 
@@ -40,6 +48,25 @@ from fedquant.quant.codec import TensorInfo
 
 MSE_FLOOR_REL = 1e-2
 MSE_FLOOR_ABS = 1e-30
+MSE_CEIL = 1e300
+#: a claimed MSE below this fraction of the payload's own D**2/12 is raised to it
+PLAUSIBLE_FRACTION = 0.1
+
+
+def plausible_mse(info: TensorInfo) -> float:
+    """The smallest MSE a payload's quantized tensor can honestly claim.
+
+    ``PLAUSIBLE_FRACTION * mean_r(D_r**2) / 12`` over its rows' steps
+    ``D_r = 2 s_r / (2**B - 1)``: uniform noise over a step has variance
+    ``D**2/12`` (nearest rounding; stochastic rounding doubles it), and clipped
+    values only add error. Honest clients measure >= ~0.9 of it (values
+    exactly on the grid are the only exception, e.g. all-zero tensors, where
+    ``D = 0`` and the floor is 0). 0 for unquantized tensors.
+    """
+    if not info.quantized or info.scales.size == 0:
+        return 0.0
+    steps = 2.0 * info.scales.astype(np.float64) / ((1 << info.bits) - 1)
+    return PLAUSIBLE_FRACTION * float(np.mean(steps * steps)) / 12.0
 
 
 class AggregationRule(str, Enum):
@@ -88,6 +115,14 @@ def cap_weights(w: np.ndarray, max_weight: float | None) -> np.ndarray:
         w = np.where(capped, max_weight, 0.0)
         w[~capped] = rest / rest.sum() * free if rest.sum() > 0 else free / max(1, (~capped).sum())
     return w
+
+
+def relative_cap(weight_cap: float, num_clients: int) -> float | None:
+    """Absolute cap for ``weight_cap`` times an equal share (``0`` = no cap)."""
+    if weight_cap <= 0 or num_clients <= 0:
+        return None
+    cap = weight_cap / num_clients
+    return None if cap >= 1.0 else cap
 
 
 def compute_weights(
@@ -155,6 +190,7 @@ def compute_weights(
             raise InvalidInputError(
                 f"aggregate: MSE values for {name!r} must be finite and >= 0, got {e.tolist()}"
             )
+        e = np.minimum(e, MSE_CEIL)  # claims near the float64 maximum would overflow the median
         floor = max(mse_floor_rel * float(np.median(e)), MSE_FLOOR_ABS)
         inv = 1.0 / np.maximum(e, floor)
         out[name] = cap_weights(inv, max_weight)
@@ -197,12 +233,19 @@ def weighted_average(
             raise InvalidInputError(f"aggregate: {w.size} weights for {name!r} but {count} updates")
     out: dict[str, np.ndarray] = {}
     for name, a in acc.items():
-        if dtypes[name].kind == "f":
-            out[name] = a.astype(np.float32)
-        elif dtypes[name].kind == "b":
-            out[name] = a >= 0.5
+        dt = dtypes[name]
+        if dt.kind == "f":
+            out[name] = np.asarray(a, dtype=np.float32)
+        elif dt.kind == "b":
+            out[name] = np.asarray(a >= 0.5)
         else:
-            out[name] = np.rint(a).astype(dtypes[name])
+            info = np.iinfo(dt)
+            # float64 cannot hold int64 extremes exactly: clip before the cast back
+            hi = float(info.max)
+            if int(hi) > info.max:  # int64: float(2**63 - 1) rounds up to 2**63
+                hi = float(np.nextafter(hi, 0.0))
+            r = np.clip(np.rint(a), float(info.min), hi)
+            out[name] = np.asarray(r).astype(dt)
     return out
 
 
@@ -257,7 +300,7 @@ def aggregate_payloads(
     weights = compute_weights(
         rule,
         names,
-        mse=[{n: i.mse for n, i in info.items()} for info in info_list],
+        mse=[{n: max(i.mse, plausible_mse(i)) for n, i in info.items()} for info in info_list],
         num_examples=num_examples,
         max_weight=max_weight,
         mse_floor_rel=mse_floor_rel,

@@ -23,6 +23,7 @@ class Purpose(IntEnum):
     QAT = 5  # stochastic rounding inside quantization-aware training
     FAILURE = 6  # simulated client failures
     PARTITION = 7  # data partitioning
+    HOSTILE = 8  # which clients are hostile (robustness experiments)
 
 
 SERVER = 2**31 - 1  # the "client id" used for server-side streams
