@@ -45,7 +45,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from fedquant.errors import InvalidInputError, NonFiniteError
+from fedquant.choices import parse_choice
+from fedquant.errors import NonFiniteError
 from fedquant.quant import calibration, kernels
 from fedquant.quant.grid import (
     Rounding,
@@ -80,15 +81,7 @@ class ThresholdMethod(str, Enum):
 
 def parse_method(method: ThresholdMethod | str) -> ThresholdMethod:
     """Normalize a method name; raise :class:`InvalidInputError` for unknown names."""
-    if isinstance(method, ThresholdMethod):
-        return method
-    try:
-        return ThresholdMethod(str(method).lower())
-    except ValueError:
-        allowed = ", ".join(m.value for m in ThresholdMethod)
-        raise InvalidInputError(
-            f"threshold method={method!r} is unknown; expected one of: {allowed}"
-        ) from None
+    return parse_choice(ThresholdMethod, method, "threshold method")
 
 
 class AbsStats(NamedTuple):

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 from enum import Enum
 
+from fedquant.choices import parse_choice
 from fedquant.errors import InvalidInputError
 
 #: bit widths that are quantized; 32 means "send float32 unchanged".
@@ -70,15 +71,7 @@ def check_bits(bits: int, *, allow_float: bool = False, where: str = "bits") -> 
 
 def parse_rounding(rounding: Rounding | str) -> Rounding:
     """Normalize a rounding name; raise :class:`InvalidInputError` for unknown names."""
-    if isinstance(rounding, Rounding):
-        return rounding
-    try:
-        return Rounding(str(rounding).lower())
-    except ValueError:
-        allowed = ", ".join(r.value for r in Rounding)
-        raise InvalidInputError(
-            f"rounding={rounding!r} is unknown; expected one of: {allowed}"
-        ) from None
+    return parse_choice(Rounding, rounding, "rounding")
 
 
 def num_steps(bits: int) -> int:

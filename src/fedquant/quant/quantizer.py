@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from fedquant.choices import parse_choice
 from fedquant.errors import InvalidInputError, NonFiniteError
 from fedquant.quant import kernels
 from fedquant.quant.clipping import ThresholdMethod, _threshold_flat, parse_method
@@ -44,15 +45,7 @@ class Granularity(str, Enum):
 
 def parse_granularity(granularity: Granularity | str) -> Granularity:
     """Normalize a granularity name; raise :class:`InvalidInputError` for unknown names."""
-    if isinstance(granularity, Granularity):
-        return granularity
-    try:
-        return Granularity(str(granularity).lower())
-    except ValueError:
-        allowed = ", ".join(g.value for g in Granularity)
-        raise InvalidInputError(
-            f"granularity={granularity!r} is unknown; expected one of: {allowed}"
-        ) from None
+    return parse_choice(Granularity, granularity, "granularity")
 
 
 def rng_key(seed: SeedLike, *, where: str = "quantize") -> np.uint64:
