@@ -1,0 +1,322 @@
+"""The benchmark command: ``python -m fedquant.bench`` (``fedquant bench`` once wired).
+
+Runs the sections asked for, then writes ``<out>/bench.json`` (every row) and
+``<out>/bench.md`` (the tables, generated from the JSON) and prints the
+Markdown's headline. Sections:
+
+``grid``
+    :func:`fedquant.bench.grid.grid_table` -- OCTAV's coefficient vs the grid.
+``error``
+    :mod:`fedquant.bench.error` -- NMSE of fedquant, the peers and the limits on
+    synthetic sources and on the paper's CNN trained centrally on MNIST and
+    CIFAR-10 (or on checkpoints given with ``--weights``).
+``speed``
+    :mod:`fedquant.bench.speed` -- throughput as a ratio to memcpy, 1 thread and
+    all threads; with ``--device cuda`` also a torch implementation on the GPU.
+``federated``
+    reserved for issue 6 part 3 (:mod:`fedquant.bench.federated`).
+
+``--quick`` runs every section at tiny sizes (a smoke test, ~30 s; its
+figures mean nothing). The full run takes a few minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedquant.errors import ConfigError, FedquantError
+
+SECTIONS = ("grid", "error", "speed", "federated")
+DEFAULT_SECTIONS = ("grid", "error", "speed")
+MODELS = ("mnist", "cifar10")
+
+
+def build_parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="fedquant benchmarks: quantization error vs peers and limits, and speed "
+        "as a ratio to memcpy. Writes OUT/bench.json and OUT/bench.md.",
+    )
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run (~30 s)")
+    p.add_argument("--out", default="bench-results", help="output folder (default: %(default)s)")
+    p.add_argument(
+        "--only",
+        default=",".join(DEFAULT_SECTIONS),
+        help=f"comma-separated sections of {', '.join(SECTIONS)} (default: %(default)s)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="the 'all threads' count of the speed table (default and maximum: the threads "
+        "numba started with, NUMBA_NUM_THREADS)",
+    )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="also time a torch implementation on this device, e.g. cuda (default: cpu only)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of every sample and draw")
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions (default 7, quick 3)")
+    p.add_argument("--n-speed", type=int, default=None, help="speed tensor size (default 10M)")
+    p.add_argument("--n-error", type=int, default=None, help="synthetic samples (default 2^20)")
+    p.add_argument(
+        "--models",
+        default=",".join(MODELS),
+        help="models trained for the real-weights table, of mnist,cifar10 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--weights",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="benchmark this checkpoint (.npz/.pt state dict) as model NAME instead of training",
+    )
+    p.add_argument(
+        "--cifar-root",
+        default=os.environ.get("FEDQUANT_CIFAR_ROOT"),
+        help="CIFAR-10 JPEG folder or .tar.gz (default: $FEDQUANT_CIFAR_ROOT; skipped if unset)",
+    )
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="where trained benchmark models are cached (default: fedquant's cache dir /bench)",
+    )
+    p.add_argument(
+        "--markdown", default=None, help="write the Markdown report here (default: OUT/bench.md)"
+    )
+    return p
+
+
+def _sections(text: str) -> tuple[str, ...]:
+    names = tuple(s.strip() for s in text.split(",") if s.strip())
+    bad = [s for s in names if s not in SECTIONS]
+    if bad or not names:
+        raise ConfigError(
+            "--only",
+            f"{text!r} names unknown section(s) {bad}; expected some of {', '.join(SECTIONS)}",
+        )
+    return names
+
+
+def _weights_args(items: Sequence[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError("--weights", f"{item!r} is not NAME=PATH, e.g. mnist=model.npz")
+        out[name] = path
+    return out
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
+    """Run the sections of parsed ``args``; returns the results dictionary."""
+    from fedquant.bench import error, grid, speed
+
+    sections = _sections(args.only)
+    if "federated" in sections:
+        raise ConfigError(
+            "--only",
+            "'federated' (issue 6 part 3) is not implemented yet; see fedquant.bench.federated",
+        )
+    models = tuple(m.strip() for m in args.models.split(",") if m.strip())
+    bad = [m for m in models if m not in MODELS]
+    if bad:
+        raise ConfigError(
+            "--models", f"unknown model(s) {bad}; expected some of {', '.join(MODELS)}"
+        )
+    weights = _weights_args(args.weights)
+    if args.threads < 0:
+        raise ConfigError("--threads", f"{args.threads} is negative; expected 0 (all) or more")
+    for option, value in (
+        ("--reps", args.reps),
+        ("--n-speed", args.n_speed),
+        ("--n-error", args.n_error),
+    ):
+        if value is not None and value < 1:
+            raise ConfigError(option, f"{value} is not a positive integer")
+    quick = bool(args.quick)
+    reps = args.reps if args.reps is not None else (3 if quick else 7)
+    n_speed = args.n_speed or (1 << 16 if quick else 10_000_000)
+    n_error = args.n_error or (1 << 12 if quick else 1 << 20)
+    bits = (1, 2, 4) if quick else error.BITS
+    device = str(args.device)
+    if device != "cpu":
+        import torch
+
+        try:
+            dev = torch.device(device)
+        except RuntimeError as e:
+            raise ConfigError("--device", f"{device!r} is not a torch device: {e}") from e
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("--device", f"{device!r}: torch sees no CUDA device on this machine")
+
+    results: dict[str, Any] = {
+        "schema": 1,
+        "command": command,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "quick": quick,
+        "seed": args.seed,
+        "environment": speed.environment(),
+        "peers": list(error.PEER_NAMES),
+        "sections": {"federated": None},
+    }
+    sec = results["sections"]
+    if "grid" in sections:
+        t0 = time.perf_counter()
+        sec["grid"] = {"n": n_error, "rows": grid.grid_table(bits, n=n_error, seed=args.seed)}
+        _log(f"grid: {time.perf_counter() - t0:.1f} s")
+    if "error" in sections:
+        t0 = time.perf_counter()
+        sec["error"] = _error_section(args, quick, bits, n_error, models, weights)
+        _log(f"error: {time.perf_counter() - t0:.1f} s")
+    if "speed" in sections:
+        t0 = time.perf_counter()
+        load_before = _load()
+        all_threads = min(args.threads or speed.max_threads(), speed.max_threads())
+        fq = speed.fedquant_speed(
+            n=n_speed,
+            bits=(2, 8) if quick else speed.SPEED_BITS,
+            threads=sorted({1, all_threads}),
+            reps=reps,
+            seed=args.seed,
+        )
+        peer_widths = (
+            {p: ws[:1] for p, ws in speed.SPEED_PEERS.items()} if quick else speed.SPEED_PEERS
+        )
+        pr = speed.peer_speed(
+            n=n_speed, names=peer_widths, reps=max(1, reps // 2), seed=args.seed, threads=1
+        )
+        on_device = (
+            speed.torch_speed(device, n=n_speed, reps=reps, seed=args.seed)
+            if device != "cpu"
+            else None
+        )
+        gbps = [r["memcpy_gbps"] for r in fq + pr if r.get("memcpy_gbps")]
+        sec["speed"] = {
+            "n": n_speed,
+            "reps": reps,
+            "memcpy_gbps_median": float(np.median(gbps)) if gbps else None,
+            "fedquant": fq,
+            "peers": pr,
+            "device": on_device,
+            "load_before": load_before,
+            "load_after": _load(),
+        }
+        _log(f"speed: {time.perf_counter() - t0:.1f} s")
+    return results
+
+
+def _error_section(
+    args: argparse.Namespace,
+    quick: bool,
+    bits: Sequence[int],
+    n_error: int,
+    models: Sequence[str],
+    weights: dict[str, str],
+) -> dict[str, Any]:
+    from fedquant.bench import error
+    from fedquant.bench.weights import load_state, quantizable_layers, trained_weights
+    from fedquant.errors import DataError
+
+    out: dict[str, Any] = {
+        "n": n_error,
+        "synthetic": error.synthetic_errors(n=n_error, bits=bits, seed=args.seed),
+        "models": {},
+        "skipped": [],
+    }
+    cache = Path(args.cache_dir) if args.cache_dir else _default_cache() / "bench"
+    todo: dict[str, tuple[dict[str, np.ndarray], dict[str, Any] | None, str | None]] = {}
+    for name, path in weights.items():
+        todo[name] = (load_state(path), None, path)
+    for m in models:
+        if m in todo:
+            continue
+        if quick:
+            todo[m] = (_untrained_state(m, args.seed), None, "untrained PaperCNN (quick run)")
+            continue
+        root = args.cifar_root if m == "cifar10" else None
+        if m == "cifar10" and not root:
+            out["skipped"].append("cifar10: no --cifar-root (or $FEDQUANT_CIFAR_ROOT) given")
+            continue
+        try:
+            t0 = time.perf_counter()
+            state, trained = trained_weights(m, cache, root=root, seed=args.seed)
+            _log(f"  {m}: weights ready in {time.perf_counter() - t0:.1f} s")
+        except DataError as e:
+            out["skipped"].append(f"{m}: {e}")
+            continue
+        todo[m] = (state, asdict(trained), None)
+    for name, (state, info, source) in todo.items():
+        rows = error.weights_errors(state, name, bits=bits, seed=args.seed)
+        out["models"][name] = {
+            "train": info,
+            "source": source,
+            "layers": {k: int(v.size) for k, v in quantizable_layers(state).items()},
+            "rows": rows,
+            "total": error.aggregate_layers(rows, name),
+        }
+    return out
+
+
+def _load() -> str:
+    """The 1-minute load average (how busy the machine was), or "-" where unknown."""
+    try:
+        return f"{os.getloadavg()[0]:.2f}"
+    except (AttributeError, OSError):
+        return "-"
+
+
+def _default_cache() -> Path:
+    from fedquant.fl.data import default_cache_dir
+
+    return Path(default_cache_dir())
+
+
+def _untrained_state(model: str, seed: int) -> dict[str, np.ndarray]:
+    import torch
+
+    from fedquant.bench.weights import load_state
+    from fedquant.fl.models import PaperCNN
+
+    torch.manual_seed(seed)
+    shape = (1, 28, 28) if model == "mnist" else (3, 32, 32)
+    return load_state(PaperCNN(shape, 10).state_dict())
+
+
+def main(argv: Sequence[str] | None = None, *, prog: str = "python -m fedquant.bench") -> int:
+    """Entry point; returns the exit status (0 ok, 2 bad options or a fedquant error)."""
+    from fedquant.bench import report
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(prog).parse_args(argv)
+    command = " ".join([prog, *(shlex.quote(a) for a in argv)])
+    try:
+        results = run(args, command)
+    except FedquantError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    report.write_json(results, out / "bench.json")
+    md = report.write_markdown(results, args.markdown or out / "bench.md")
+    for line in (
+        report.headline(results) + report.peer_wins(results) + report.peer_speed_wins(results)
+    ):
+        print(line)
+    print(f"wrote {out / 'bench.json'} and {md}")
+    return 0
