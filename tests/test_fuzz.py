@@ -161,7 +161,7 @@ def test_seed_payloads_parse_and_rebuild_exactly() -> None:
         model = fuzz._parse(p)
         assert model is not None
         assert model.to_bytes() == p
-        decode(p)
+        decode(p, shared_key=fuzz.SHARED_KEY)
 
 
 def test_mutator_is_deterministic_and_reaches_the_field_parser() -> None:
@@ -300,7 +300,7 @@ def test_per_channel_short_rows_decode_in_bounded_memory(bits: int) -> None:
 
 
 def test_check_input_reports_an_undocumented_exception(monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken(payload: bytes) -> codec.DecodedUpdate:
+    def broken(payload: bytes, **kwargs: object) -> codec.DecodedUpdate:
         raise IndexError("tuple index out of range")
 
     monkeypatch.setattr(codec, "decode", broken)
@@ -336,10 +336,10 @@ def test_check_input_reports_wrong_decoded_values(monkeypatch: pytest.MonkeyPatc
 def test_run_fuzz_reports_a_hang(monkeypatch: pytest.MonkeyPatch) -> None:
     real = codec.decode
 
-    def sometimes_slow(payload):  # type: ignore[no-untyped-def]
+    def sometimes_slow(payload, **kwargs):  # type: ignore[no-untyped-def]
         if len(payload) % 53 == 0:
             time.sleep(0.01)
-        return real(payload)
+        return real(payload, **kwargs)
 
     monkeypatch.setattr(codec, "decode", sometimes_slow)
     report = run_fuzz(1500, seed=1, targets=("decode",), hang_per_byte_s=1e-7)

@@ -23,4 +23,6 @@ def parse_choice(enum_cls: type[E], value: E | str, what: str) -> E:
         return enum_cls(str(value).lower())
     except ValueError:
         allowed = ", ".join(str(e.value) for e in enum_cls)
-        raise InvalidInputError(f"{what}={value!r} is unknown; expected one of: {allowed}") from None
+        raise InvalidInputError(
+            f"{what}={value!r} is unknown; expected one of: {allowed}"
+        ) from None

@@ -134,7 +134,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         state = (
             sim.new_state()
             if ck is None
-            else RunState(round=ck[0], global_state=ck[1], metrics=ck[2])
+            else RunState(
+                round=ck.round,
+                global_state=ck.global_state,
+                metrics=ck.metrics,
+                residuals=ck.residuals,
+            )
         )
     else:
         cfg, _ = _resolve_config(args)
@@ -188,7 +193,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         progress.start()
 
     def on_round(st: RunState, row: dict[str, Any]) -> None:
-        rd.write_round(st.round, st.global_state, st.metrics)
+        rd.write_round(st.round, st.global_state, st.metrics, residuals=st.residuals)
         if progress is not None:
             acc = final_accuracy(st.metrics)
             progress.update(
@@ -267,13 +272,16 @@ def _print_summary(cfg: Any, s: dict[str, Any]) -> None:
     Console().print(t)
 
 
-def _delegate(module: str, argv: Sequence[str]) -> int:
+def _delegate(module: str, argv: Sequence[str], prog: str) -> int:
     import importlib
+    import inspect
 
     try:
         mod = importlib.import_module(module)
     except ImportError as e:
         raise ConfigError("command", f"this installation lacks {module} ({e})") from None
+    if "prog" in inspect.signature(mod.main).parameters:
+        return int(mod.main(list(argv), prog=prog))
     return int(mod.main(list(argv)))
 
 
@@ -308,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] in ("bench", "fuzz", "reproduce"):
         args, _ = parser.parse_known_args(argv[:1])
         try:
-            return _delegate(args.module, argv[1:])
+            return _delegate(args.module, argv[1:], f"fedquant {argv[0]}")
         except FedquantError as e:
             print(f"fedquant {argv[0]}: error: {e}", file=sys.stderr)
             return EXIT_USER_ERROR

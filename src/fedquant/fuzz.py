@@ -4,12 +4,15 @@ The targets are :func:`fedquant.quant.codec.decode`, :func:`~fedquant.quant.code
 and :func:`fedquant.fl.aggregation.aggregate_payloads`. Their contract, which every
 generated input is checked against:
 
+* rotated tensors are decoded with :data:`SHARED_KEY`, the key the seeds were
+  encoded with (all three targets get it);
 * only the documented exceptions escape: :class:`~fedquant.errors.DecodeError`
   (all three) and, for ``aggregate``, :class:`~fedquant.errors.InvalidInputError`
   for payloads that disagree with each other;
 * ``inspect`` and ``decode`` agree: both accept, or both refuse with the same
   message; what ``decode`` accepts is self-consistent (shapes and dtypes as the
-  info says, finite values, quantized values within ``[-s, s]``), and averaging a
+  info says, finite values, quantized values within ``[-s, s]`` -- within
+  ``sqrt(block) * s`` for rotated ones), and averaging a
   payload with itself gives its own values back;
 * no numpy floating-point error (overflow, invalid cast) in ``decode``/``inspect``;
 * no hang: an input slower than ``hang_factor`` times the running median of its
@@ -79,6 +82,7 @@ from fedquant.fl.aggregation import aggregate_payloads
 from fedquant.quant import codec
 
 __all__ = [
+    "SHARED_KEY",
     "TARGETS",
     "Field",
     "FuzzFailure",
@@ -96,6 +100,8 @@ __all__ = [
 
 #: what :func:`run_fuzz` exercises by default
 TARGETS: tuple[str, ...] = ("decode", "inspect", "aggregate")
+#: the shared rotation key of the seeds, passed to every target
+SHARED_KEY = 0x5EED
 
 #: Peak bytes ``decode``/``inspect`` may allocate per payload byte. Derivation:
 #: a 1-bit quantized tensor expands to float32, 32 bytes per payload byte (32/bits
@@ -128,6 +134,7 @@ _RAW_ITEMSIZE = {5: 8, 6: 4, 7: 2, 8: 1, 9: 1, 10: 1}  # integer dtype codes -> 
 def _seed_tuple() -> tuple[bytes, ...]:
     import torch  # a dependency of fedquant; needed for bfloat16 tensors
 
+    from fedquant.quant.entropy import EntropyCoding
     from fedquant.quant.grid import Rounding
     from fedquant.quant.quantizer import Granularity
     from fedquant.quant.spec import QuantSpec
@@ -184,6 +191,35 @@ def _seed_tuple() -> tuple[bytes, ...]:
             {"n": np.array([-(2**62), 2**62], np.int64), "w": f32(2, 2, 2)},
             QuantSpec(default_bits=6, rounding=Rounding.NEAREST),
         ),
+        # rotation (transform 1) per tensor and per channel, rANS coding (coding 1), both
+        codec.encode(
+            {"w": f32(6, 20), "v": f32(1, 1)},
+            QuantSpec(default_bits=3, rotation=True),
+            seed=9,
+            shared_key=SHARED_KEY,
+        ),
+        codec.encode(
+            {"w": f32(5, 9)},
+            QuantSpec(default_bits=5, rotation=True, granularity=Granularity.CHANNEL),
+            seed=10,
+            shared_key=SHARED_KEY,
+        ),
+        codec.encode(
+            {"t": rng.standard_t(2, (40, 40)).astype(np.float32)},
+            QuantSpec(default_bits=4, entropy=EntropyCoding.RANS, rounding=Rounding.NEAREST),
+        ),
+        codec.encode(
+            {"t": rng.standard_t(2, (8, 250)).astype(np.float32)},
+            QuantSpec(default_bits=3, entropy=EntropyCoding.RANS, granularity=Granularity.CHANNEL),
+            seed=11,
+        ),
+        codec.encode(
+            {"w": f32(40, 64)},
+            QuantSpec(
+                default_bits=3, rotation=True, entropy=EntropyCoding.RANS, rounding=Rounding.NEAREST
+            ),
+            shared_key=SHARED_KEY,
+        ),
     ]
     return tuple(out)
 
@@ -193,7 +229,8 @@ def seed_payloads() -> list[bytes]:
 
     Bit widths 1..8 per tensor and per channel, raw float32, every integer dtype
     and bool, float16/bfloat16/float64 sources, empty and 0-d tensors, metadata,
-    a payload without tensors. Deterministic; each is well under 4 KB.
+    a payload without tensors, rotated (with :data:`SHARED_KEY`) and rANS-coded
+    tensors. Deterministic; each is well under 4 KB.
     """
     return list(_seed_tuple())
 
@@ -869,7 +906,10 @@ def _decoded_problem(data: bytes, dec: codec.DecodedUpdate) -> str | None:
                 return f"{name!r}: decoded values hold NaN/Inf"
             if info.quantized:
                 rows = arr.reshape(info.scales.size, -1)
-                if (np.abs(rows).max(axis=1) > info.scales).any():
+                bound = info.scales.astype(np.float64)
+                if info.transform:  # a rotated block of N levels sums into one value
+                    bound = bound * math.sqrt(info.block) * (1 + 1e-5)
+                if (np.abs(rows).max(axis=1) > bound).any():
                     return f"{name!r}: decoded values exceed their clipping threshold"
     return None
 
@@ -970,7 +1010,7 @@ class _Checker:
             if res and not cross_check and next(iter(res.values()))[1] is not None:
                 break
             fn = codec.decode if target == "decode" else codec.inspect
-            res[target] = out = self._timed(target, fn, data)
+            res[target] = out = self._timed(target, fn, data, shared_key=SHARED_KEY)
             if out[1] is not None and not isinstance(out[1], DecodeError):
                 fails.append(_crash(target, out[1], raw))
         if len(res) == 2:
@@ -1002,13 +1042,24 @@ class _Checker:
                 fails.append(FuzzFailure("decode", "oracle", problem, raw))
         if aggregate and "aggregate" in self.targets and accepted and not fails:
             if self_average or partner is None:
-                out = self._timed("aggregate", aggregate_payloads, [raw, raw], "inverse-mse")
+                out = self._timed(
+                    "aggregate",
+                    aggregate_payloads,
+                    [raw, raw],
+                    "inverse-mse",
+                    shared_key=SHARED_KEY,
+                )
             else:
                 self.sizes["aggregate"] = len(partner) + len(raw)
                 rule = "fedavg" if len(raw) % 2 else "mean"
                 examples = [3, 1] if rule == "fedavg" else None
                 out = self._timed(
-                    "aggregate", aggregate_payloads, [partner, raw], rule, num_examples=examples
+                    "aggregate",
+                    aggregate_payloads,
+                    [partner, raw],
+                    rule,
+                    num_examples=examples,
+                    shared_key=SHARED_KEY,
                 )
             if out[1] is not None:
                 if isinstance(out[1], (DecodeError, InvalidInputError)):
@@ -1028,7 +1079,7 @@ class _Checker:
                         "MSE claims near the float64 maximum overflows)"
                     )
                 elif self_average or partner is None:
-                    whole = dec if dec is not None else codec.decode(raw)
+                    whole = dec if dec is not None else codec.decode(raw, shared_key=SHARED_KEY)
                     problem = _self_average_problem(whole, out[0])
                     if problem:
                         fails.append(FuzzFailure("aggregate", "oracle", problem, raw))
@@ -1337,7 +1388,7 @@ def run_fuzz(
     # warm up: compile/load the kernels for every buffer type, then replay the corpus
     for s in seeds:
         for k in range(4):
-            _call(codec.decode, _containers(s, k))
+            _call(codec.decode, _containers(s, k), shared_key=SHARED_KEY)
     old_err = np.seterrcall(fp)
     start = time.perf_counter()
     try:

@@ -104,7 +104,10 @@ def test_aggregate_payloads_matches_a_numpy_reference() -> None:
 
 
 def test_errors() -> None:
-    with pytest.raises(ConfigError, match="aggregation: 'median' is unknown; expected one of: fedavg, inverse-mse, mean"):
+    with pytest.raises(
+        ConfigError,
+        match="aggregation: 'median' is unknown; expected one of: fedavg, inverse-mse, mean",
+    ):
         parse_rule("median")
     with pytest.raises(InvalidInputError, match="fedavg needs num_examples"):
         compute_weights("fedavg", ["w"], mse=[{"w": 1.0}])

@@ -25,11 +25,23 @@ def test_rejections_name_the_reason(caplog) -> None:  # type: ignore[no-untyped-
     ref = Reference.from_state(STATE)
     good = encode(STATE, QuantSpec(default_bits=2), seed=0)
     cases = {
-        "oversized": (good + b"\0" * 10, f"payload of {len(good) + 10} bytes exceeds the limit of {len(good) + 5}"),
+        "oversized": (
+            good + b"\0" * 10,
+            f"payload of {len(good) + 10} bytes exceeds the limit of {len(good) + 5}",
+        ),
         "corrupt": (good[:-1] + bytes([good[-1] ^ 1]), "checksum mismatch"),
-        "names": (encode({"x": STATE["w"], "b": STATE["b"], "n": STATE["n"]}, QuantSpec(), seed=0), "missing ['w'], unexpected ['x']"),
-        "shape": (encode({**STATE, "w": np.ones((5, 4), np.float32)}, QuantSpec(), seed=0), "'w' has shape (5, 4); the model's is (4, 5)"),
-        "dtype": (encode({**STATE, "n": np.array(3.0, np.float32)}, QuantSpec(), seed=0), "'n' has dtype float32"),
+        "names": (
+            encode({"x": STATE["w"], "b": STATE["b"], "n": STATE["n"]}, QuantSpec(), seed=0),
+            "missing ['w'], unexpected ['x']",
+        ),
+        "shape": (
+            encode({**STATE, "w": np.ones((5, 4), np.float32)}, QuantSpec(), seed=0),
+            "'w' has shape (5, 4); the model's is (4, 5)",
+        ),
+        "dtype": (
+            encode({**STATE, "n": np.array(3.0, np.float32)}, QuantSpec(), seed=0),
+            "'n' has dtype float32",
+        ),
         "type": ("not bytes", "payload is str"),
     }
     for client, (payload, reason) in cases.items():

@@ -48,7 +48,9 @@ def test_reported_bytes_are_the_payload_lengths(short_run) -> None:  # type: ign
     for row, payloads in zip(state.metrics, per_round, strict=True):
         assert row["uplink_bytes"] == sum(len(p) for p in payloads)
         assert row["uplink_float32_bytes"] == 4 * sim.reference.float32_nbytes
-        assert row["uplink_ratio"] == pytest.approx(row["uplink_float32_bytes"] / row["uplink_bytes"])
+        assert row["uplink_ratio"] == pytest.approx(
+            row["uplink_float32_bytes"] / row["uplink_bytes"]
+        )
         assert row["uplink_ratio"] > 12
     # the payloads really carry 4-2-2-4 and inverse-MSE clients do not disclose their size
     d = decode(seen[0])
@@ -63,7 +65,9 @@ def test_same_seed_same_metrics_different_seed_different() -> None:
     b = Simulation(cfg).run()
     diff = [
         (r, k, ra[k], rb.get(k))
-        for r, (ra, rb) in enumerate(zip(strip_timings(a.metrics), strip_timings(b.metrics), strict=True))
+        for r, (ra, rb) in enumerate(
+            zip(strip_timings(a.metrics), strip_timings(b.metrics), strict=True)
+        )
         for k in ra
         if ra[k] != rb.get(k)
     ]

@@ -279,8 +279,10 @@ def test_other_field_checks(payload: bytes) -> None:
         (FIXED + 0, 99, "unknown dtype code 99"),
         (FIXED + 1, 7, "kind 7 is not valid"),
         (FIXED + 3, 5, "granularity code 5 is not valid"),
-        (FIXED + 4, 1, "transform=1, coding=0, reserved=0 are not supported"),
-        (FIXED + 5, 1, "coding=1"),
+        # transform 1 / coding 1 are rotation / rANS (tests/quant/test_codec_extended.py)
+        (FIXED + 4, 2, "transform=2 is unknown"),
+        (FIXED + 5, 2, "coding=2 is unknown"),
+        (FIXED + 7, 1, "reserved byte is 1; expected 0"),
         (FIXED + 6, 40, "ndim=40; at most 16"),
     ]
     for pos, value, msg in cases:

@@ -72,7 +72,14 @@ def _records(payload: bytes) -> Iterator[dict[str, int]]:
         data_len_at = mse + 8
         (data_len,) = struct.unpack_from("<Q", payload, data_len_at)
         data = data_len_at + 8
-        yield {"kind": kind, "scales": scales, "n_scales": n_scales, "mse": mse, "data": data, "data_len": data_len}
+        yield {
+            "kind": kind,
+            "scales": scales,
+            "n_scales": n_scales,
+            "mse": mse,
+            "data": data,
+            "data_len": data_len,
+        }
         pos = data + data_len
 
 
@@ -82,8 +89,8 @@ def _fix(buf: bytearray) -> bytes:
     return bytes(buf)
 
 
-def _reencode(payload: bytes, edit: str) -> bytes:
-    dec = codec.decode(payload)
+def _reencode(payload: bytes, edit: str, shared_key: int | None = None) -> bytes:
+    dec = codec.decode(payload, shared_key=shared_key)
     t = dict(dec.tensors)
     name = next(n for n, a in t.items() if a.ndim >= 2)
     if edit == "wrong-name":
@@ -99,10 +106,15 @@ def _reencode(payload: bytes, edit: str) -> bytes:
     return codec.encode(t, QuantSpec(default_bits=8, rounding=Rounding.NEAREST), meta=dec.meta)
 
 
-def corrupt(payload: bytes, mode: str) -> bytes:
-    """What a hostile client in ``mode`` sends instead of the honest ``payload``."""
+def corrupt(payload: bytes, mode: str, *, shared_key: int | None = None) -> bytes:
+    """What a hostile client in ``mode`` sends instead of the honest ``payload``.
+
+    ``shared_key`` decodes rotated payloads (the modes that re-encode).
+    """
     if mode not in MODES:
-        raise ConfigError("hostile_mode", f"{mode!r} is unknown; expected one of: {', '.join(MODES)}")
+        raise ConfigError(
+            "hostile_mode", f"{mode!r} is unknown; expected one of: {', '.join(MODES)}"
+        )
     buf = bytearray(payload)
     recs = list(_records(payload))
     if mode == "nan-scale":
@@ -116,16 +128,20 @@ def corrupt(payload: bytes, mode: str) -> bytes:
             struct.pack_into("<f", buf, r["data"], float("inf"))
         return _fix(buf)
     if mode in ("zero-mse", "tiny-mse", "negative-mse", "nan-mse"):
-        value = {"zero-mse": 0.0, "tiny-mse": 1e-30, "negative-mse": -1.0, "nan-mse": float("nan")}[mode]
+        value = {"zero-mse": 0.0, "tiny-mse": 1e-30, "negative-mse": -1.0, "nan-mse": float("nan")}[
+            mode
+        ]
         for r in recs:
             struct.pack_into("<d", buf, r["mse"], value)
         return _fix(buf)
     if mode == "huge-examples":
-        dec = codec.decode(payload)
+        dec = codec.decode(payload, shared_key=shared_key)
         meta = {**dec.meta, "num_examples": 10**12}
-        return codec.encode(dec.tensors, QuantSpec(default_bits=8, rounding=Rounding.NEAREST), meta=meta)
+        return codec.encode(
+            dec.tensors, QuantSpec(default_bits=8, rounding=Rounding.NEAREST), meta=meta
+        )
     if mode in ("wrong-name", "wrong-shape", "wrong-dtype"):
-        return _reencode(payload, mode)
+        return _reencode(payload, mode, shared_key)
     if mode == "oversized":
         return payload + bytes(4 * len(payload) + (1 << 20))
     if mode == "truncated":

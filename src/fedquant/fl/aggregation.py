@@ -42,6 +42,7 @@ from enum import Enum
 
 import numpy as np
 
+from fedquant.choices import parse_choice
 from fedquant.errors import ConfigError, InvalidInputError
 from fedquant.quant import codec
 from fedquant.quant.codec import TensorInfo
@@ -79,15 +80,10 @@ class AggregationRule(str, Enum):
 
 def parse_rule(rule: AggregationRule | str) -> AggregationRule:
     """Normalize a rule name; :class:`ConfigError` names the allowed values."""
-    if isinstance(rule, AggregationRule):
-        return rule
     try:
-        return AggregationRule(str(rule).lower())
-    except ValueError:
-        allowed = ", ".join(r.value for r in AggregationRule)
-        raise ConfigError(
-            "aggregation", f"{rule!r} is unknown; expected one of: {allowed}"
-        ) from None
+        return parse_choice(AggregationRule, rule, "aggregation")
+    except InvalidInputError as e:
+        raise ConfigError("aggregation", str(e).removeprefix("aggregation=")) from None
 
 
 def cap_weights(w: np.ndarray, max_weight: float | None) -> np.ndarray:
@@ -267,6 +263,7 @@ def aggregate_payloads(
     max_weight: float | None = None,
     mse_floor_rel: float = MSE_FLOOR_REL,
     infos: Sequence[Mapping[str, TensorInfo]] | None = None,
+    shared_key: int | None = None,
 ) -> AggregateResult:
     """Decode client payloads and aggregate them with ``rule``.
 
@@ -277,11 +274,13 @@ def aggregate_payloads(
     payload and :class:`~fedquant.errors.InvalidInputError` for payloads that
     disagree on tensor names or shapes. ``infos`` may pass the
     :func:`~fedquant.quant.codec.inspect` results the caller already has.
+    ``shared_key`` is passed to :func:`~fedquant.quant.codec.decode` (payloads
+    with rotated tensors need it).
     """
     if not payloads:
         raise InvalidInputError("aggregate: no client payloads to aggregate")
     if infos is None:
-        infos = [codec.inspect(p).info for p in payloads]
+        infos = [codec.inspect(p, shared_key=shared_key).info for p in payloads]
     elif len(infos) != len(payloads):
         raise InvalidInputError(f"aggregate: {len(infos)} infos for {len(payloads)} payloads")
     info_list: list[dict[str, TensorInfo]] = [dict(i) for i in infos]
@@ -305,5 +304,7 @@ def aggregate_payloads(
         max_weight=max_weight,
         mse_floor_rel=mse_floor_rel,
     )
-    tensors = weighted_average((codec.decode(p).tensors for p in payloads), weights)
+    tensors = weighted_average(
+        (codec.decode(p, shared_key=shared_key).tensors for p in payloads), weights
+    )
     return AggregateResult(tensors, weights, info_list, sum(len(p) for p in payloads))

@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from fedquant.errors import InvalidInputError
+from fedquant.quant.allocation import plan_tensors
 from fedquant.quant.codec import EncodeResult, encode_with_stats
 from fedquant.quant.quantizer import fake_quantize
 from fedquant.quant.spec import QuantSpec, TensorPlan
@@ -75,6 +76,8 @@ def _attach_qat(
 ) -> list[tuple[nn.Module, str, list[str]]]:
     state = model.state_dict()
     plans = spec.resolve({k: (tuple(v.shape), v.is_floating_point()) for k, v in state.items()})
+    if spec.bit_budget is not None:  # bits="auto:B": widths allocated from the starting weights
+        plans = plan_tensors(state_numpy(model), spec)
     attached = []
     for module_name, module in model.named_modules():
         for pname, p in list(module.named_parameters(recurse=False)):
@@ -203,6 +206,10 @@ def encode_model(
     *,
     seed: np.random.SeedSequence,
     meta: Mapping[str, Any] | None = None,
+    shared_key: int | None = None,
 ) -> EncodeResult:
-    """Encode the model's full state with the codec (the upload)."""
-    return encode_with_stats(state_numpy(model), spec, seed=seed, meta=meta)
+    """Encode the model's full state with the codec (the upload).
+
+    ``shared_key`` is the round's rotation key (specs that rotate need it).
+    """
+    return encode_with_stats(state_numpy(model), spec, seed=seed, meta=meta, shared_key=shared_key)

@@ -15,14 +15,18 @@ from dataclasses import MISSING, asdict, dataclass, fields, replace
 from typing import Any
 
 from fedquant.errors import ConfigError, InvalidInputError
+from fedquant.fl.adversary import MODES as ADVERSARY_MODES
 from fedquant.fl.aggregation import AggregationRule
 from fedquant.quant.clipping import ThresholdMethod
+from fedquant.quant.entropy import EntropyCoding
 from fedquant.quant.grid import Rounding
 from fedquant.quant.quantizer import Granularity
 from fedquant.quant.spec import QuantSpec
 
 DATASETS = ("mnist-embedded", "mnist", "fashion-mnist", "cifar10", "cifar10-jpeg", "imagefolder")
 PARTITIONS = ("iid", "dirichlet", "shards")
+#: what clients quantize: their weights (the paper) or their update (see fedquant.fl.updates)
+UPLOADS = ("weights", "delta")
 
 
 def _choices(enum: Any) -> tuple[str, ...]:
@@ -59,15 +63,21 @@ class RunConfig:
     rounding: str = "stochastic"
     granularity: str = "tensor"
     percentile: float = 99.99
+    rotation: bool = False
+    entropy: str = "none"
+    upload: str = "weights"
+    error_feedback: bool = False
     # downlink quantization ("32" = the global model travels as float32)
     downlink_bits: str = "32"
     downlink_rounding: str = "nearest"
     # server
     aggregation: str = "inverse-mse"
-    max_weight: float = 1.0
+    weight_cap: float = 3.0
     mse_floor: float = 1e-2
     min_clients: int = 1
     failure_rate: float = 0.0
+    hostile_fraction: float = 0.0
+    hostile_mode: str = "mixed"
     eval_every: int = 1
     # run
     seed: int = 0
@@ -86,6 +96,25 @@ class RunConfig:
             raise ConfigError(
                 "min_clients", f"{self.min_clients} exceeds num_clients={self.num_clients}"
             )
+        if self.error_feedback and self.upload != "delta":
+            raise ConfigError(
+                "error_feedback",
+                f"needs upload='delta' (got {self.upload!r}): the residual is that of the "
+                "quantized update; expected --upload delta or --no-error-feedback",
+            )
+        if self.qat and self.upload == "delta":
+            raise ConfigError(
+                "qat",
+                "fake-quantizes the weights, but upload='delta' quantizes the update; "
+                "expected --upload weights with --qat",
+            )
+        if self.qat and self.rotation:
+            raise ConfigError(
+                "rotation",
+                "cannot be combined with --qat: quantization-aware training fake-quantizes "
+                "without the rotation, so it would train against another quantizer; "
+                "expected --no-rotation or --no-qat",
+            )
         self.uplink_spec()  # validates bits/rules/method/... together
         self.downlink_spec()
 
@@ -98,6 +127,8 @@ class RunConfig:
             rounding=self.rounding,
             granularity=self.granularity,
             percentile=self.percentile,
+            rotation=self.rotation,
+            entropy=self.entropy,
         )
 
     def downlink_spec(self) -> QuantSpec | None:
@@ -253,7 +284,8 @@ FIELDS: dict[str, Field] = {
     "qat": Field("quantization-aware local training (straight-through estimator)", bool),
     "bits": Field(
         "uplink bits: one width for all weight tensors ('8') or one per weight tensor in order "
-        "('4-2-2-4'); 1..8, or 32 for float32",
+        "('4-2-2-4'); 1..8, or 32 for float32; or 'auto:2.03': widths chosen per tensor and "
+        "round to minimize the expected error at 2.03 bits per weight on average",
         str,
         check_fn=_bits_check,
     ),
@@ -268,6 +300,28 @@ FIELDS: dict[str, Field] = {
         "one threshold per tensor or per output channel", str, _choices(Granularity)
     ),
     "percentile": Field("percentile for --method percentile", float, lo=1e-9, hi=100.0),
+    "rotation": Field(
+        "rotate every uplink weight tensor with a seeded randomized Hadamard transform before "
+        "clipping (near-Gaussian values, where OCTAV is near-optimal); the signs derive from "
+        "(seed, round) and are never sent",
+        bool,
+    ),
+    "entropy": Field(
+        "entropy coding of the uplink codes ('rans': per tensor, only where it saves bytes)",
+        str,
+        _choices(EntropyCoding),
+    ),
+    "upload": Field(
+        "what clients quantize: their weights, or their update w_i - w_global ('delta'; the "
+        "server adds the aggregate to its model; unquantized tensors still travel as values)",
+        str,
+        UPLOADS,
+    ),
+    "error_feedback": Field(
+        "with --upload delta: each client adds the quantization error of its previous upload "
+        "to the next one (one float32 copy of the quantized tensors kept per client)",
+        bool,
+    ),
     "downlink_bits": Field(
         "downlink bits of the broadcast global model, same notation as --bits; 32 = float32",
         str,
@@ -275,8 +329,13 @@ FIELDS: dict[str, Field] = {
     ),
     "downlink_rounding": Field("downlink rounding", str, _choices(Rounding)),
     "aggregation": Field("server aggregation rule", str, _choices(AggregationRule)),
-    "max_weight": Field(
-        "cap on any client's aggregation weight for any tensor (1 = no cap)", float, lo=0.0, hi=1.0
+    "weight_cap": Field(
+        "no client's aggregation weight for any tensor exceeds weight_cap times an equal "
+        "share (1/m for m clients); 0 = no cap. Honest inverse-MSE weights on IID clients "
+        "stay within ~1.4x an equal share, so the default 3 only binds for clients whose "
+        "claimed MSE or dataset size is out of line",
+        float,
+        lo=0.0,
     ),
     "mse_floor": Field(
         "inverse-mse floor, relative to the median client MSE of a tensor", float, lo=0.0, hi=1.0
@@ -286,6 +345,17 @@ FIELDS: dict[str, Field] = {
     ),
     "failure_rate": Field(
         "simulated probability that a client fails in a round", float, lo=0.0, hi=0.99
+    ),
+    "hostile_fraction": Field(
+        "fraction of clients that are hostile or buggy (robustness experiments)",
+        float,
+        lo=0.0,
+        hi=1.0,
+    ),
+    "hostile_mode": Field(
+        "what hostile clients send ('mixed' cycles through all modes)",
+        str,
+        ("mixed", *ADVERSARY_MODES),
     ),
     "eval_every": Field("evaluate the global model every k rounds (and after the last)", int, lo=1),
     "seed": Field("seed of every random stream (derived per round and client)", int, lo=0),

@@ -8,7 +8,10 @@ Used by the simulator and the Flower strategy alike. A payload is *rejected*
 * it does not decode (:class:`~fedquant.errors.DecodeError`: truncated,
   corrupted, NaN/Inf scales or MSE, non-finite float32 values, ...);
 * its tensor names, shapes or dtypes differ from the global model's;
-* the same client id was already accepted in this round (duplicates).
+* the same client id was already accepted in this round (duplicates);
+* it carries another kind of upload than the server expects (metadata
+  ``"kind": "delta"`` -- an update, :mod:`fedquant.fl.updates` -- where
+  weights are expected, or the reverse).
 
 Claimed MSE values that are 0, tiny or huge are not rejected: the inverse-MSE
 floor and the weight cap of :mod:`fedquant.fl.aggregation` neutralize them.
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedquant.errors import DecodeError
+from fedquant.fl.updates import KIND_KEY, WEIGHTS
 from fedquant.quant import codec
 from fedquant.quant.codec import DecodedUpdate
 
@@ -71,8 +75,15 @@ def admit(
     *,
     max_bytes: int | None = None,
     seen: set[str] | None = None,
+    kind: str = WEIGHTS,
+    shared_key: int | None = None,
 ) -> Admission:
-    """Check one payload against ``ref``; never raises for bad payloads."""
+    """Check one payload against ``ref``; never raises for bad payloads.
+
+    ``kind`` is the upload the server expects: ``"weights"`` (payloads without
+    ``meta["kind"]``) or ``"delta"``. ``shared_key`` is the round's rotation
+    key: rotated tensors made with another key are rejected.
+    """
     limit = ref.default_max_bytes() if max_bytes is None else max_bytes
 
     def reject(reason: str) -> Admission:
@@ -86,9 +97,15 @@ def admit(
     if len(payload) > limit:
         return reject(f"payload of {len(payload)} bytes exceeds the limit of {limit}")
     try:
-        upd = codec.inspect(payload)
+        upd = codec.inspect(payload, shared_key=shared_key)
     except DecodeError as e:
         return reject(str(e))
+    got = upd.meta.get(KIND_KEY, WEIGHTS)
+    if got != kind:
+        return reject(
+            f"payload carries {got!r} (metadata {KIND_KEY!r}) but this server aggregates "
+            f"{kind!r}; client and server must agree on the upload (--upload {kind})"
+        )
     names = list(upd.info)
     if names != list(ref.tensors):
         missing = sorted(set(ref.tensors) - set(names))

@@ -7,7 +7,7 @@ Layout of ``<out>/<run-name>/``::
     clients.json       per-client label counts (the partition)
     metrics.jsonl      one JSON object per round
     summary.json       final figures (written at the end)
-    checkpoint.npz     global model + round + metrics, for --resume
+    checkpoint.npz     global model + round + metrics (+ error-feedback residuals), for --resume
     accuracy_vs_round.png, accuracy_vs_uplink.png
 
 Every file is written atomically (temporary file in the same directory, then
@@ -29,7 +29,7 @@ import time
 from collections.abc import Iterator, Mapping
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -38,6 +38,17 @@ from fedquant.fl.config import FIELDS, RunConfig
 
 CHECKPOINT = "checkpoint.npz"
 _STATE_PREFIX = "state/"
+_RESIDUAL_PREFIX = "residual/"
+
+
+class Checkpoint(NamedTuple):
+    """What :meth:`ResultsDir.read_checkpoint` returns."""
+
+    round: int
+    global_state: dict[str, np.ndarray]
+    metrics: list[dict[str, Any]]
+    #: error feedback: client id -> residual per tensor (empty without it)
+    residuals: dict[int, dict[str, np.ndarray]]
 
 
 @contextlib.contextmanager
@@ -135,7 +146,8 @@ class ResultsDir:
     @classmethod
     def create(cls, out: str, cfg: RunConfig) -> ResultsDir:
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        base = Path(out) / f"{stamp}-{cfg.dataset}-b{cfg.bits}-{cfg.aggregation}-s{cfg.seed}"
+        bits = cfg.bits.replace(":", "")  # 'auto:2.03' -> 'auto2.03' (no ':' in paths)
+        base = Path(out) / f"{stamp}-{cfg.dataset}-b{bits}-{cfg.aggregation}-s{cfg.seed}"
         path, i = base, 1
         while path.exists():
             i += 1
@@ -149,11 +161,22 @@ class ResultsDir:
         write_json(self.path / "meta.json", {"seed": cfg.seed, "versions": versions(), **extra})
 
     def write_round(
-        self, round_: int, global_state: Mapping[str, np.ndarray], metrics: list[dict[str, Any]]
+        self,
+        round_: int,
+        global_state: Mapping[str, np.ndarray],
+        metrics: list[dict[str, Any]],
+        *,
+        residuals: Mapping[int, Mapping[str, np.ndarray]] | None = None,
     ) -> None:
-        """Checkpoint first, then the metrics file: both atomic."""
+        """Checkpoint first, then the metrics file: both atomic.
+
+        ``residuals`` (error feedback, client id -> tensors) are stored too.
+        """
         buf = io.BytesIO()
         arrays = {f"{_STATE_PREFIX}{k}": np.asarray(v) for k, v in global_state.items()}
+        for client, tensors in (residuals or {}).items():
+            for k, v in tensors.items():
+                arrays[f"{_RESIDUAL_PREFIX}{int(client)}/{k}"] = np.asarray(v)
         meta = json.dumps(_clean({"round": round_, "metrics": metrics}), default=_json_default)
         arrays["__meta__"] = np.frombuffer(meta.encode(), dtype=np.uint8)
         np.savez(buf, **arrays)  # type: ignore[arg-type]
@@ -168,7 +191,7 @@ class ResultsDir:
             read_toml(self.path / "config.toml"), source=str(self.path / "config.toml")
         )
 
-    def read_checkpoint(self) -> tuple[int, dict[str, np.ndarray], list[dict[str, Any]]] | None:
+    def read_checkpoint(self) -> Checkpoint | None:
         p = self.path / CHECKPOINT
         if not p.exists():
             return None
@@ -178,9 +201,14 @@ class ResultsDir:
                 state = {
                     k[len(_STATE_PREFIX) :]: z[k] for k in z.files if k.startswith(_STATE_PREFIX)
                 }
+                residuals: dict[int, dict[str, np.ndarray]] = {}
+                for k in z.files:
+                    if k.startswith(_RESIDUAL_PREFIX):
+                        client, _, name = k[len(_RESIDUAL_PREFIX) :].partition("/")
+                        residuals.setdefault(int(client), {})[name] = z[k]
         except (OSError, ValueError, KeyError) as e:
             raise DataError(f"checkpoint {str(p)!r} is unreadable: {e}") from e
-        return int(meta["round"]), state, list(meta["metrics"])
+        return Checkpoint(int(meta["round"]), state, list(meta["metrics"]), residuals)
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         write_json(self.path / "summary.json", summary)

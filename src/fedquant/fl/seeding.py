@@ -24,6 +24,7 @@ class Purpose(IntEnum):
     FAILURE = 6  # simulated client failures
     PARTITION = 7  # data partitioning
     HOSTILE = 8  # which clients are hostile (robustness experiments)
+    ROTATION = 9  # the shared key of the uplink's random rotation (same for all clients)
 
 
 SERVER = 2**31 - 1  # the "client id" used for server-side streams
@@ -62,3 +63,12 @@ def int_seed(seed: int, purpose: Purpose, round_: int = 0, client: int = SERVER)
     return int(
         seed_sequence(seed, purpose, round_, client).generate_state(1, np.uint64)[0] >> np.uint64(1)
     )
+
+
+def rotation_key(seed: int, round_: int) -> int:
+    """The shared 64-bit rotation key of a round (:mod:`fedquant.quant.rotation`).
+
+    Every client of the round and the server derive the same key, so the
+    rotation's signs never travel; a new round draws new signs.
+    """
+    return int(seed_sequence(seed, Purpose.ROTATION, round_).generate_state(1, np.uint64)[0])

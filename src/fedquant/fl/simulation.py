@@ -8,10 +8,14 @@ One round (:meth:`Simulation.run_round`):
 2. each client loads the broadcast into the one shared working model, trains
    locally (:func:`fedquant.fl.client.train_local`), and encodes its full state
    with the uplink spec (:func:`fedquant.quant.codec.encode_with_stats`);
-   uplink traffic = the payload lengths. Clients may fail (``failure_rate``);
+   uplink traffic = the payload lengths. Clients may fail (``failure_rate``).
+   With ``upload="delta"`` a client encodes its update from the broadcast
+   instead, plus its error-feedback residual (:mod:`fedquant.fl.updates`; the
+   residuals are :attr:`RunState.residuals`, checkpointed with the model);
 3. the server admits each payload (:mod:`fedquant.fl.ingest`), aggregates the
    admitted ones (:func:`fedquant.fl.aggregation.aggregate_payloads`) if at
-   least ``min_clients`` arrived, and evaluates every ``eval_every`` rounds.
+   least ``min_clients`` arrived (adding aggregated deltas to its model), and
+   evaluates every ``eval_every`` rounds.
 
 Only orchestration and bookkeeping live here; the math is in
 :mod:`fedquant.quant` and :mod:`fedquant.fl.aggregation`. All randomness is
@@ -34,8 +38,8 @@ import torch
 from torch import nn
 
 from fedquant.errors import ConfigError
-from fedquant.fl import seeding
-from fedquant.fl.aggregation import AggregationRule, aggregate_payloads, parse_rule
+from fedquant.fl import adversary, seeding
+from fedquant.fl.aggregation import AggregationRule, aggregate_payloads, parse_rule, relative_cap
 from fedquant.fl.client import (
     TrainConfig,
     encode_model,
@@ -51,6 +55,7 @@ from fedquant.fl.ingest import Reference, admit
 from fedquant.fl.models import build_model
 from fedquant.fl.partition import label_counts, partition
 from fedquant.fl.seeding import Purpose
+from fedquant.fl.updates import apply_delta, encode_delta, payload_delta_names
 from fedquant.quant import codec
 
 log = logging.getLogger("fedquant.simulation")
@@ -83,6 +88,8 @@ class RunState:
     round: int
     global_state: dict[str, np.ndarray]
     metrics: list[dict[str, Any]] = field(default_factory=list)
+    #: error feedback (``upload="delta"``): client id -> its residual per quantized tensor
+    residuals: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
 
 
 class Simulation:
@@ -143,10 +150,21 @@ class Simulation:
             weight_decay=cfg.weight_decay,
             qat=cfg.qat,
         )
+        self.hostile = self._hostile_clients()
         # validate the spec against the model now, not in round 1
         self.uplink.resolve(
             {k: (v.shape, v.dtype.kind == "f") for k, v in self.initial_state.items()}
         )
+
+    def _hostile_clients(self) -> dict[int, str]:
+        """Client id -> hostile mode for the ``hostile_fraction`` of clients (seeded)."""
+        cfg = self.cfg
+        k = round(cfg.hostile_fraction * cfg.num_clients)
+        if k == 0:
+            return {}
+        ids = seeding.numpy_rng(cfg.seed, Purpose.HOSTILE).permutation(cfg.num_clients)[:k]
+        modes = adversary.MODES if cfg.hostile_mode == "mixed" else (cfg.hostile_mode,)
+        return {int(c): modes[i % len(modes)] for i, c in enumerate(sorted(ids))}
 
     # ------------------------------------------------------------------ rounds
 
@@ -174,9 +192,18 @@ class Simulation:
         )
 
     def client_payload(
-        self, client: int, start: Mapping[str, np.ndarray], round_: int
+        self,
+        client: int,
+        start: Mapping[str, np.ndarray],
+        round_: int,
+        *,
+        residuals: dict[int, dict[str, np.ndarray]] | None = None,
     ) -> tuple[bytes, float, float]:
-        """Train client ``client`` from ``start``; returns (payload, train loss, train seconds)."""
+        """Train client ``client`` from ``start``; returns (payload, train loss, train seconds).
+
+        With ``upload="delta"`` the payload is the update from ``start``; with
+        error feedback the client's entry of ``residuals`` is read and replaced.
+        """
         cfg = self.cfg
         load_numpy_state(self.model, start)
         idx = torch.from_numpy(self.parts[client])
@@ -199,13 +226,40 @@ class Simulation:
             if self.rule is AggregationRule.FEDAVG
             else None,
         )
+        if cfg.upload == "delta":
+            up = encode_delta(
+                state_numpy(self.model),
+                start,
+                self.uplink,
+                seed=seeding.seed_sequence(cfg.seed, Purpose.UPLINK, round_, client),
+                meta=meta,
+                residual_in=None if residuals is None else residuals.get(client),
+                error_feedback=cfg.error_feedback,
+                shared_key=seeding.rotation_key(cfg.seed, round_),
+            )
+            if cfg.error_feedback and residuals is not None:
+                residuals[client] = up.residual
+            return up.result.payload, stats.loss, stats.seconds
         enc = encode_model(
             self.model,
             self.uplink,
             seed=seeding.seed_sequence(cfg.seed, Purpose.UPLINK, round_, client),
             meta=meta,
+            shared_key=seeding.rotation_key(cfg.seed, round_),
         )
         return enc.payload, stats.loss, stats.seconds
+
+    def replies(
+        self, client: int, payload: bytes, shared_key: int | None = None
+    ) -> list[tuple[str, bytes]]:
+        """What reaches the server from ``client``: its payload, or a hostile client's
+        corruption of it (``hostile_fraction`` / ``hostile_mode``, see :mod:`fedquant.fl.adversary`)."""
+        mode = self.hostile.get(client)
+        if mode is None:
+            return [(str(client), payload)]
+        if mode == "duplicate":
+            return [(str(client), payload), (str(client), payload)]
+        return [(str(client), adversary.corrupt(payload, mode, shared_key=shared_key))]
 
     def run_round(self, state: RunState) -> dict[str, Any]:
         """Run round ``state.round + 1``, update ``state`` in place, return its metrics."""
@@ -220,6 +274,7 @@ class Simulation:
             else clients[:0]
         )
 
+        key = seeding.rotation_key(cfg.seed, r)  # the uplink rotation's shared key
         t0 = time.perf_counter()
         down = self.broadcast(state, r)
         start = state.global_state if self.downlink is None else codec.decode(down).tensors
@@ -231,25 +286,37 @@ class Simulation:
         rejected: dict[str, str] = {}
         losses, num_examples = [], []
         seen: set[str] = set()
+        received = 0
+        replies = 0
         for c in clients:
             if c in failed:
                 continue
             t0 = time.perf_counter()
-            payload, loss, secs = self.client_payload(int(c), start, r)
+            payload, loss, secs = self.client_payload(int(c), start, r, residuals=state.residuals)
             train_s += secs
             t1 = time.perf_counter()
-            adm = admit(str(int(c)), payload, self.reference, seen=seen)
+            for cid, reply in self.replies(int(c), payload, key):
+                received += len(reply)
+                replies += 1
+                adm = admit(cid, reply, self.reference, seen=seen, kind=cfg.upload, shared_key=key)
+                reason = adm.reason
+                if adm.ok and self.rule is AggregationRule.FEDAVG:
+                    assert adm.update is not None
+                    n = adm.update.meta.get("num_examples")
+                    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+                        reason = f"fedavg needs num_examples (an integer >= 0) in the payload metadata, got {n!r}"
+                        log.warning("rejected update from client %s: %s", cid, reason)
+                if reason:
+                    rejected[cid] = reason
+                    continue
+                assert adm.update is not None
+                payloads.append(reply)
+                infos.append(adm.update.info)
+                admitted.append(int(c))
+                losses.append(loss)
+                if self.rule is AggregationRule.FEDAVG:
+                    num_examples.append(int(adm.update.meta["num_examples"]))
             codec_s += time.perf_counter() - t1 + (t1 - t0 - secs)  # encode + admission
-            if not adm.ok:
-                rejected[str(int(c))] = adm.reason
-                continue
-            assert adm.update is not None
-            payloads.append(payload)
-            infos.append(adm.update.info)
-            admitted.append(int(c))
-            losses.append(loss)
-            if self.rule is AggregationRule.FEDAVG:
-                num_examples.append(int(adm.update.meta.get("num_examples", 0)))
 
         row: dict[str, Any] = {
             "round": r,
@@ -257,9 +324,9 @@ class Simulation:
             "clients_failed": int(failed.size),
             "clients_rejected": len(rejected),
             "clients_aggregated": 0,
-            "uplink_bytes": int(sum(len(p) for p in payloads)),
+            "uplink_bytes": int(received),
             "downlink_bytes": int(len(down) * (clients.size - failed.size)),
-            "uplink_float32_bytes": int(self.reference.float32_nbytes * len(payloads)),
+            "uplink_float32_bytes": int(self.reference.float32_nbytes * replies),
             "train_loss": float(np.mean(losses)) if losses else math.nan,
         }
         if rejected:
@@ -270,12 +337,23 @@ class Simulation:
                 payloads,
                 self.rule,
                 num_examples=num_examples if self.rule is AggregationRule.FEDAVG else None,
-                max_weight=cfg.max_weight if cfg.max_weight < 1.0 else None,
+                max_weight=relative_cap(cfg.weight_cap, len(payloads)),
                 mse_floor_rel=cfg.mse_floor,
                 infos=infos,
+                shared_key=key,
             )
-            state.global_state = agg.tensors
+            state.global_state = (
+                apply_delta(state.global_state, agg.tensors, payload_delta_names(agg.infos))
+                if cfg.upload == "delta"
+                else agg.tensors
+            )
             row["clients_aggregated"] = len(payloads)
+            if self.uplink.bit_budget is not None:  # the widths the clients chose
+                row["bits"] = {
+                    name: float(np.mean([info[name].bits for info in agg.infos]))
+                    for name in agg.infos[0]
+                    if agg.infos[0][name].bits <= 8
+                }
             row["mse"] = {
                 name: float(np.mean([info[name].mse for info in agg.infos]))
                 for name in agg.infos[0]

@@ -50,7 +50,7 @@ from flwr.common.constant import ErrorCode
 from fedquant.errors import FedquantError
 from fedquant.fl.aggregation import AggregationRule
 from fedquant.fl.client import upload_meta
-from fedquant.fl.seeding import Purpose, seed_sequence
+from fedquant.fl.seeding import Purpose, rotation_key, seed_sequence
 from fedquant.flower.records import (
     UplinkConfig,
     is_payload_record,
@@ -216,6 +216,7 @@ def fedquant_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> M
             instructions.spec,
             seed=seed_sequence(instructions.seed, Purpose.UPLINK, server_round, client),
             meta=meta,
+            shared_key=rotation_key(instructions.seed, server_round),
         )
     except FedquantError as e:
         return _error_reply(

@@ -48,7 +48,16 @@ PAYLOAD_KEY = "fedquant"
 #: prefix of the ConfigRecord keys :class:`UplinkConfig` writes
 CONFIG_PREFIX = "fedquant."
 
-_SPEC_KEYS = ("bits", "rules", "method", "rounding", "granularity", "percentile")
+_SPEC_KEYS = (
+    "bits",
+    "rules",
+    "method",
+    "rounding",
+    "granularity",
+    "percentile",
+    "rotation",
+    "entropy",
+)
 
 
 def payload_record(payload: bytes) -> ArrayRecord:

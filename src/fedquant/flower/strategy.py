@@ -28,7 +28,7 @@ from fedquant.fl.aggregation import (
     parse_rule,
 )
 from fedquant.fl.ingest import Admission, Reference, admit
-from fedquant.fl.seeding import Purpose, seed_sequence
+from fedquant.fl.seeding import Purpose, rotation_key, seed_sequence
 from fedquant.flower.records import (
     UplinkConfig,
     numpy_from_record,
@@ -185,7 +185,9 @@ class QuantizedFedAvg(FedAvg):
 
     # ------------------------------------------------------------------ uplink
 
-    def _admit(self, msg: Message, seen: set[str]) -> tuple[bytes, Admission]:
+    def _admit(
+        self, msg: Message, seen: set[str], shared_key: int | None = None
+    ) -> tuple[bytes, Admission]:
         """The simulator's admission check (:func:`fedquant.fl.ingest.admit`) for one reply."""
         client = str(msg.metadata.src_node_id)
         if self._reference is None:
@@ -199,7 +201,7 @@ class QuantizedFedAvg(FedAvg):
         except DecodeError as e:
             log(WARNING, "aggregate_train: rejected the reply of node %s: %s", client, e)
             return b"", Admission(client, None, str(e))
-        adm = admit(client, payload, self._reference, seen=seen)
+        adm = admit(client, payload, self._reference, seen=seen, shared_key=shared_key)
         if not adm.ok:  # admit logs to "fedquant.server"; say it where Flower users look too
             log(WARNING, "aggregate_train: rejected the reply of node %s: %s", client, adm.reason)
         return payload, adm
@@ -221,8 +223,9 @@ class QuantizedFedAvg(FedAvg):
         sizes: list[int] = []
         contents: list[RecordDict] = []
         seen: set[str] = set()
+        key = rotation_key(self.seed, server_round)  # the round's uplink rotation (as the mod's)
         for msg in valid:
-            payload, adm = self._admit(msg, seen)
+            payload, adm = self._admit(msg, seen, key)
             if adm.update is None:
                 continue
             if fedavg:
@@ -250,6 +253,7 @@ class QuantizedFedAvg(FedAvg):
             max_weight=self.max_weight,
             mse_floor_rel=self.mse_floor_rel,
             infos=infos,
+            shared_key=key,
         )
         metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
         metrics["fedquant.uplink-bytes"] = int(result.nbytes)

@@ -19,8 +19,8 @@ Layout (version 1, all integers little-endian)::
       kind         u8   0 = quantized, 1 = float32 raw, 2 = integer raw (in `dtype`)
       bits         u8   1..8 if quantized; 32 for float32 raw; 8*itemsize for integer raw
       granularity  u8   0 = per tensor, 1 = per output channel (dim 0)
-      transform    u8   0 (reserved for rotations)
-      coding       u8   0 = packed codes (reserved for entropy coding)
+      transform    u8   0 = none, 1 = randomized Hadamard rotation (quantized only)
+      coding       u8   0 = packed codes, 1 = rANS-coded codes (quantized only)
       ndim         u8   0..16
       reserved     u8   0
       dims         ndim x u64
@@ -28,13 +28,35 @@ Layout (version 1, all integers little-endian)::
       scales       n_scales x f32   clipping thresholds s (finite, >= 0)
       mse          f64  measured quantization MSE of this tensor (finite, >= 0)
       data_len     u64  must equal ceil(numel*bits/8), 4*numel or itemsize*numel
+                        (transform = coding = 0; otherwise see below)
       data         packed codes (fedquant.quant.packing) / raw little-endian values
     crc32          u32  zlib.crc32 of every byte before it
+
+A quantized record's data, when ``transform`` or ``coding`` is not 0::
+
+    transform = 1: a 6-byte sub-header, then the codes of the rotated rows
+      block_log2   u8   the largest block is 2**block_log2 (0..24)
+      min_log2     u8   the padding unit is 2**min_log2 (0..block_log2)
+      key_check    u32  tensor_key(shared_key, name).check
+    codes: rows x padded of them, where rows = dims[0] (per channel) or 1,
+      padded = padded_length(numel / rows, 2**block_log2, 2**min_log2)
+      (fedquant.quant.rotation); the scales and the MSE are those of the
+      rotated rows (the MSE measured on the original values)
+    coding = 0: exactly ceil(codes*bits/8) packed bytes
+    coding = 1: the rANS table and stream (fedquant.quant.entropy), at least
+      one byte per 8 codes, decoding to exactly `codes` codes
+
+The rotation's signs are never sent: the receiver derives them from a shared
+key it already has (``decode(payload, shared_key=...)``). ``key_check`` lets it
+refuse a payload made with another key instead of decoding garbage. A version-1
+decoder that predates these features refuses any nonzero ``transform`` or
+``coding`` byte, so the version stays 1.
 
 Decoding validates the header, the total length and the checksum first, then
 every field against the bytes actually present before allocating anything, so
 a hostile payload costs at most ``O(len(payload))`` memory (a quantized tensor
-expands by at most 32/bits) and raises :class:`~fedquant.errors.DecodeError`.
+expands by at most 32/bits, an entropy-coded one by at most 32) and raises
+:class:`~fedquant.errors.DecodeError`.
 """
 
 from __future__ import annotations
@@ -45,12 +67,14 @@ import struct
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from fedquant.errors import DecodeError, InvalidInputError
+from fedquant.quant import allocation, entropy, rotation
 from fedquant.quant.clipping import _threshold_flat
+from fedquant.quant.entropy import EntropyCoding
 from fedquant.quant.grid import FLOAT_BITS, Rounding, num_steps
 from fedquant.quant.packing import packed_size, unpack
 from fedquant.quant.quantizer import (
@@ -82,6 +106,9 @@ _CRC = struct.Struct("<I")
 _MIN_RECORD = 2 + 1 + _REC_FIXED.size + 4 + 8 + 8 + 4
 
 KIND_QUANT, KIND_FLOAT, KIND_INT = 0, 1, 2
+TRANSFORM_NONE, TRANSFORM_HADAMARD = 0, 1
+CODING_PACKED, CODING_RANS = 0, 1
+_ROT_HEADER = struct.Struct("<BBI")
 _GRAN = {Granularity.TENSOR: 0, Granularity.CHANNEL: 1}
 _GRAN_BACK = {v: k for k, v in _GRAN.items()}
 
@@ -113,6 +140,10 @@ class TensorInfo:
     scales: np.ndarray
     mse: float
     nbytes: int  # bytes of this tensor's record in the payload
+    transform: int = TRANSFORM_NONE  # 1: rotated (blocks of up to ``block`` values)
+    coding: int = CODING_PACKED  # 1: the codes are rANS-coded
+    block: int = 0  # largest rotation block (0 if not rotated)
+    codes: int = 0  # number of codes sent (numel, or rows x padded if rotated)
 
     @property
     def quantized(self) -> bool:
@@ -218,6 +249,7 @@ def encode_with_stats(
     *,
     seed: SeedLike = None,
     meta: Mapping[str, Any] | None = None,
+    shared_key: int | None = None,
 ) -> EncodeResult:
     """Encode a model update and report per-tensor bits, scales and measured MSE.
 
@@ -228,20 +260,30 @@ def encode_with_stats(
     spec : QuantSpec, optional
         How each tensor travels (default ``QuantSpec()``: weights at 8 bits,
         stochastic rounding, OCTAV).
+        With a bit budget (``bits="auto:2.03"``) the widths are allocated
+        from these tensors (:func:`fedquant.quant.allocation.allocate`).
     seed : int, np.random.Generator or SeedSequence, optional
         Required when any tensor uses stochastic rounding; each tensor gets an
         independent key derived from it.
     meta : Mapping[str, scalar], optional
         Small metadata that travels with the payload (e.g. round, client id).
+    shared_key : int, optional
+        Required when the spec rotates (``spec.rotation``): a 64-bit key the
+        receiver also knows (the simulator uses
+        :func:`fedquant.fl.seeding.rotation_key` of the run seed and the round).
+        Tensor ``name`` is rotated with ``rotation.tensor_key(shared_key, name)``.
+        The key is never sent.
 
     Raises
     ------
     InvalidInputError
-        Non-finite values, bad names, unsupported dtypes, missing seed.
+        Non-finite values, bad names, unsupported dtypes, missing seed or shared key.
     ConfigError
         The spec does not fit the model (e.g. ``4-2-2-4`` on a model with 5 layers).
     """
     spec = spec if spec is not None else QuantSpec()
+    if shared_key is not None:
+        shared_key = rotation.check_shared_key(shared_key, "encode")
     arrays: dict[str, tuple[np.ndarray, str]] = {}
     for name, t in tensors.items():
         if not isinstance(name, str) or not name or len(name.encode()) > MAX_NAME:
@@ -259,10 +301,18 @@ def encode_with_stats(
             )
         arrays[name] = (arr, dtype)
     plans = spec.resolve({n: (a.shape, a.dtype.kind == "f") for n, (a, _) in arrays.items()})
+    if spec.bit_budget is not None:  # bits="auto:B": widths allocated from these values
+        plans = allocation.allocate({n: a for n, (a, _) in arrays.items()}, spec).plans
     needs_seed = any(p.quantized and p.rounding is Rounding.STOCHASTIC for p in plans.values())
     keys = _tensor_keys(seed, len(arrays))
     if needs_seed and keys is None:
         rng_key(None, where="encode")  # raises the standard "needs seed=" error
+    if shared_key is None and any(p.quantized and p.rotation for p in plans.values()):
+        raise InvalidInputError(
+            "encode: the spec rotates (rotation=True), which needs shared_key= (an int in "
+            "[0, 2**64) that the receiver also knows, e.g. fedquant.fl.seeding.rotation_key("
+            "seed, round)); the key is never sent"
+        )
     meta_raw = _meta_bytes(meta)
 
     chunks: list[bytes] = []
@@ -270,7 +320,7 @@ def encode_with_stats(
     for idx, (name, (arr, dtype)) in enumerate(arrays.items()):
         plan = plans[name]
         key = keys[idx] if keys is not None else np.uint64(0)
-        rec, info = _encode_tensor(name, arr, dtype, plan, key)
+        rec, info = _encode_tensor(name, arr, dtype, plan, key, shared_key)
         chunks.append(rec)
         infos[name] = info
 
@@ -288,36 +338,80 @@ def encode(
     *,
     seed: SeedLike = None,
     meta: Mapping[str, Any] | None = None,
+    shared_key: int | None = None,
 ) -> bytes:
     """Encode a model update into a payload (see :func:`encode_with_stats`)."""
-    return encode_with_stats(tensors, spec, seed=seed, meta=meta).payload
+    return encode_with_stats(tensors, spec, seed=seed, meta=meta, shared_key=shared_key).payload
 
 
 def _encode_tensor(
-    name: str, arr: np.ndarray, dtype: str, plan: TensorPlan, key: np.uint64
+    name: str,
+    arr: np.ndarray,
+    dtype: str,
+    plan: TensorPlan,
+    key: np.uint64,
+    shared_key: int | None = None,
 ) -> tuple[bytes, TensorInfo]:
     shape = tuple(int(d) for d in arr.shape)
     name_b = name.encode()
     gran = Granularity.TENSOR
     scales = np.zeros(0, dtype=np.float32)
     mse = 0.0
+    transform, coding, block, ncodes = TRANSFORM_NONE, CODING_PACKED, 0, 0
     if arr.dtype.kind == "f":
         flat32 = np.ascontiguousarray(arr, dtype=np.float32)
         if plan.quantized:
             rows, gran = _row_view(flat32, plan.granularity)
+            sub = b""
+            qrows = rows
+            if plan.rotation:
+                assert shared_key is not None  # checked by encode_with_stats
+                tk = rotation.tensor_key(shared_key, name)
+                block, min_block = rotation.DEFAULT_BLOCK, rotation.DEFAULT_MIN_BLOCK
+                try:
+                    qrows = rotation.rotate(rows, tk.key, block=block, min_block=min_block)
+                except InvalidInputError as e:
+                    raise type(e)(f"encode: tensor {name!r}: {str(e).split(': ', 1)[-1]}") from e
+                transform = TRANSFORM_HADAMARD
+                sub = _ROT_HEADER.pack(block.bit_length() - 1, min_block.bit_length() - 1, tk.check)
             scales = np.array(
                 [
-                    _threshold_flat(rows[r], plan.bits, plan.rounding, plan.method, plan.percentile)
-                    for r in range(rows.shape[0])
+                    _threshold_flat(
+                        qrows[r], plan.bits, plan.rounding, plan.method, plan.percentile
+                    )
+                    for r in range(qrows.shape[0])
                 ],
                 dtype=np.float32,
             )
-            packed, sq = _quantize_rows(rows, scales, plan.bits, plan.rounding, key)
+            if transform:  # decoders refuse thresholds that could overflow once rotated back
+                limit = rotation.scale_limit(qrows.shape[1], block)
+                scales = np.minimum(scales, np.float32(limit))
+            packed, sq = _quantize_rows(qrows, scales, plan.bits, plan.rounding, key)
             if not math.isfinite(sq):
                 check_finite(flat32, f"encode: tensor {name!r}")
-                packed, sq = _quantize_rows(rows, scales, plan.bits, plan.rounding, key, wide=True)
+                packed, sq = _quantize_rows(qrows, scales, plan.bits, plan.rounding, key, wide=True)
+            if transform:  # the error on the padding is not the tensor's
+                sq = max(
+                    0.0,
+                    sq
+                    - rotation.padding_error(
+                        qrows,
+                        packed,
+                        plan.bits,
+                        scales,
+                        rows.shape[1],
+                        block=block,
+                        min_block=min_block,
+                    ),
+                )
             mse = sq / rows.size if rows.size else 0.0
+            ncodes = qrows.size
             kind, bits, data = KIND_QUANT, plan.bits, packed.tobytes()
+            if plan.entropy is EntropyCoding.RANS:
+                coded = entropy.encode_codes_if_smaller(unpack(packed, bits, ncodes), bits)
+                if coded is not None:
+                    coding, data = CODING_RANS, coded
+            data = sub + data
         else:
             check_finite(flat32, f"encode: tensor {name!r}")
             kind, bits, data = KIND_FLOAT, FLOAT_BITS, flat32.astype("<f4").tobytes()
@@ -331,7 +425,9 @@ def _encode_tensor(
     parts = [
         _U16.pack(len(name_b)),
         name_b,
-        _REC_FIXED.pack(_DTYPE_CODE[dtype], kind, bits, _GRAN[gran], 0, 0, len(shape), 0),
+        _REC_FIXED.pack(
+            _DTYPE_CODE[dtype], kind, bits, _GRAN[gran], transform, coding, len(shape), 0
+        ),
         b"".join(_U64.pack(d) for d in shape),
         _U32.pack(scales.size),
         scales.astype("<f4").tobytes(),
@@ -340,7 +436,9 @@ def _encode_tensor(
         data,
     ]
     rec = b"".join(parts)
-    info = TensorInfo(name, shape, dtype, bits, gran, scales, mse, len(rec))
+    info = TensorInfo(
+        name, shape, dtype, bits, gran, scales, mse, len(rec), transform, coding, block, ncodes
+    )
     return rec, info
 
 
@@ -394,17 +492,31 @@ def peek_header(payload: bytes | bytearray | memoryview) -> tuple[int, int, int]
     return version, total, count
 
 
-def inspect(payload: bytes | bytearray | memoryview) -> DecodedUpdate:
+def inspect(
+    payload: bytes | bytearray | memoryview, *, shared_key: int | None = None
+) -> DecodedUpdate:
     """Validate a payload like :func:`decode` but skip dequantization.
 
     The result's ``tensors`` is empty; ``info`` and ``meta`` are filled. The
     server uses it to read every client's per-tensor MSE before decoding.
+    Rotated tensors need no key here; given ``shared_key``, their key check is
+    verified as :func:`decode` does.
     """
-    return _decode(payload, values=False)
+    return _decode(payload, values=False, shared_key=shared_key)
 
 
-def decode(payload: bytes | bytearray | memoryview) -> DecodedUpdate:
+def decode(
+    payload: bytes | bytearray | memoryview, *, shared_key: int | None = None
+) -> DecodedUpdate:
     """Decode a payload made by :func:`encode`.
+
+    Parameters
+    ----------
+    payload : bytes, bytearray or memoryview
+    shared_key : int, optional
+        The key the sender passed to :func:`encode`; needed only if the payload
+        holds rotated tensors (``transform = 1``), which cannot be decoded
+        without it.
 
     Returns
     -------
@@ -417,12 +529,20 @@ def decode(payload: bytes | bytearray | memoryview) -> DecodedUpdate:
     DecodeError
         For every kind of malformed input: truncated, corrupted (checksum),
         wrong magic, unknown version, inconsistent lengths, out-of-range
-        fields, non-finite scales or MSE, absurd shapes.
+        fields, non-finite scales or MSE, absurd shapes, entropy-coded data that
+        does not decode to exactly the tensor's codes, and rotated tensors
+        without ``shared_key`` or made with another key.
+    InvalidInputError
+        ``shared_key`` is not an int in ``[0, 2**64)``.
     """
-    return _decode(payload, values=True)
+    return _decode(payload, values=True, shared_key=shared_key)
 
 
-def _decode(payload: bytes | bytearray | memoryview, *, values: bool) -> DecodedUpdate:
+def _decode(
+    payload: bytes | bytearray | memoryview, *, values: bool, shared_key: int | None = None
+) -> DecodedUpdate:
+    if shared_key is not None:
+        shared_key = rotation.check_shared_key(shared_key, "decode")
     if not isinstance(payload, (bytes, bytearray, memoryview)):
         raise DecodeError(f"decode: expected bytes, got {type(payload).__name__}")
     try:
@@ -451,7 +571,7 @@ def _decode(payload: bytes | bytearray | memoryview, *, values: bool) -> Decoded
     tensors: dict[str, np.ndarray] = {}
     infos: dict[str, TensorInfo] = {}
     for i in range(count):
-        name, arr, info = _decode_record(reader, i, values)
+        name, arr, info = _decode_record(reader, i, values, shared_key)
         if name in infos:
             raise DecodeError(f"decode: tensor name {name!r} appears twice")
         if arr is not None:
@@ -494,7 +614,7 @@ def _decode_meta(raw: memoryview | None, meta_len: int) -> dict[str, Any]:
 
 
 def _decode_record(
-    r: _Reader, index: int, values: bool
+    r: _Reader, index: int, values: bool, shared_key: int | None = None
 ) -> tuple[str, np.ndarray | None, TensorInfo]:
     start = r.pos
     where = f"tensor #{index}"
@@ -527,10 +647,21 @@ def _decode_record(
         )
     if gcode not in _GRAN_BACK or (kind != KIND_QUANT and gcode != 0):
         raise DecodeError(f"decode: {where}: granularity code {gcode} is not valid")
-    if transform != 0 or coding != 0 or reserved != 0:
+    if reserved != 0:
+        raise DecodeError(f"decode: {where}: reserved byte is {reserved}; expected 0")
+    if transform not in (TRANSFORM_NONE, TRANSFORM_HADAMARD):
         raise DecodeError(
-            f"decode: {where}: transform={transform}, coding={coding}, reserved={reserved} "
-            "are not supported by format version 1 (expected 0)"
+            f"decode: {where}: transform={transform} is unknown; expected 0 (none) or "
+            "1 (randomized Hadamard)"
+        )
+    if coding not in (CODING_PACKED, CODING_RANS):
+        raise DecodeError(
+            f"decode: {where}: coding={coding} is unknown; expected 0 (packed) or 1 (rANS)"
+        )
+    if (transform or coding) and kind != KIND_QUANT:
+        raise DecodeError(
+            f"decode: {where}: transform={transform}, coding={coding}: only quantized tensors "
+            "are transformed or entropy-coded (expected 0)"
         )
     if ndim > MAX_NDIM:
         raise DecodeError(f"decode: {where}: ndim={ndim}; at most {MAX_NDIM}")
@@ -556,6 +687,39 @@ def _decode_record(
     if not math.isfinite(mse) or mse < 0:
         raise DecodeError(f"decode: {where}: mse={mse!r}; expected a finite value >= 0")
     (data_len,) = r.unpack(_U64, f"{where} data length")
+    if transform or coding:
+        if data_len > r.end - r.pos:
+            raise DecodeError(
+                f"decode: {where}: data length {data_len} but only {r.end - r.pos} bytes remain"
+            )
+        ext = _decode_extended(
+            r.take(data_len, f"{where} data"),
+            where,
+            name,
+            shape,
+            bits,
+            gran,
+            scales,
+            transform,
+            coding,
+            values,
+            shared_key,
+        )
+        info = TensorInfo(
+            name,
+            shape,
+            dtype,
+            bits,
+            gran,
+            scales,
+            float(mse),
+            r.pos - start,
+            transform,
+            coding,
+            ext.block,
+            ext.codes,
+        )
+        return name, ext.values, info
     if kind == KIND_QUANT:
         expected = packed_size(numel, bits)
     elif kind == KIND_FLOAT:
@@ -595,8 +759,118 @@ def _decode_record(
         if values:
             target = np.dtype(bool) if dtype == "bool" else raw_dtype.newbyteorder("=")
             arr = ints.astype(target).reshape(shape)
-    info = TensorInfo(name, shape, dtype, bits, gran, scales, float(mse), r.pos - start)
+    info = TensorInfo(
+        name,
+        shape,
+        dtype,
+        bits,
+        gran,
+        scales,
+        float(mse),
+        r.pos - start,
+        codes=numel if kind == KIND_QUANT else 0,
+    )
     return name, arr, info
+
+
+class _Extended(NamedTuple):
+    """A transformed or entropy-coded record's values (``None`` if not asked for)."""
+
+    values: np.ndarray | None
+    block: int
+    codes: int
+
+
+def _decode_extended(
+    data: memoryview,
+    where: str,
+    name: str,
+    shape: tuple[int, ...],
+    bits: int,
+    gran: Granularity,
+    scales: np.ndarray,
+    transform: int,
+    coding: int,
+    values: bool,
+    shared_key: int | None,
+) -> _Extended:
+    """The data of a quantized record with ``transform`` or ``coding`` set (layout: module doc)."""
+    numel = math.prod(shape)
+    rows = shape[0] if gran is Granularity.CHANNEL else 1
+    row_len = numel // rows
+    padded, block, min_block, off = row_len, 0, 0, 0
+    sign_key = 0
+    if transform == TRANSFORM_HADAMARD:
+        if len(data) < _ROT_HEADER.size:
+            raise DecodeError(
+                f"decode: {where}: rotation sub-header truncated: {len(data)} of "
+                f"{_ROT_HEADER.size} bytes"
+            )
+        b_log2, m_log2, check = _ROT_HEADER.unpack_from(data, 0)
+        if not m_log2 <= b_log2 <= rotation.MAX_BLOCK_LOG2:
+            raise DecodeError(
+                f"decode: {where}: rotation blocks 2**{b_log2} (min 2**{m_log2}) are not valid; "
+                f"expected 0 <= min <= block <= {rotation.MAX_BLOCK_LOG2}"
+            )
+        block, min_block, off = 1 << b_log2, 1 << m_log2, _ROT_HEADER.size
+        padded = rotation.padded_length(row_len, block, min_block)
+        limit = rotation.scale_limit(padded, block)
+        if scales.size and float(scales.max()) > limit:
+            raise DecodeError(
+                f"decode: {where}: scale {float(scales.max()):.6g} would overflow float32 once "
+                f"rotated back (blocks of {rotation.largest_block(padded, block)}); at most "
+                f"{limit:.6g}"
+            )
+        if shared_key is not None:
+            tk = rotation.tensor_key(shared_key, name)
+            if tk.check != check:
+                raise DecodeError(
+                    f"decode: {where}: was rotated with another shared key (key check "
+                    f"{check:#010x}; this key gives {tk.check:#010x}); decode with the sender's "
+                    "shared_key"
+                )
+            sign_key = tk.key
+    # without the key the data is still validated in full, then refused
+    keyless = transform == TRANSFORM_HADAMARD and shared_key is None and values
+    if keyless:
+        values = False
+    codes = rows * padded
+    body = data[off:]
+    flat: np.ndarray | None = None
+    if coding == CODING_PACKED:
+        expected = packed_size(codes, bits)
+        if len(body) != expected:
+            raise DecodeError(
+                f"decode: {where}: {len(body)} bytes of packed codes; {codes} codes at {bits} "
+                f"bits need {expected}"
+            )
+        raw = np.frombuffer(body, dtype=np.uint8)
+        spare = 8 * expected - codes * bits
+        if spare and int(raw[-1]) >> (8 - spare):
+            raise DecodeError(f"decode: {where}: padding bits of the last byte are not zero")
+        if values:
+            flat = _dequantize(raw, (codes,), codes, bits, scales)
+    else:
+        steps = 2.0 * scales.astype(np.float64) / num_steps(bits)
+        flat = entropy.decode_codes(
+            body, bits, codes, steps=steps, row_len=padded, values=values, where=where
+        )
+    if keyless:
+        raise DecodeError(
+            f"decode: {where}: is rotated (transform=1) and cannot be decoded without the "
+            "shared key: pass decode(payload, shared_key=...) with the sender's key (it is "
+            "never sent)"
+        )
+    if flat is None:
+        return _Extended(None, block, codes)
+    if transform == TRANSFORM_HADAMARD:
+        try:
+            flat = rotation.unrotate_into(
+                flat.reshape(-1), sign_key, rows, row_len, block=block, min_block=min_block
+            )
+        except InvalidInputError as e:
+            raise DecodeError(f"decode: {where}: {str(e).split(': ', 1)[-1]}") from None
+    return _Extended(flat.reshape(shape), block, codes)
 
 
 def _dequantize(

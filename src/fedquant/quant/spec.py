@@ -11,7 +11,12 @@ precedence:
    width per *quantizable* tensor, in state-dict order. A quantizable tensor is
    a floating-point tensor with at least 2 dimensions (conv and linear weights).
    If given, its length must equal the number of quantizable tensors.
-3. ``default_bits`` for the remaining quantizable tensors.
+3. ``default_bits`` for the remaining quantizable tensors -- or, with a bit
+   budget (``bits="auto:2.03"``, :attr:`QuantSpec.bit_budget`), widths
+   allocated per encode from the tensors' values so that they average at
+   most 2.03 bits per weight with the least expected error
+   (:mod:`fedquant.quant.allocation`; :meth:`QuantSpec.resolve` then gives
+   these tensors ``default_bits`` as a placeholder).
 
 Everything else (biases, BatchNorm weights and statistics, 0-d and 1-d
 tensors) travels as little-endian float32 unless a rule says otherwise;
@@ -24,6 +29,7 @@ integer tensors (e.g. BatchNorm's ``num_batches_tracked``) always travel raw.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
@@ -31,6 +37,7 @@ from typing import Any
 
 from fedquant.errors import ConfigError, InvalidInputError
 from fedquant.quant.clipping import ThresholdMethod, parse_method
+from fedquant.quant.entropy import EntropyCoding, parse_entropy
 from fedquant.quant.grid import FLOAT_BITS, Rounding, check_bits, parse_rounding
 from fedquant.quant.quantizer import Granularity, parse_granularity
 
@@ -46,6 +53,8 @@ class TensorPlan:
     rounding: Rounding = Rounding.STOCHASTIC
     granularity: Granularity = Granularity.TENSOR
     percentile: float = 99.99
+    rotation: bool = False
+    entropy: EntropyCoding = EntropyCoding.NONE
 
     @property
     def quantized(self) -> bool:
@@ -75,6 +84,22 @@ def parse_layer_bits(text: str) -> tuple[int, ...]:
             ) from None
         out.append(_bits(b, "bits"))
     return tuple(out)
+
+
+def parse_budget(text: str) -> float:
+    """Parse ``"auto:2.03"`` (average bits per weight, 1..8) into ``2.03``."""
+    _, _, value = str(text).partition(":")
+    try:
+        budget = float(value)
+    except ValueError:
+        budget = math.nan
+    if not (math.isfinite(budget) and 1.0 <= budget <= 8.0):
+        raise ConfigError(
+            "bits",
+            f"{text!r} is not a bit budget; expected 'auto:BITS' with BITS the average bits per "
+            "weight in [1, 8], e.g. 'auto:2.03'",
+        )
+    return budget
 
 
 def parse_rules(text: str) -> tuple[tuple[str, int], ...]:
@@ -116,15 +141,28 @@ class QuantSpec:
     granularity : Granularity, default "tensor"
     percentile : float, default 99.99
         For ``method="percentile"``.
+    rotation : bool, default False
+        Rotate every quantized tensor with a seeded randomized Hadamard
+        transform before clipping (:mod:`fedquant.quant.rotation`); encoder and
+        decoder then need the same ``shared_key``.
+    entropy : EntropyCoding, default "none"
+        ``"rans"`` entropy-codes the codes of every quantized tensor where that
+        saves bytes (:mod:`fedquant.quant.entropy`).
+    bit_budget : float, optional
+        Average bits per weight (1..8) to allocate over the quantizable tensors
+        no rule covers (``bits="auto:2.03"``); excludes ``layer_bits``.
     """
 
     layer_bits: tuple[int, ...] = ()
     rules: tuple[tuple[str, int], ...] = ()
     default_bits: int = 8
+    bit_budget: float | None = None
     method: ThresholdMethod = ThresholdMethod.OCTAV
     rounding: Rounding = Rounding.STOCHASTIC
     granularity: Granularity = Granularity.TENSOR
     percentile: float = 99.99
+    rotation: bool = False
+    entropy: EntropyCoding = EntropyCoding.NONE
     version: int = field(default=SPEC_VERSION, repr=False)
 
     def __post_init__(self) -> None:
@@ -135,6 +173,7 @@ class QuantSpec:
             ("method", parse_method, self.method),
             ("rounding", parse_rounding, self.rounding),
             ("granularity", parse_granularity, self.granularity),
+            ("entropy", parse_entropy, self.entropy),
         ):
             try:
                 object.__setattr__(self, option, parse(value))
@@ -142,6 +181,17 @@ class QuantSpec:
                 raise ConfigError(option, str(e)) from e
         if not (0.0 < float(self.percentile) <= 100.0):
             raise ConfigError("percentile", f"{self.percentile!r} is not in (0, 100]")
+        if not isinstance(self.rotation, bool):
+            raise ConfigError("rotation", f"{self.rotation!r} is not valid; expected true or false")
+        if self.bit_budget is not None:
+            b = self.bit_budget
+            if isinstance(b, bool) or not isinstance(b, (int, float)):
+                raise ConfigError("bits", f"bit budget {b!r} is not a number; expected 1..8")
+            object.__setattr__(self, "bit_budget", parse_budget(f"auto:{float(b)!r}"))
+            if self.layer_bits:
+                raise ConfigError(
+                    "bits", "a bit budget ('auto:...') and per-layer widths exclude each other"
+                )
 
     @classmethod
     def from_strings(
@@ -150,7 +200,9 @@ class QuantSpec:
         rules: str = "",
         **kwargs: Any,
     ) -> QuantSpec:
-        """Build a spec from CLI-style strings: ``bits="4-2-2-4"`` or ``bits="8"``."""
+        """Build a spec from CLI-style strings: ``bits="4-2-2-4"``, ``"8"`` or ``"auto:2.03"``."""
+        if str(bits).strip().lower().startswith("auto:"):
+            return cls(bit_budget=parse_budget(str(bits)), rules=parse_rules(rules), **kwargs)
         widths = parse_layer_bits(str(bits))
         if len(widths) == 1:
             return cls(default_bits=widths[0], rules=parse_rules(rules), **kwargs)
@@ -161,7 +213,9 @@ class QuantSpec:
         return replace(self, **changes)
 
     def describe_bits(self) -> str:
-        """The bit setting in the notation it was given (``4-2-2-4`` or ``8``)."""
+        """The bit setting in the notation it was given (``4-2-2-4``, ``8`` or ``auto:2.03``)."""
+        if self.bit_budget is not None:
+            return f"auto:{self.bit_budget!r}"
         if self.layer_bits:
             return "-".join(str(b) for b in self.layer_bits)
         return str(self.default_bits)
@@ -170,6 +224,14 @@ class QuantSpec:
     def is_quantizable(shape: tuple[int, ...], floating: bool) -> bool:
         """Conv/linear weights: floating tensors with at least 2 dimensions."""
         return floating and len(shape) >= 2
+
+    def allocatable(self, tensors: Mapping[str, tuple[tuple[int, ...], bool]]) -> list[str]:
+        """The quantizable tensors no rule covers, in order: those a bit budget governs."""
+        return [
+            n
+            for n, (shape, fl) in tensors.items()
+            if self.is_quantizable(shape, fl) and not any(fnmatchcase(n, p) for p, _ in self.rules)
+        ]
 
     def resolve(self, tensors: Mapping[str, tuple[tuple[int, ...], bool]]) -> dict[str, TensorPlan]:
         """Plan for every tensor, given ``name -> (shape, is_floating)`` in state-dict order.
@@ -202,6 +264,8 @@ class QuantSpec:
                 rounding=self.rounding,
                 granularity=self.granularity,
                 percentile=self.percentile,
+                rotation=self.rotation,
+                entropy=self.entropy,
             )
         return plans
 
@@ -214,17 +278,32 @@ class QuantSpec:
             "rounding": self.rounding.value,
             "granularity": self.granularity.value,
             "percentile": self.percentile,
+            "rotation": self.rotation,
+            "entropy": self.entropy.value,
         }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> QuantSpec:
-        known = {"bits", "rules", "method", "rounding", "granularity", "percentile"}
+        known = {
+            "bits",
+            "rules",
+            "method",
+            "rounding",
+            "granularity",
+            "percentile",
+            "rotation",
+            "entropy",
+        }
         unknown = set(d) - known
         if unknown:
             raise ConfigError(
                 "spec", f"unknown key(s) {sorted(unknown)}; expected some of {sorted(known)}"
             )
-        kw = {k: d[k] for k in ("method", "rounding", "granularity", "percentile") if k in d}
+        kw = {
+            k: d[k]
+            for k in ("method", "rounding", "granularity", "percentile", "rotation", "entropy")
+            if k in d
+        }
         return cls.from_strings(bits=d.get("bits", 8), rules=d.get("rules", ""), **kw)
 
 
