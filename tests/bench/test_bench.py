@@ -541,7 +541,8 @@ def test_command_with_a_checkpoint_and_one_section(tmp_path: Path) -> None:
     ("argv", "message"),
     [
         (["--only", "speed,foo"], "unknown section"),
-        (["--only", "federated"], "is not implemented yet"),
+        (["--only", "federated", "--fed-parts", "bytes,nope"], "expected some of"),
+        (["--only", "federated", "--fed-seeds", "a,b"], "not a comma-separated list"),
         (["--models", "imagenet"], "unknown model"),
         (["--weights", "nopath"], "is not NAME=PATH"),
         (["--threads", "-1"], "is negative"),

@@ -13,8 +13,11 @@ Markdown's headline. Sections:
 ``speed``
     :mod:`fedquant.bench.speed` -- throughput as a ratio to memcpy, 1 thread and
     all threads; with ``--device cuda`` also a torch implementation on the GPU.
-``federated``
-    reserved for issue 6 part 3 (:mod:`fedquant.bench.federated`).
+``federated`` (not in the default set: it trains for tens of minutes)
+    :mod:`fedquant.bench.federated` -- uplink bytes to a target accuracy per
+    method, the default run's overhead and memory, and the simulator vs
+    Flower's simulation engine (:mod:`fedquant.bench.flower_sim`, skipped
+    without Ray). ``--fed-parts`` picks some of them.
 
 ``--quick`` runs every section at tiny sizes (a smoke test, ~30 s; its
 figures mean nothing). The full run takes a few minutes on 2 cores.
@@ -39,6 +42,7 @@ from fedquant.errors import ConfigError, FedquantError
 
 SECTIONS = ("grid", "error", "speed", "federated")
 DEFAULT_SECTIONS = ("grid", "error", "speed")
+FED_PARTS = ("bytes", "overhead", "flower")
 MODELS = ("mnist", "cifar10")
 
 
@@ -96,6 +100,36 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument(
         "--markdown", default=None, help="write the Markdown report here (default: OUT/bench.md)"
     )
+    fed = p.add_argument_group("federated section")
+    fed.add_argument(
+        "--fed-parts",
+        default=",".join(FED_PARTS),
+        help=f"parts of the federated section, of {','.join(FED_PARTS)} (default: %(default)s)",
+    )
+    fed.add_argument("--fed-rounds", type=int, default=None, help="rounds per run (default 20)")
+    fed.add_argument("--fed-seeds", default=None, help="seeds per method (default 0,1)")
+    fed.add_argument(
+        "--fed-methods",
+        default=None,
+        help="methods of fedquant.bench.federated.ALL_METHODS (default: all RunConfig accepts)",
+    )
+    fed.add_argument(
+        "--fed-workers", type=int, default=1, help="runs in parallel processes (default 1)"
+    )
+    fed.add_argument(
+        "--overhead-rounds", type=int, default=None, help="rounds of the overhead run (default 30)"
+    )
+    fed.add_argument(
+        "--flower-rounds",
+        type=int,
+        default=None,
+        help="rounds of the Flower comparison (default 5)",
+    )
+    fed.add_argument(
+        "--flower-cpus",
+        default=None,
+        help="CPUs per Flower client (Ray actor), one comparison each (default 2,1)",
+    )
     return p
 
 
@@ -129,11 +163,6 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     from fedquant.bench import error, grid, speed
 
     sections = _sections(args.only)
-    if "federated" in sections:
-        raise ConfigError(
-            "--only",
-            "'federated' (issue 6 part 3) is not implemented yet; see fedquant.bench.federated",
-        )
     models = tuple(m.strip() for m in args.models.split(",") if m.strip())
     bad = [m for m in models if m not in MODELS]
     if bad:
@@ -219,7 +248,102 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
             "load_after": _load(),
         }
         _log(f"speed: {time.perf_counter() - t0:.1f} s")
+    if "federated" in sections:
+        t0 = time.perf_counter()
+        sec["federated"] = _federated_section(args, quick, command)
+        _log(f"federated: {time.perf_counter() - t0:.1f} s")
     return results
+
+
+def _int_list(option: str, text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(option, f"{text!r} is not a comma-separated list of integers") from None
+    if not values or min(values) < 0:
+        raise ConfigError(option, f"{text!r}: expected integers >= 0, e.g. 0,1")
+    return values
+
+
+def _federated_section(args: argparse.Namespace, quick: bool, command: str) -> dict[str, Any]:
+    """The federated section (:mod:`fedquant.bench.federated`); quick = tiny smoke sizes."""
+    from fedquant.bench import federated
+    from fedquant.fl.config import RunConfig
+    from fedquant.fl.data import load_dataset
+
+    parts = tuple(s.strip() for s in args.fed_parts.split(",") if s.strip())
+    bad = [s for s in parts if s not in FED_PARTS]
+    if bad or not parts:
+        raise ConfigError(
+            "--fed-parts", f"{args.fed_parts!r}: expected some of {', '.join(FED_PARTS)}"
+        )
+    for option, value in (
+        ("--fed-rounds", args.fed_rounds),
+        ("--fed-workers", args.fed_workers),
+        ("--overhead-rounds", args.overhead_rounds),
+        ("--flower-rounds", args.flower_rounds),
+    ):
+        if value is not None and value < 1:
+            raise ConfigError(option, f"{value} is not a positive integer")
+    seeds = _int_list("--fed-seeds", args.fed_seeds or ("0" if quick else "0,1"))
+    cpus = _int_list("--flower-cpus", args.flower_cpus or ("2" if quick else "2,1"))
+    methods = (
+        [m.strip() for m in args.fed_methods.split(",") if m.strip()]
+        if args.fed_methods
+        else (["fp32", "octav-stochastic-2"] if quick else None)
+    )
+    # quick: 2 clients on the first 400 / 200 examples; else the default run's data and clients
+    base = RunConfig(num_clients=2) if quick else RunConfig()
+    data = load_dataset(base.dataset, base.data_root, base.cache_dir)
+    if quick:
+        data = federated.small_dataset(data, 400, 200)
+    out: dict[str, Any] = {"command": command, "parts": list(parts), "quick": quick}
+    out["load_before"] = _load()
+    if "bytes" in parts:
+        t0 = time.perf_counter()
+        out["bytes_to_target"] = federated.bytes_to_target(
+            base,
+            methods=methods,
+            rounds=args.fed_rounds or (2 if quick else 20),
+            seeds=seeds,
+            dataset=data,
+            workers=args.fed_workers,
+            log=_log,
+        )
+        _log(f"federated bytes-to-target: {time.perf_counter() - t0:.1f} s")
+    if "overhead" in parts:
+        t0 = time.perf_counter()
+        cfg = base.with_(rounds=args.overhead_rounds or (2 if quick else base.rounds))
+        ov = federated.overhead(cfg, dataset=data, log=_log)
+        ov["profile"] = federated.profile_rounds(
+            cfg, rounds=1 if quick else 3, dataset=data, top=8 if quick else 20
+        )
+        ov["training_speed"] = federated.training_speed(
+            (1, 2), reps=1 if quick else 3, dataset=data
+        )
+        ov["memory_vs_clients"] = federated.memory_vs_clients(
+            (2, 4) if quick else (10, 100),
+            rounds=1 if quick else 3,
+            n_train=400 if quick else 0,
+            n_test=200 if quick else 0,
+        )
+        out["overhead"] = ov
+        _log(f"federated overhead: {time.perf_counter() - t0:.1f} s")
+    if "flower" in parts:
+        from fedquant.bench import flower_sim
+
+        t0 = time.perf_counter()
+        out["flower"] = flower_sim.simulator_vs_flower(
+            base,
+            rounds=args.flower_rounds or (1 if quick else 5),
+            client_cpus=cpus,
+            n_train=400 if quick else 0,
+            n_test=200 if quick else 0,
+            log=_log,
+        )
+        _log(f"federated flower: {time.perf_counter() - t0:.1f} s")
+    out["load_after"] = _load()
+    return out
 
 
 def _error_section(

@@ -554,14 +554,380 @@ def markdown(results: Mapping[str, Any]) -> str:
         out += _error_md(sec["error"])
     if sec.get("speed"):
         out += _speed_md(sec["speed"])
-    out += [
-        "## 4. Federated benchmarks",
+    out += federated_markdown(sec.get("federated"))
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- federated
+
+
+def _mib(b: float | None) -> str:
+    return "-" if b is None else f"{b / 2**20:.1f} MiB"
+
+
+def _bytes(b: float | None) -> str:
+    return "-" if b is None else f"{b:,.0f}"
+
+
+def _bytes_md(bt: Mapping[str, Any]) -> list[str]:
+    out = [
+        "### 4.1 Uplink bytes to reach float32's accuracy minus one point",
         "",
-        "Part 3 of issue 6 (accuracy and traffic of federated runs) is not part of this "
-        "report yet; its place is `fedquant.bench.federated`.",
+        f"`{bt['dataset']}` ({bt['train_examples']:,} train / {bt['test_examples']:,} test "
+        f"images), {bt['num_clients']} IID clients, {bt['rounds']} rounds, every round evaluated, "
+        f"seeds {', '.join(map(str, bt['seeds']))} (each method runs once per seed). "
+        f"**Target** of a run = the test accuracy of float32 FedAvg *with the same seed* (same "
+        f"initial model, partition and mini-batch order) averaged over its last {bt['k']} "
+        f"rounds, minus {100 * bt['margin']:.0f} point: "
+        + ", ".join(f"seed {s} {100 * t:.2f} %" for s, t in bt.get("targets", {}).items())
+        + " (the seeds differ by about as much as the margin, hence the pairing). "
+        "Bytes to target = the summed lengths of the encoded payloads the server received up to "
+        "and including the first round whose accuracy reaches the target (median over seeds; "
+        "`-` unless every seed reached it). Quantized methods aggregate with inverse-MSE weights "
+        "(the default), float32 with FedAvg.",
         "",
     ]
-    return "\n".join(out)
+    body = []
+    for r in bt["methods"]:
+        body.append(
+            [
+                f"`{r['method']}`",
+                _bytes(r["uplink_bytes_per_round"]),
+                fmt(1.0 / r["per_round_vs_fp32"], 3) + "x" if r.get("per_round_vs_fp32") else "-",
+                f"{r['reached']}/{r['seeds']}",
+                ", ".join(
+                    "-" if x is None else str(x) for x in r.get("rounds_to_target_per_seed", [])
+                ),
+                _bytes(r["bytes_to_target"]),
+                fmt(r["fewer_bytes_than_fp32"], 3) + "x" if r.get("fewer_bytes_than_fp32") else "-",
+                f"{100 * r['final_accuracy']:.1f} ({100 * r['final_accuracy_min']:.1f}-"
+                f"{100 * r['final_accuracy_max']:.1f})",
+            ]
+        )
+    out.append(
+        table(
+            [
+                "method",
+                "uplink B/round",
+                "smaller per round",
+                "seeds reaching target",
+                "round reached, per seed",
+                "uplink B to target",
+                "fewer B than float32",
+                "final accuracy % (min-max)",
+            ],
+            body,
+        )
+    )
+    out.append("")
+    missed = [r for r in bt["methods"] if r["reached"] < r["seeds"]]
+    if missed:
+        out.append(
+            f"Not reached in {bt['rounds']} rounds by every seed: "
+            + ", ".join(f"`{r['method']}` ({r['reached']}/{r['seeds']})" for r in missed)
+            + "."
+        )
+        out.append("")
+    if bt.get("skipped"):
+        out += ["Left out: " + "; ".join(bt["skipped"]), ""]
+    loads = [r.get("load_before") for r in bt.get("runs", []) if r.get("load_before") is not None]
+    if loads:
+        out += [
+            f"Load average during the runs: {min(loads):.1f}-{max(loads):.1f} "
+            f"(timings of these runs are in the JSON, not compared here).",
+            "",
+        ]
+    return out
+
+
+def _overhead_md(ov: Mapping[str, Any]) -> list[str]:
+    st, al, mem = ov["steady"], ov["all"], ov["memory"]
+    cfg = ov["config"]
+    out = [
+        "### 4.2 The simulator's overhead and memory (the default run)",
+        "",
+        f"`RunConfig()` with {cfg['rounds']} rounds: {cfg['num_clients']} clients, "
+        f"`{cfg['bits']}` {cfg['rounding']}, {cfg['aggregation']}, "
+        f"{ov['train_examples']:,} training images per round, {ov['threads']} torch threads. "
+        "Time measured by wrapping the simulator's functions with timers in the same run "
+        "(`fedquant.bench.federated.timed_simulation`). **Overhead** = round wall time - local "
+        "training - the evaluation's forward passes: encode, admission, decode + aggregate, "
+        "the broadcast, loading models, data gathering, bookkeeping (issue 3's list). "
+        "Evaluation of the global model is its own line and not counted as overhead. "
+        f"Steady state = rounds {ov['warmup'] + 1}..{cfg['rounds']} (round 1 pays numba's "
+        "compilation and torch's first calls); all rounds in the last column.",
+        "",
+    ]
+    body = []
+    for c in ("train", "evaluate", "encode", "admit", "aggregate", "broadcast", "load_state"):
+        body.append(
+            [c, fmt(st[c], 3), f"{100 * st[f'share_{c}']:.2f} %", f"{100 * al[f'share_{c}']:.2f} %"]
+        )
+    body.append(
+        [
+            "other (sampling, data, metrics)",
+            fmt(st["other"], 3),
+            f"{100 * st['share_other']:.2f} %",
+            f"{100 * al['share_other']:.2f} %",
+        ]
+    )
+    body.append(
+        [
+            "**overhead** (all but train and evaluate)",
+            fmt(st["non_training"], 3),
+            f"**{100 * st['share_non_training']:.2f} %**",
+            f"{100 * al['share_non_training']:.2f} %",
+        ]
+    )
+    body.append(
+        [
+            "overhead + evaluation",
+            fmt(st["non_training"] + st["evaluate"], 3),
+            f"{100 * st['share_non_training_with_evaluate']:.2f} %",
+            f"{100 * al['share_non_training_with_evaluate']:.2f} %",
+        ]
+    )
+    body.append(["round (wall)", fmt(st["seconds_round"], 4), "100 %", "100 %"])
+    out.append(table(["part", "seconds (steady)", "share (steady)", "share (all rounds)"], body))
+    loads = [r["load"] for r in ov["rounds"] if r.get("load") is not None]
+    out += [
+        "",
+        f"- Overhead share per round, median over steady rounds: "
+        f"{100 * st['median_share_non_training']:.2f} %.",
+        f"- The same split in process CPU time (all threads; not stretched by waiting for a "
+        f"core): training {100 * st['cpu_share_train']:.1f} %, evaluation "
+        f"{100 * st['cpu_share_evaluate']:.1f} %, **overhead "
+        f"{100 * st['cpu_share_non_training']:.2f} %** ({st['cpu_non_training']:.2f} CPU s over "
+        f"{st['rounds']} rounds).",
+        f"- Training speed: {st['samples_per_s']:,.0f} samples/s ({ov['threads']} threads; "
+        f"{st['samples']:,.0f} samples in {st['train']:.1f} s of `train_local`)"
+        + (f"; load average {min(loads):.1f}-{max(loads):.1f} during the run." if loads else "."),
+        f"- Memory: RSS {_mib(mem['rss_after_setup_round1'])} after round 1, "
+        f"{_mib(mem['rss_end'])} after round {cfg['rounds']} (peak {_mib(mem['peak_rss'])}); "
+        f"slope over rounds {ov['warmup'] + 1}..{cfg['rounds']}: "
+        f"{mem['slope_bytes_per_round'] / 1024:+.1f} KiB/round, i.e. "
+        f"{abs(mem['slope_bytes_per_round']) * mem['measured_rounds'] / 1024:.0f} KiB over "
+        f"{mem['measured_rounds']} rounds against one float32 model of "
+        f"{mem['model_float32_bytes'] / 1024:.0f} KiB: "
+        + ("**flat**." if mem["flat"] else "**not flat**."),
+    ]
+    ts = ov.get("training_speed")
+    if ts:
+        out.append(
+            "- Local training alone (`train_local`, one epoch over all "
+            f"{ts[0]['samples']:,} images, median of {ts[0]['reps']} interleaved reps, "
+            f"load average {ts[0]['load_before']}/{ts[-1]['load_after']}): "
+            + "; ".join(
+                f"{r['threads']} thread(s) {r['samples_per_s']:,.0f} samples/s (best "
+                f"{r['best_samples_per_s']:,.0f}, {r['cpu_us_per_sample']:.0f} us CPU/sample)"
+                for r in ts
+            )
+            + "."
+        )
+    mvc = ov.get("memory_vs_clients")
+    if mvc:
+        out += [
+            "",
+            "RSS of fresh processes simulating the same data split among more clients "
+            f"({mvc[0]['rounds']} round(s) each): one model copy per client would add the last "
+            "column.",
+            "",
+            table(
+                [
+                    "clients",
+                    "RSS after data load",
+                    "RSS after setup",
+                    "RSS at end",
+                    "peak",
+                    "end - first row",
+                    "a model per client would add",
+                ],
+                (
+                    [
+                        r["num_clients"],
+                        _mib(r["rss_data"]),
+                        _mib(r["rss_setup"]),
+                        _mib(r["rss_end"]),
+                        _mib(r["peak_rss"]),
+                        f"{r['extra_vs_first'] / 2**20:+.1f} MiB",
+                        _mib(r["model_copies_would_add"]),
+                    ]
+                    for r in mvc
+                ),
+            ),
+        ]
+    prof = ov.get("profile")
+    if prof:
+        out += [
+            "",
+            "<details><summary>cProfile of steady rounds: functions by own time</summary>\n",
+            table(
+                ["function", "calls", "own s", "cumulative s", "own share"],
+                (
+                    [
+                        f"`{r['function']}`",
+                        r["calls"],
+                        fmt(r["tottime"], 3),
+                        fmt(r["cumtime"], 3),
+                        f"{100 * r['share']:.1f} %",
+                    ]
+                    for r in prof
+                ),
+            ),
+            "\n</details>",
+        ]
+    out.append("")
+    return out
+
+
+def _flower_md(fl: Mapping[str, Any]) -> list[str]:
+    out = [
+        "### 4.3 The simulator vs Flower's simulation engine (Ray)",
+        "",
+    ]
+    if fl.get("skipped"):
+        return [*out, f"Skipped: {fl['skipped']}.", ""]
+    ver = fl.get("versions", {})
+    out += [
+        f"The same run ({fl['num_clients']} clients, `{fl['bits']}`, {fl['aggregation']}, "
+        f"{fl['train_examples']:,} training images, {fl['rounds']} rounds, central evaluation "
+        "every round) through fedquant's simulator and through Flower's simulation engine "
+        f"(flwr {ver.get('flwr', '?')}, ray {ver.get('ray', '?')}; `fedquant_mod` + "
+        "`QuantizedFedAvg`, the simulator's client as the ClientApp), one after the other in one "
+        "process. Flower's startup = from calling `run_simulation` to the first client starting "
+        "to train; a round = between the ends of consecutive central evaluations; medians over "
+        "rounds 2..N. Ratios > 1: Flower is slower.",
+        "",
+    ]
+    body = []
+    for r in fl["rows"]:
+        if r.get("error"):
+            body.append([r["runtime"], "failed: " + r["error"], "", "", "", "", "", "", ""])
+            continue
+        body.append(
+            [
+                r["runtime"],
+                fmt(r["startup_s"], 3),
+                fmt(r["round_median_s"], 3),
+                fmt(r.get("round_vs_simulator"), 3),
+                fmt(r["train_median_s"], 3),
+                fmt(r["total_s"], 4),
+                fmt(r.get("total_vs_simulator"), 3),
+                f"{100 * r['final_accuracy']:.1f}"
+                + (
+                    f" (max diff {fmt(r['max_accuracy_difference'], 2)})"
+                    if "max_accuracy_difference" in r
+                    else ""
+                ),
+                f"{r.get('load_before', '-')}/{r.get('load_after', '-')}",
+            ]
+        )
+    out.append(
+        table(
+            [
+                "runtime",
+                "startup s",
+                "round s",
+                "round x simulator",
+                "client training s per round",
+                "total s",
+                "total x simulator",
+                "final accuracy %",
+                "load before/after",
+            ],
+            body,
+        )
+    )
+    out.append("")
+    wins = [
+        r
+        for r in fl["rows"]
+        if r.get("round_vs_simulator") is not None and r["round_vs_simulator"] < 1.0
+    ]
+    for r in wins:
+        out.append(
+            f"- **Where Flower wins:** {r['runtime']}: {fmt(r['round_median_s'], 3)} s per round, "
+            f"{fmt(r['round_vs_simulator'], 2)}x the simulator's, once Ray is up (clients train "
+            "in parallel actors; the simulator trains them one after another)."
+        )
+    if wins:
+        out.append("")
+    return out
+
+
+def merge_federated(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One results dictionary from several ``--only federated`` runs (e.g. one per part).
+
+    The federated sections are merged part by part (a later run's part
+    replaces an earlier one's) and keep every run's command and date; the rest
+    (environment, schema) is the last run's.
+    """
+    if not runs:
+        raise ValueError("merge_federated: no results to merge")
+    fed: dict[str, Any] = {"commands": [], "runs": []}
+    for r in runs:
+        sec = r.get("sections", {}).get("federated") or {}
+        for part in ("bytes_to_target", "overhead", "flower"):
+            if sec.get(part):
+                fed[part] = sec[part]
+        fed["commands"].append(sec.get("command", r.get("command", "")))
+        fed["runs"].append(
+            {
+                "command": sec.get("command", r.get("command", "")),
+                "created": r.get("created"),
+                "parts": sec.get("parts", []),
+                "load_before": sec.get("load_before"),
+                "load_after": sec.get("load_after"),
+            }
+        )
+        fed["quick"] = bool(fed.get("quick")) or bool(sec.get("quick"))
+    out = {k: v for k, v in runs[-1].items() if k != "sections"}
+    out["command"] = " && ".join(fed["commands"])
+    out["sections"] = {"federated": fed}
+    return out
+
+
+def federated_markdown(fed: Mapping[str, Any] | None) -> list[str]:
+    """Section 4 of the report from ``results["sections"]["federated"]`` (``None``: a stub)."""
+    if not fed:
+        return [
+            "## 4. Federated benchmarks",
+            "",
+            "Not part of this run: `python -m fedquant.bench --only federated` "
+            "(`fedquant.bench.federated`).",
+            "",
+        ]
+    out = [
+        "## 4. Federated benchmarks",
+        "",
+        "Generated by:",
+        "",
+        "```",
+        *fed.get("commands", [fed.get("command", "")]),
+        "```",
+        "",
+    ]
+    runs = fed.get("runs") or []
+    if len(runs) > 1:
+        out += [
+            "Merged from these runs (`fedquant.bench.report.merge_federated`): "
+            + "; ".join(
+                f"{', '.join(r.get('parts', []))} on {r.get('created')} (load average "
+                f"{r.get('load_before')} before, {r.get('load_after')} after)"
+                for r in runs
+            )
+            + ".",
+            "",
+        ]
+    if fed.get("quick"):
+        out += ["**Quick smoke run, tiny sizes: not meaningful figures.**", ""]
+    if fed.get("bytes_to_target"):
+        out += _bytes_md(fed["bytes_to_target"])
+    if fed.get("overhead"):
+        out += _overhead_md(fed["overhead"])
+    if fed.get("flower"):
+        out += _flower_md(fed["flower"])
+    return out
 
 
 def write_markdown(results: Mapping[str, Any], path: str | Path) -> Path:
