@@ -1155,12 +1155,12 @@ def _code_line(c: Collected) -> str:
     if len(hashes) == 1:
         return (
             f"Code: every run was computed by the same fedquant source{where} (SHA-256 of the "
-            f"package's `.py` files except `reproduce/`: `{next(iter(hashes))}`)."
+            f"package's `.py` files except `reproduce/`, `bench/`, `flower/`: `{next(iter(hashes))}`)."
         )
     listed = ", ".join(f"`{h}` ({n} runs)" for h, n in sorted(hashes.items()))
     return (
         f"**Code: the runs were computed by {len(hashes)} different fedquant sources{where} "
-        f"(SHA-256 of the package's `.py` files except `reproduce/`: {listed}); numbers from "
+        f"(SHA-256 of the package's `.py` files except `reproduce/`, `bench/`, `flower/`: {listed}); numbers from "
         "different sources may not be comparable.**"
     )
 

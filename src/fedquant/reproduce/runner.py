@@ -116,8 +116,8 @@ class JobResult:
 def source_fingerprint() -> str:
     """16 hex digits of SHA-256 over the ``.py`` files of the imported fedquant package.
 
-    This ``reproduce`` subpackage is left out: it does not compute a run's
-    numbers. Runs with different fingerprints were made by different code
+    The ``reproduce``, ``bench`` and ``flower`` subpackages are left out: they
+    do not compute a run's numbers. Runs with different fingerprints were made by different code
     (the report says so).
     """
     import fedquant
@@ -126,7 +126,7 @@ def source_fingerprint() -> str:
     h = hashlib.sha256()
     for p in sorted(root.rglob("*.py")):
         rel = p.relative_to(root).as_posix()
-        if rel.startswith("reproduce/"):
+        if rel.startswith(("reproduce/", "bench/", "flower/")):
             continue
         h.update(rel.encode() + b"\0" + p.read_bytes() + b"\0")
     return h.hexdigest()[:16]
