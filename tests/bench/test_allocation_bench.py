@@ -45,3 +45,22 @@ def test_federated_comparison_runs_the_variants() -> None:
         assert r["final_accuracy"] > 0.3 and r["uplink_bytes"] == 2 * r["bytes_per_upload"]
         assert r["uplink_sq_error"] > 0 and np.isfinite(r["uplink_sq_error"])
     assert set(states) == set(labels)
+
+
+def test_allocation_markdown_states_where_auto_loses() -> None:
+    from fedquant.bench import report
+
+    rows = [
+        {"spec": "4-2-2-4", "budget_of": "4-2-2-4", "bits": {"a": 4, "b": 2},
+         "bits_per_weight": 2.0, "bytes": 100, "sq_error": 1.0, "sq_error_ratio": 1.0,
+         "encode_ms": 1.0, "encode_ratio": 1.0},
+        {"spec": "auto:2.0", "budget_of": "4-2-2-4", "bits": {"a": 3, "b": 2},
+         "bits_per_weight": 2.0, "bytes": 99, "sq_error": 1.2, "sq_error_ratio": 1.2,
+         "encode_ms": 5.0, "encode_ratio": 5.0},
+    ]  # fmt: skip
+    sec = {"n": 0, "allocation": {"models": {"toy": rows}}}
+    text = "\n".join(report.beyond_markdown(sec))
+    assert "### 5.3 Adaptive bit allocation" in text
+    assert "`auto` chose 3-2 instead of `4-2-2-4`, **1.2x the squared error: worse**" in text
+    head = report.beyond_headline({"sections": {"beyond": sec}})
+    assert len(head) == 1 and "(**worse**)" in head[0]

@@ -510,13 +510,14 @@ def test_quick_command_writes_json_and_markdown(
     assert cli.main(["--quick", "--out", str(out), "--markdown", str(md)]) == 0
     res = json.loads((out / "bench.json").read_text())
     assert res["quick"] is True
-    assert set(res["sections"]) == {"grid", "error", "speed", "federated"}
+    assert set(res["sections"]) == {"grid", "error", "speed", "federated", "beyond"}
     assert res["sections"]["federated"] is None
     assert set(res["sections"]["error"]["models"]) == {"mnist", "cifar10"}
+    assert set(res["sections"]["beyond"]["rotation"]["models"]) == {"mnist", "cifar10"}
     assert not (out / "bench.md").exists()  # --markdown moves the report
     text = md.read_text()
     assert text == report.markdown(res)
-    for heading in ("## 1.", "## 2.", "## 3.", "## 4."):
+    for heading in ("## 1.", "## 2.", "## 3.", "## 4.", "## 5."):
         assert heading in text
     assert "wrote" in capsys.readouterr().out
 
@@ -535,6 +536,58 @@ def test_command_with_a_checkpoint_and_one_section(tmp_path: Path) -> None:
     res = json.loads((tmp_path / "bench.json").read_text())
     assert set(res["sections"]) == {"error", "federated"}
     assert res["sections"]["error"]["models"]["mine"]["source"] == str(ckpt)
+
+
+def test_beyond_section_quick(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # rotation, rANS and adaptive allocation at tiny sizes, on the weights `error` loads
+    made: list[str] = []
+    untrained = cli._untrained_state
+
+    def counted(model: str, seed: int) -> dict[str, np.ndarray]:
+        made.append(model)
+        return untrained(model, seed)
+
+    seen: list[object] = []
+
+    def error_section(args: object, bits: object, n: int, states: tuple) -> dict:
+        seen.append(states[0]["mnist"][0])  # (the error section itself is tested above)
+        return {"n": n, "synthetic": [], "models": {}, "skipped": []}
+
+    monkeypatch.setattr(cli, "_untrained_state", counted)
+    monkeypatch.setattr(cli, "_error_section", error_section)
+    argv = ["--quick", "--out", str(tmp_path), "--only", "error,beyond", "--models", "mnist"]
+    assert cli.main(argv) == 0
+    assert made == ["mnist"]  # one state for both sections, not one each
+    res = json.loads((tmp_path / "bench.json").read_text())
+    assert set(res["sections"]) == {"error", "beyond", "federated"}
+    assert len(seen) == 1 and res["sections"]["beyond"]["weights"]["mnist"]["source"]
+    be = res["sections"]["beyond"]
+    assert {r["source"] for r in be["rotation"]["synthetic"]} == {
+        "gaussian",
+        "laplace",
+        "student-t3",
+    }
+    assert {r["bits"] for r in be["rotation"]["models"]["mnist"]} == {2, 4}
+    assert any(r["layer"] == "(payload)" for r in be["entropy"]["models"]["mnist"])
+    assert [r["spec"] for r in be["allocation"]["models"]["mnist"]][::2] == ["4-2-2-4"]
+    assert be["rotation"]["speed"] and be["entropy"]["speed"]
+    text = (tmp_path / "bench.md").read_text()
+    assert text == report.markdown(res)
+    for heading in (
+        "## 5. Beyond the paper",
+        "### 5.1 Random rotation",
+        "### 5.2 Entropy coding (rANS",
+        "### 5.3 Adaptive bit allocation",
+    ):
+        assert heading in text
+    # nothing stale: the rotation is an option now, and no "preview" section remains
+    assert "not yet a fedquant option" not in text and "## Preview" not in text
+    printed = capsys.readouterr().out
+    assert "Student-t(3), 4 bits" in printed and "rANS on 2-bit" in printed
+    # the untrained (uniform) weights are light-tailed: the report says the rotation loses
+    assert "**mnist: the rotation is worse than plain OCTAV**" in text
 
 
 @pytest.mark.parametrize(

@@ -78,3 +78,60 @@ def test_entropy_speed_rows() -> None:
         "packed dequantize",
     ]
     assert all(r["ratio_memcpy"] > 0 for r in rows)
+
+
+# --------------------------------------------------------------------------- report verdicts
+
+
+def _rot_row(layer: str, numel: int, var: float, plain: float, rotated: float) -> dict:
+    return {
+        "model": "toy",
+        "layer": layer,
+        "numel": numel,
+        "variance": var,
+        "kurtosis": 0.5,
+        "granularity": "tensor",
+        "rounding": "nearest",
+        "bits": 4,
+        "nmse_plain": plain,
+        "nmse_rotated": rotated,
+        "gain": plain / rotated,
+        "bpc_plain": 4.1,
+        "bpc_rotated": 4.2,
+    }
+
+
+def test_rotation_verdicts_follow_the_rows() -> None:
+    from fedquant.bench import report
+
+    rows = [_rot_row("a", 100, 1.0, 0.01, 0.02), _rot_row("b", 300, 4.0, 0.01, 0.04)]
+    (tot,) = report.rotation_totals(rows)
+    # sum of MSE x size / sum of variance x size
+    assert tot["nmse_rotated"] == pytest.approx((0.02 * 100 + 0.04 * 1200) / 1300)
+    assert tot["gain"] == pytest.approx(0.01 / tot["nmse_rotated"])
+    assert tot["bpc_rotated"] == pytest.approx(4.2)
+
+    def md(rows: list[dict]) -> str:
+        sec = {"n": 0, "rotation": {"synthetic": [], "models": {"toy": rows}}}
+        return "\n".join(report.beyond_markdown(sec))
+
+    assert "rotation is worse than plain OCTAV" in md(rows)
+    better = [_rot_row("a", 100, 1.0, 0.04, 0.01)]
+    assert "worse" not in md(better) and "the rotation helps" in md(better)
+
+
+def test_entropy_totals_and_verdicts() -> None:
+    from fedquant.bench import report
+
+    layer = {"model": "toy", "rotation": False, "rounding": "stochastic", "bits": 2}
+    rows = [
+        layer | {"layer": "a", "codes": 100, "entropy": 1.9, "rans": 1.92, "zstd_packed": 2.0},
+        layer | {"layer": "b", "codes": 300, "entropy": 1.5, "rans": 1.52, "zstd_packed": 1.4},
+        layer | {"layer": "(payload)", "payload_packed": 110, "payload_rans": 110, "saving": 0.0},
+    ]
+    (tot,) = report.entropy_totals(rows)
+    assert tot["rans"] == pytest.approx((1.92 * 100 + 1.52 * 300) / 400)
+    assert tot["saving"] == 0.0
+    text = "\n".join(report.beyond_markdown({"n": 0, "entropy": {"models": {"toy": rows}}}))
+    assert "**toy: rANS saves nothing**" in text
+    assert "**toy: zstd on the packed codes beats rANS**" in text

@@ -18,6 +18,14 @@ Markdown's headline. Sections:
     method, the default run's overhead and memory, and the simulator vs
     Flower's simulation engine (:mod:`fedquant.bench.flower_sim`, skipped
     without Ray). ``--fed-parts`` picks some of them.
+``beyond``
+    The "beyond the paper" options of :class:`~fedquant.quant.spec.QuantSpec`:
+    the randomized Hadamard rotation (``rotation=True``,
+    :mod:`fedquant.bench.rotation`), rANS coding of the codes
+    (``entropy="rans"``, :mod:`fedquant.bench.entropy`) and adaptive per-layer
+    bit allocation (``bits="auto:B"``, :func:`fedquant.bench.allocation.codec_comparison`)
+    -- on the synthetic sources and on the same model weights as ``error``
+    (loaded once when both run), plus the speed of rotation and rANS.
 
 ``--quick`` runs every section at tiny sizes (a smoke test, ~30 s; its
 figures mean nothing). The full run takes a few minutes on 2 cores.
@@ -40,8 +48,8 @@ import numpy as np
 
 from fedquant.errors import ConfigError, FedquantError
 
-SECTIONS = ("grid", "error", "speed", "federated")
-DEFAULT_SECTIONS = ("grid", "error", "speed")
+SECTIONS = ("grid", "error", "speed", "federated", "beyond")
+DEFAULT_SECTIONS = ("grid", "error", "speed", "beyond")
 FED_PARTS = ("bytes", "overhead", "flower")
 MODELS = ("mnist", "cifar10")
 
@@ -49,8 +57,9 @@ MODELS = ("mnist", "cifar10")
 def build_parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
-        description="fedquant benchmarks: quantization error vs peers and limits, and speed "
-        "as a ratio to memcpy. Writes OUT/bench.json and OUT/bench.md.",
+        description="fedquant benchmarks: quantization error vs peers and limits, speed "
+        "as a ratio to memcpy, and the options beyond the paper (rotation, rANS coding, "
+        "adaptive bit allocation). Writes OUT/bench.json and OUT/bench.md.",
     )
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run (~30 s)")
     p.add_argument("--out", default="bench-results", help="output folder (default: %(default)s)")
@@ -210,9 +219,16 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
         t0 = time.perf_counter()
         sec["grid"] = {"n": n_error, "rows": grid.grid_table(bits, n=n_error, seed=args.seed)}
         _log(f"grid: {time.perf_counter() - t0:.1f} s")
-    if "error" in sections:
+    states: _States | None = None
+    if "error" in sections or "beyond" in sections:
+        # the model weights of both sections, loaded (or trained) once
         t0 = time.perf_counter()
-        sec["error"] = _error_section(args, quick, bits, n_error, models, weights)
+        states = _model_states(args, quick, models, weights)
+        _log(f"model weights: {time.perf_counter() - t0:.1f} s")
+    if "error" in sections:
+        assert states is not None
+        t0 = time.perf_counter()
+        sec["error"] = _error_section(args, bits, n_error, states)
         _log(f"error: {time.perf_counter() - t0:.1f} s")
     if "speed" in sections:
         t0 = time.perf_counter()
@@ -248,6 +264,20 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
             "load_after": _load(),
         }
         _log(f"speed: {time.perf_counter() - t0:.1f} s")
+    if "beyond" in sections:
+        assert states is not None
+        t0 = time.perf_counter()
+        all_threads = min(args.threads or speed.max_threads(), speed.max_threads())
+        sec["beyond"] = _beyond_section(
+            args,
+            quick,
+            n_error,
+            n_speed,
+            reps,
+            sorted({1, all_threads}),
+            states,
+        )
+        _log(f"beyond: {time.perf_counter() - t0:.1f} s")
     if "federated" in sections:
         t0 = time.perf_counter()
         sec["federated"] = _federated_section(args, quick, command)
@@ -346,24 +376,24 @@ def _federated_section(args: argparse.Namespace, quick: bool, command: str) -> d
     return out
 
 
-def _error_section(
+#: per model name: (state dict, training info or None, source or None); and the skipped notes
+_States = tuple[
+    dict[str, tuple[dict[str, np.ndarray], dict[str, Any] | None, str | None]], list[str]
+]
+
+
+def _model_states(
     args: argparse.Namespace,
     quick: bool,
-    bits: Sequence[int],
-    n_error: int,
     models: Sequence[str],
     weights: dict[str, str],
-) -> dict[str, Any]:
-    from fedquant.bench import error
-    from fedquant.bench.weights import load_state, quantizable_layers, trained_weights
+) -> _States:
+    """The model weights of the ``error`` and ``beyond`` sections: the ``--weights``
+    checkpoints, then each of ``models`` trained (cached), untrained in a quick run."""
+    from fedquant.bench.weights import load_state, trained_weights
     from fedquant.errors import DataError
 
-    out: dict[str, Any] = {
-        "n": n_error,
-        "synthetic": error.synthetic_errors(n=n_error, bits=bits, seed=args.seed),
-        "models": {},
-        "skipped": [],
-    }
+    skipped: list[str] = []
     cache = Path(args.cache_dir) if args.cache_dir else _default_cache() / "bench"
     todo: dict[str, tuple[dict[str, np.ndarray], dict[str, Any] | None, str | None]] = {}
     for name, path in weights.items():
@@ -376,16 +406,35 @@ def _error_section(
             continue
         root = args.cifar_root if m == "cifar10" else None
         if m == "cifar10" and not root:
-            out["skipped"].append("cifar10: no --cifar-root (or $FEDQUANT_CIFAR_ROOT) given")
+            skipped.append("cifar10: no --cifar-root (or $FEDQUANT_CIFAR_ROOT) given")
             continue
         try:
             t0 = time.perf_counter()
             state, trained = trained_weights(m, cache, root=root, seed=args.seed)
             _log(f"  {m}: weights ready in {time.perf_counter() - t0:.1f} s")
         except DataError as e:
-            out["skipped"].append(f"{m}: {e}")
+            skipped.append(f"{m}: {e}")
             continue
         todo[m] = (state, asdict(trained), None)
+    return todo, skipped
+
+
+def _error_section(
+    args: argparse.Namespace,
+    bits: Sequence[int],
+    n_error: int,
+    states: _States,
+) -> dict[str, Any]:
+    from fedquant.bench import error
+    from fedquant.bench.weights import quantizable_layers
+
+    todo, skipped = states
+    out: dict[str, Any] = {
+        "n": n_error,
+        "synthetic": error.synthetic_errors(n=n_error, bits=bits, seed=args.seed),
+        "models": {},
+        "skipped": list(skipped),
+    }
     for name, (state, info, source) in todo.items():
         rows = error.weights_errors(state, name, bits=bits, seed=args.seed)
         out["models"][name] = {
@@ -396,6 +445,82 @@ def _error_section(
             "total": error.aggregate_layers(rows, name),
         }
     return out
+
+
+#: the fixed bit settings the allocation table compares ``auto`` with (each at its budget)
+ALLOCATION_FIXED = ("4-2-2-4", "2", "3", "4")
+
+
+def _beyond_section(
+    args: argparse.Namespace,
+    quick: bool,
+    n: int,
+    n_speed: int,
+    reps: int,
+    threads: Sequence[int],
+    states: _States,
+) -> dict[str, Any]:
+    """Rotation, rANS and adaptive allocation (:mod:`fedquant.bench.rotation`,
+    :mod:`fedquant.bench.entropy`, :mod:`fedquant.bench.allocation`)."""
+    from fedquant.bench import allocation, entropy, rotation
+
+    todo, skipped = states
+    seed = args.seed
+    rot_bits = (2, 4) if quick else rotation.BITS
+    ent_bits = (2, 4) if quick else entropy.BITS
+    fixed = ALLOCATION_FIXED[:1] if quick else ALLOCATION_FIXED
+    out: dict[str, Any] = {
+        "n": n,
+        "n_speed": n_speed,
+        "reps": reps,
+        "rotation": {
+            "synthetic": rotation.rotation_errors(n=n, bits=rot_bits, seed=seed),
+            "models": {},
+        },
+        "entropy": {
+            "synthetic": entropy.entropy_efficiency(n=n, bits=ent_bits, seed=seed),
+            "models": {},
+            "zstd": entropy.zstd_version(),
+        },
+        "allocation": {"fixed": list(fixed), "models": {}},
+        "weights": {},
+        "skipped": list(skipped),
+    }
+    for name, (state, info, source) in todo.items():
+        out["weights"][name] = {"train": info, "source": source}
+        out["rotation"]["models"][name] = rotation.rotation_weight_errors(
+            state, name, bits=rot_bits, seed=seed
+        )
+        out["entropy"]["models"][name] = entropy.entropy_weight_efficiency(
+            state, name, bits=ent_bits, seed=seed
+        )
+        try:
+            rows = allocation.codec_comparison(state, fixed, repeats=1 if quick else 5, seed=seed)
+        except FedquantError as e:  # e.g. a checkpoint with another number of layers
+            out["skipped"].append(f"allocation on {name}: {e}")
+            continue
+        out["allocation"]["models"][name] = rows
+    out["rotation"]["load_before"] = _load()
+    out["rotation"]["speed"] = rotation.rotation_speed(
+        n=n_speed, threads=threads, reps=reps, seed=seed
+    )
+    out["entropy"]["load_before"] = _load()
+    out["entropy"]["speed"] = entropy.entropy_speed(
+        n=n_speed, bits=(2, 4) if quick else (2, 4, 8), reps=reps, seed=seed
+    )
+    out["load_after"] = _load()
+    return _finite(out)
+
+
+def _finite(o: Any) -> Any:
+    """``o`` with NaN and infinities replaced by None (JSON has neither)."""
+    if isinstance(o, float):
+        return o if np.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v) for v in o]
+    return o
 
 
 def _load() -> str:

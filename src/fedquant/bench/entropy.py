@@ -51,6 +51,12 @@ def _zstd() -> Any | None:
     return zstandard
 
 
+def zstd_version() -> str | None:
+    """The version of the ``zstandard`` module the zstd columns use; None when not installed."""
+    z = _zstd()
+    return None if z is None else str(z.__version__)
+
+
 def _codes(x: np.ndarray, bits: int, rounding: str, rotated: bool, seed: int) -> np.ndarray:
     v = rotation.rotate(x, rotation.tensor_key(KEY, "w").key) if rotated else x
     return quantize(v, bits, rounding=rounding, seed=seed).codes

@@ -35,8 +35,9 @@ name                   what it is
                        ``ceil(log2 n)``-bit indices, ``k = floor(b n / (32 + ceil(log2 n)))``.
 ``torch-qint8``        ``torch.quantize_per_tensor`` to qint8 with min-max scale and
                        nearest rounding (8 bits only).
-``hadamard-octav``     *preview*, not a peer: the ``rotation`` peer's Hadamard rotation
-                       followed by fedquant's own quantizer (OCTAV, stochastic).
+``hadamard-octav``     not a peer: the ``rotation`` peer's Hadamard rotation followed by
+                       fedquant's quantizer (OCTAV, stochastic) -- a reference for
+                       fedquant's own ``QuantSpec(rotation=True)`` (report section 5).
 =====================  ==============================================================
 """
 
@@ -304,7 +305,7 @@ def rotation_decode(e: Encoded) -> np.ndarray:
 
 
 def hadamard_octav_encode(x: np.ndarray, bits: int, rng: np.random.Generator) -> Encoded:
-    """Preview: the rotation above, then fedquant's quantizer (OCTAV threshold, stochastic)."""
+    """The rotation above, then fedquant's quantizer (OCTAV threshold, stochastic rounding)."""
     v = _flat32(x)
     seed = int(rng.integers(0, 2**63))
     y = rotate(v, seed)
@@ -452,7 +453,7 @@ PEERS: dict[str, Peer] = {
             hadamard_octav_decode,
             (1, 2, 3, 4, 8),
             False,
-            "preview: Hadamard rotation + fedquant OCTAV (stochastic)",
+            "reference: Hadamard rotation + fedquant OCTAV (stochastic)",
         ),
     )
 }

@@ -395,10 +395,13 @@ def headline(results: Mapping[str, Any]) -> list[str]:
                 + " / ".join(fmt(v, 3) for v in lim)
                 + ")"
             )
+    out += beyond_headline(results)
     return out
 
 
-#: rows of the error tables that are fedquant options previewed, not peers
+#: rows of the error tables that are not peers: ``hadamard-octav`` is the peers' reference
+#: implementation of rotation + OCTAV (:mod:`fedquant.bench.peers`), written before
+#: ``QuantSpec(rotation=True)`` existed; section 5 measures the option itself
 PREVIEWS = ("hadamard-octav",)
 
 
@@ -465,42 +468,15 @@ def peer_speed_wins(results: Mapping[str, Any]) -> list[str]:
     return out
 
 
-def preview_gains(results: Mapping[str, Any]) -> list[str]:
-    """NMSE of per-tensor OCTAV with stochastic rounding over that of each previewed option
-    (also stochastic), per source and bits; > 1 means the preview is better."""
-    rows = _error_rows(results)
-    ref = {
-        (r["source"], r["bits"]): r["nmse"]
-        for r in rows
-        if r["scheme"] == "fedquant"
-        and r["method"] == "octav"
-        and r["rounding"] == "stochastic"
-        and r["granularity"] == "tensor"
-    }
-    out = []
-    for name in PREVIEWS:
-        cells: dict[str, list[str]] = {}
-        for r in rows:
-            k = (r["source"], r["bits"])
-            if r["scheme"] == name and k in ref and r["nmse"] > 0:
-                extra = (
-                    f" at {r['bpc']:.2f} b" if abs(r["bpc"] - r["bits"]) > 0.05 * r["bits"] else ""
-                )
-                cells.setdefault(r["source"], []).append(
-                    f"B={r['bits']} {ref[k] / r['nmse']:.2g}x{extra}"
-                )
-        for src, cs in cells.items():
-            out.append(f"- {src}: NMSE of OCTAV (stochastic) / `{name}` = " + ", ".join(cs))
-    return out
-
-
 NOTES = """- **Real weights are from centrally trained models** (the paper's CNN, a few epochs, seeded),
   standing in for federated ones; federated runs are part 3 of issue 6 (section 4).
 - The **peers** are NumPy reference implementations written from their papers
   (`fedquant.bench.peers`): faithful in error, not tuned for speed. `torch-qint8`
   (PyTorch's fused C++ kernel, nearest rounding, 8 bits) is the tuned speed peer.
-- `hadamard-octav` is a **preview** of a "beyond the paper" option (randomized Hadamard
-  rotation, then fedquant's OCTAV quantizer), not a peer and not yet a fedquant option.
+- `hadamard-octav` in section 2 is not a peer: it is the peers' NumPy reference of a
+  randomized Hadamard rotation followed by fedquant's OCTAV (stochastic), kept as a cross-check.
+  The rotation is a fedquant option, `QuantSpec(rotation=True)`, measured through the codec in
+  section 5 with rANS coding (`entropy="rans"`) and adaptive bit allocation (`bits="auto:2.03"`).
 - **Timing** on a shared 2-core VM: every figure is a ratio to a memcpy measured in the same
   process, rep by rep, median of the per-rep ratios; other processes still disturb the
   2-thread rows most (the load average is recorded with the speed table).
@@ -543,9 +519,6 @@ def markdown(results: Mapping[str, Any]) -> str:
     fast = peer_speed_wins(results)
     if fast:
         out += ["## Where a peer is faster (same bits, 1 thread)", "", *fast, ""]
-    prev = preview_gains(results)
-    if prev:
-        out += ["## Preview: rotation before OCTAV", "", *prev, ""]
     out += ["## Notes", "", NOTES]
     sec = results.get("sections", {})
     if sec.get("grid"):
@@ -555,6 +528,8 @@ def markdown(results: Mapping[str, Any]) -> str:
     if sec.get("speed"):
         out += _speed_md(sec["speed"])
     out += federated_markdown(sec.get("federated"))
+    if sec.get("beyond"):
+        out += beyond_markdown(sec["beyond"])
     return "\n".join(out)
 
 
@@ -927,6 +902,723 @@ def federated_markdown(fed: Mapping[str, Any] | None) -> list[str]:
         out += _overhead_md(fed["overhead"])
     if fed.get("flower"):
         out += _flower_md(fed["flower"])
+    return out
+
+
+# --------------------------------------------------------------------------- beyond the paper
+
+
+def _pct(v: float | None, digits: int = 1) -> str:
+    return "-" if v is None else f"{100 * v:.{digits}f} %"
+
+
+def _gain(v: float | None) -> str:
+    return "-" if v is None else f"{fmt(v, 3)}x"
+
+
+def _bits_list(bits: Sequence[int]) -> str:
+    return ", ".join(map(str, bits))
+
+
+def rotation_totals(rows: Sequence[Row]) -> list[dict[str, Any]]:
+    """Whole-model figures of :func:`fedquant.bench.rotation.rotation_weight_errors` rows, one
+    per (granularity, bits): NMSE = sum of MSE x size / sum of variance x size (as in
+    section 2), bits/coordinate = payload bits / weights, gain = plain / rotated NMSE."""
+    acc: dict[tuple[str, int], dict[str, Any]] = {}
+    for r in rows:
+        k = (r["granularity"], r["bits"])
+        a = acc.setdefault(
+            k,
+            {
+                "model": r["model"],
+                "granularity": r["granularity"],
+                "bits": r["bits"],
+                "rounding": r.get("rounding"),
+                "numel": 0,
+                "_var": 0.0,
+                "_plain": 0.0,
+                "_rot": 0.0,
+                "_bpc_plain": 0.0,
+                "_bpc_rot": 0.0,
+            },
+        )
+        n, var = r["numel"], r.get("variance", 1.0)
+        a["numel"] += n
+        a["_var"] += var * n
+        a["_plain"] += r["nmse_plain"] * var * n
+        a["_rot"] += r["nmse_rotated"] * var * n
+        a["_bpc_plain"] += r["bpc_plain"] * n
+        a["_bpc_rot"] += r["bpc_rotated"] * n
+    out = []
+    for a in acc.values():
+        plain = a["_plain"] / a["_var"] if a["_var"] else None
+        rot = a["_rot"] / a["_var"] if a["_var"] else None
+        out.append(
+            {k: v for k, v in a.items() if not k.startswith("_")}
+            | {
+                "nmse_plain": plain,
+                "nmse_rotated": rot,
+                "gain": plain / rot if plain is not None and rot else None,
+                "bpc_plain": a["_bpc_plain"] / a["numel"],
+                "bpc_rotated": a["_bpc_rot"] / a["numel"],
+            }
+        )
+    return out
+
+
+def entropy_totals(rows: Sequence[Row]) -> list[dict[str, Any]]:
+    """Whole-model figures of :func:`fedquant.bench.entropy.entropy_weight_efficiency` rows, one
+    per (rotation, bits): bits per weight of each coder (code-weighted means of the layers)
+    and the encoded payload's bytes, packed and with ``entropy="rans"``."""
+    acc: dict[tuple[bool, int], dict[str, Any]] = {}
+    for r in rows:
+        k = (bool(r["rotation"]), r["bits"])
+        a = acc.setdefault(
+            k,
+            {
+                "model": r["model"],
+                "rotation": bool(r["rotation"]),
+                "bits": r["bits"],
+                "rounding": r.get("rounding"),
+                "codes": 0,
+            },
+        )
+        if r["layer"] == "(payload)":
+            for c in ("payload_packed", "payload_rans", "saving"):
+                a[c] = r[c]
+            continue
+        a["codes"] += r["codes"]
+        for c in ("entropy", "rans", "zstd_packed", "zstd_bytes_per_code"):
+            if r.get(c) is not None:
+                a[f"_{c}"] = a.get(f"_{c}", 0.0) + r[c] * r["codes"]
+    out = []
+    for a in acc.values():
+        n = max(a["codes"], 1)
+        for c in ("entropy", "rans", "zstd_packed", "zstd_bytes_per_code"):
+            a[c] = a.pop(f"_{c}") / n if f"_{c}" in a else None
+        out.append(a)
+    return out
+
+
+def _pick(rows: Sequence[Row], **match: Any) -> Row | None:
+    """The first row whose fields equal ``match`` (None if none)."""
+    for r in rows:
+        if all(r.get(k) == v for k, v in match.items()):
+            return r
+    return None
+
+
+def _rounding_of(rows: Sequence[Row]) -> str | None:
+    """``stochastic`` (fedquant's default) if the rows have it, else their first rounding."""
+    rs = [r.get("rounding") for r in rows]
+    return "stochastic" if "stochastic" in rs else (rs[0] if rs else None)
+
+
+def _where(cases: Sequence[str]) -> str:
+    return "; ".join(cases)
+
+
+def _weights_note(sec: Mapping[str, Any], model: str) -> str:
+    """Where the weights of ``model`` came from, e.g. "trained centrally on mnist-embedded ..."."""
+    w = (sec.get("weights") or {}).get(model) or {}
+    info = w.get("train")
+    if info:
+        return (
+            f"the paper's CNN trained centrally on `{info['dataset']}`, {info['epochs']} "
+            f"epoch(s), test accuracy {100 * info['test_accuracy']:.1f} %; as in section 2"
+        )
+    if w.get("source"):
+        return f"weights from `{w['source']}`"
+    return "the weights of section 2"
+
+
+def _rotation_md(rot: Mapping[str, Any], n: int, sec: Mapping[str, Any]) -> list[str]:
+    syn = rot.get("synthetic", [])
+    out = [
+        "### 5.1 Random rotation (`QuantSpec(rotation=True)`)",
+        "",
+        "A seeded randomized Hadamard rotation before per-tensor OCTAV "
+        "(`fedquant.quant.rotation`; the receiver rotates back with the shared key). Rotated "
+        "coordinates are close to Gaussian whatever the source, so the rotated NMSE should "
+        "approach the closed-form NMSE of OCTAV on a unit Gaussian (`rotated / Gaussian` = 1). "
+        "Everything is measured through `encode`/`decode`; bits/coordinate = payload bits / "
+        "values, so they include the padding to the rotation's block size and the headers. "
+        "`gain` = NMSE plain / NMSE rotated: **> 1 means the rotation helps, < 1 that it "
+        "hurts**.",
+        "",
+    ]
+    if syn:
+        out += [
+            f"Synthetic sources ({n:,} seeded samples, one tensor):",
+            "",
+            table(
+                [
+                    "source",
+                    "rounding",
+                    "B",
+                    "NMSE plain",
+                    "NMSE rotated",
+                    "gain",
+                    "rotated / Gaussian",
+                    "bits/coord plain",
+                    "bits/coord rotated",
+                ],
+                (
+                    [
+                        r["source"],
+                        r["rounding"],
+                        r["bits"],
+                        fmt(r["nmse_plain"]),
+                        fmt(r["nmse_rotated"]),
+                        _gain(r["gain"]),
+                        fmt(r.get("rotated_vs_gaussian"), 3),
+                        f"{r['bpc_plain']:.3f}",
+                        f"{r['bpc_rotated']:.3f}",
+                    ]
+                    for r in syn
+                ),
+            ),
+            "",
+        ]
+        lose = [
+            f"{r['source']} {r['rounding']} B={r['bits']} ({_gain(r['gain'])})"
+            for r in syn
+            if r["gain"] is not None and r["gain"] < 1.0
+        ]
+        win = [r for r in syn if r["gain"] is not None and r["gain"] >= 1.0]
+        if lose:
+            out.append(f"- **Rotation is worse than plain OCTAV on:** {_where(lose)}.")
+        if win:
+            best = max(win, key=lambda r: r["gain"])
+            out.append(
+                f"- Rotation helps in {len(win)} of {len(syn)} synthetic cases, most on "
+                f"{best['source']} {best['rounding']} B={best['bits']} ({_gain(best['gain'])})."
+            )
+        if lose or win:
+            out.append("")
+    for model, rows in rot.get("models", {}).items():
+        if not rows:
+            continue
+        tot = rotation_totals(rows)
+        out += [
+            f"**{model}** ({_weights_note(sec, model)}; {rows[0].get('rounding')} rounding), "
+            "whole model:",
+            "",
+            table(
+                [
+                    "granularity",
+                    "B",
+                    "NMSE plain",
+                    "NMSE rotated",
+                    "gain",
+                    "bits/coord plain",
+                    "bits/coord rotated",
+                ],
+                (
+                    [
+                        t["granularity"],
+                        t["bits"],
+                        fmt(t["nmse_plain"]),
+                        fmt(t["nmse_rotated"]),
+                        _gain(t["gain"]),
+                        f"{t['bpc_plain']:.3f}",
+                        f"{t['bpc_rotated']:.3f}",
+                    ]
+                    for t in tot
+                ),
+            ),
+            "",
+            "<details><summary>per layer</summary>\n\n"
+            + table(
+                [
+                    "layer",
+                    "size",
+                    "excess kurtosis",
+                    "granularity",
+                    "B",
+                    "NMSE plain",
+                    "NMSE rotated",
+                    "gain",
+                    "bits/coord plain",
+                    "bits/coord rotated",
+                ],
+                (
+                    [
+                        f"`{r['layer']}`",
+                        f"{r['numel']:,}",
+                        fmt(r.get("kurtosis"), 3),
+                        r["granularity"],
+                        r["bits"],
+                        fmt(r["nmse_plain"]),
+                        fmt(r["nmse_rotated"]),
+                        _gain(r["gain"]),
+                        f"{r['bpc_plain']:.3f}",
+                        f"{r['bpc_rotated']:.3f}",
+                    ]
+                    for r in rows
+                ),
+            )
+            + "\n\n</details>",
+            "",
+        ]
+        lose_t = [t for t in tot if t["gain"] is not None and t["gain"] < 1.0]
+        if lose_t:
+            out.append(
+                f"- **{model}: the rotation is worse than plain OCTAV** (whole model) at "
+                + _where([f"{t['granularity']} B={t['bits']} ({_gain(t['gain'])})" for t in lose_t])
+                + "."
+                + _kurtosis_note(rows)
+            )
+        if len(lose_t) < len(tot):
+            out.append(
+                f"- {model}: the rotation helps (whole model) at "
+                + _where(
+                    [
+                        f"{t['granularity']} B={t['bits']} ({_gain(t['gain'])})"
+                        for t in tot
+                        if t not in lose_t and t["gain"] is not None
+                    ]
+                )
+                + "."
+            )
+        extra = [t["bpc_rotated"] - t["bpc_plain"] for t in tot]
+        if extra:
+            out.append(
+                f"- {model}: the padding costs {min(extra):.3f}-{max(extra):.3f} extra "
+                "bits/coordinate over the unrotated payload."
+            )
+        out.append("")
+    sp = rot.get("speed") or []
+    if sp:
+        out += _op_speed_md(sp, "melem_per_s", "M elem/s", rot.get("load_before"))
+        ratio = _slowdowns(sp, (("encode(rotation)", "encode"), ("decode(rotation)", "decode")))
+        if ratio:
+            out += ["- " + ratio, ""]
+    return out
+
+
+def _kurtosis_note(rows: Sequence[Row]) -> str:
+    """The layers' excess kurtosis range, the figure that says whether rotating can pay."""
+    ks = [r["kurtosis"] for r in rows if r.get("kurtosis") is not None]
+    if not ks:
+        return ""
+    return (
+        f" The layers' excess kurtosis is {min(ks):.2f} to {max(ks):.2f} (Gaussian 0, Laplace "
+        "3): the rotation turns values into Gaussian-like ones, which pays on heavier tails than "
+        "these (the synthetic rows above) and costs where the tails are lighter."
+    )
+
+
+def _slowdowns(rows: Sequence[Row], pairs: Sequence[tuple[str, str]]) -> str:
+    """'X with rotation takes 2.1x the time of X' for each pair, at the most threads."""
+    top = max(r["threads"] for r in rows)
+    by = {r["op"]: r for r in rows if r["threads"] == top}
+    cells = []
+    for slow, fast in pairs:
+        if slow in by and fast in by and by[slow]["seconds"] > 0:
+            cells.append(
+                f"`{slow}` takes {fmt(by[slow]['seconds'] / by[fast]['seconds'], 3)}x the time "
+                f"of `{fast}`"
+            )
+    return "; ".join(cells) + f" ({top} thread(s))." if cells else ""
+
+
+def _op_speed_md(rows: Sequence[Row], rate: str, rate_label: str, load: str | None) -> list[str]:
+    """Speed rows (op, bits, threads, ratio_memcpy, rate) as one table: ratio per thread count."""
+    threaded = all("threads" in r for r in rows)
+    ths = sorted({r.get("threads", 1) for r in rows})
+    keys = list(dict.fromkeys((r["op"], r.get("bits")) for r in rows))
+    by = {(r["op"], r.get("bits"), r.get("threads", 1)): r for r in rows}
+    body = []
+    for op, b in keys:
+        last = by.get((op, b, ths[-1]))
+        body.append(
+            [f"`{op}`", "-" if b is None else b]
+            + [fmt(by[op, b, t]["ratio_memcpy"], 3) if (op, b, t) in by else "" for t in ths]
+            + [fmt(last[rate], 4) if last else ""]
+            + ([fmt(last.get("bpc"), 4) if last else ""] if rate == "mcodes_per_s" else [])
+        )
+    n = rows[0]["n"]
+    return [
+        f"Speed on {n:,} float32 values (Gaussian): `ratio` = t(memcpy) / t(op), median of "
+        "interleaved reps as in section 3; higher is better"
+        + (f"; load average before: {load}" if load else "")
+        + ".",
+        "",
+        table(
+            ["op", "B"]
+            + ([f"ratio, {t} thread(s)" for t in ths] if threaded else ["ratio"])
+            + [rate_label]
+            + (["bits/code"] if rate == "mcodes_per_s" else []),
+            body,
+        ),
+        "",
+    ]
+
+
+def _entropy_md(ent: Mapping[str, Any], n: int, sec: Mapping[str, Any]) -> list[str]:
+    syn = ent.get("synthetic", [])
+    zstd = ent.get("zstd")
+    out = [
+        '### 5.2 Entropy coding (rANS, `QuantSpec(entropy="rans")`)',
+        "",
+        "fedquant's static rANS coder (`fedquant.quant.entropy`) on the codes of per-tensor "
+        "OCTAV, against the codes' order-0 empirical entropy (the coder's floor) and the "
+        "nominal `B` bits of packing. Bits per code include the frequency table and the "
+        "coder's states. `saving` = 1 - rANS bits / B. "
+        + (
+            f"zstd (level 3, `zstandard` {zstd}, a general-purpose peer) compresses the packed "
+            "codes and, separately, one byte per code."
+            if zstd
+            else "zstd columns are empty: `zstandard` is not installed."
+        ),
+        "",
+    ]
+    if syn:
+        out += [
+            f"Synthetic sources ({n:,} seeded samples):",
+            "",
+            table(
+                [
+                    "source",
+                    "rotation",
+                    "rounding",
+                    "B",
+                    "entropy",
+                    "rANS bits/code",
+                    "rANS over entropy",
+                    "saving vs B",
+                    "zstd (packed)",
+                    "zstd (byte/code)",
+                ],
+                (
+                    [
+                        r["source"],
+                        "yes" if r["rotation"] else "no",
+                        r["rounding"],
+                        r["bits"],
+                        fmt(r["entropy"], 4),
+                        fmt(r["rans"], 4),
+                        _pct(r.get("rans_over_entropy"), 3),
+                        _pct(1.0 - r["rans"] / r["bits"]),
+                        fmt(r.get("zstd_packed"), 4),
+                        fmt(r.get("zstd_bytes_per_code"), 4),
+                    ]
+                    for r in syn
+                ),
+            ),
+            "",
+        ]
+        out += _entropy_verdicts(
+            syn,
+            lambda r: (
+                f"{r['source']}{' rotated' if r['rotation'] else ''} {r['rounding']} B={r['bits']}"
+            ),
+        )
+    for model, rows in ent.get("models", {}).items():
+        if not rows:
+            continue
+        tot = entropy_totals(rows)
+        out += [
+            f"**{model}** ({_weights_note(sec, model)}; {rows[0].get('rounding')} rounding): bits "
+            "per weight over the conv and linear weights, and the bytes of the whole encoded "
+            "state (`encode`, every tensor, headers included; rANS only where it saves bytes):",
+            "",
+            table(
+                [
+                    "rotation",
+                    "B",
+                    "entropy",
+                    "rANS bits/weight",
+                    "zstd (packed)",
+                    "payload packed B",
+                    "payload rANS B",
+                    "payload saving",
+                ],
+                (
+                    [
+                        "yes" if t["rotation"] else "no",
+                        t["bits"],
+                        fmt(t.get("entropy"), 4),
+                        fmt(t.get("rans"), 4),
+                        fmt(t.get("zstd_packed"), 4),
+                        _bytes(t.get("payload_packed")),
+                        _bytes(t.get("payload_rans")),
+                        _pct(t.get("saving")),
+                    ]
+                    for t in tot
+                ),
+            ),
+            "",
+            "<details><summary>per layer</summary>\n\n"
+            + table(
+                ["layer", "rotation", "B", "entropy", "rANS", "zstd (packed)", "zstd (byte/code)"],
+                (
+                    [
+                        f"`{r['layer']}`",
+                        "yes" if r["rotation"] else "no",
+                        r["bits"],
+                        fmt(r["entropy"], 4),
+                        fmt(r["rans"], 4),
+                        fmt(r.get("zstd_packed"), 4),
+                        fmt(r.get("zstd_bytes_per_code"), 4),
+                    ]
+                    for r in rows
+                    if r["layer"] != "(payload)"
+                ),
+            )
+            + "\n\n</details>",
+            "",
+        ]
+        none = [t for t in tot if t.get("saving") is not None and t["saving"] <= 0.0]
+        if none:
+            out.append(
+                f"- **{model}: rANS saves nothing** on the payload at "
+                + _where([_rot_label(t) for t in none])
+                + " (the codec then keeps the packed codes)."
+            )
+        saved = [t for t in tot if t.get("saving") is not None and t["saving"] > 0.0]
+        if saved:
+            lo = min(saved, key=lambda t: t["saving"])
+            hi = max(saved, key=lambda t: t["saving"])
+            out.append(
+                f"- {model}: rANS saves {_pct(lo['saving'])} ({_rot_label(lo)}) to "
+                f"{_pct(hi['saving'])} ({_rot_label(hi)}) of the payload."
+            )
+        zwin = [
+            t
+            for t in tot
+            if t.get("zstd_packed") is not None
+            and t.get("rans") is not None
+            and t["zstd_packed"] < t["rans"]
+        ]
+        if zwin:
+            out.append(
+                f"- **{model}: zstd on the packed codes beats rANS** at "
+                + _where([_rot_label(t) for t in zwin])
+                + "."
+            )
+        out.append("")
+    sp = ent.get("speed") or []
+    if sp:
+        out += _op_speed_md(sp, "mcodes_per_s", "M codes/s", ent.get("load_before"))
+        by = {(r["op"], r["bits"]): r for r in sp}
+        cells = []
+        for b in sorted({r["bits"] for r in sp}):
+            dec, ref = by.get(("rans decode (levels)", b)), by.get(("packed dequantize", b))
+            if dec and ref:
+                cells.append(
+                    f"B={b}: {fmt(dec['seconds'] / ref['seconds'], 3)}x the time of unpacking"
+                )
+        if cells:
+            out += [
+                "- rANS decoding straight to float32 levels vs `dequantize` of packed codes: "
+                + "; ".join(cells)
+                + ".",
+                "",
+            ]
+    return out
+
+
+def _rot_label(t: Row) -> str:
+    return f"B={t['bits']} {'rotated' if t['rotation'] else 'unrotated'}"
+
+
+def _entropy_verdicts(rows: Sequence[Row], label: Any) -> list[str]:
+    out = []
+    zwin = [
+        label(r) + f" ({fmt(r['zstd_packed'], 3)} < {fmt(r['rans'], 3)} bits)"
+        for r in rows
+        if r.get("zstd_packed") is not None and r["zstd_packed"] < r["rans"]
+    ]
+    if zwin:
+        out.append(f"- **zstd on the packed codes beats rANS on:** {_where(zwin)}.")
+    elif any(r.get("zstd_packed") is not None for r in rows):
+        out.append("- zstd on the packed codes is never below rANS here.")
+    nosave = [label(r) for r in rows if r["rans"] >= r["bits"]]
+    if nosave:
+        out.append(f"- **rANS saves nothing over packing on:** {_where(nosave)}.")
+    over = [r["rans_over_entropy"] for r in rows if r.get("rans_over_entropy") is not None]
+    if over:
+        out.append(
+            f"- rANS is within {_pct(max(over), 3)} of the entropy (worst case), "
+            f"{_pct(min(over), 3)} at best."
+        )
+    return [*out, ""] if out else []
+
+
+def _allocation_md(al: Mapping[str, Any], sec: Mapping[str, Any]) -> list[str]:
+    out = [
+        '### 5.3 Adaptive bit allocation (`bits="auto:B"`)',
+        "",
+        "Per-layer widths chosen to minimize the total squared error `sum_l n_l MSE_l` at a "
+        "budget of bits per weight (`fedquant.quant.allocation`), against fixed widths at "
+        "**the same budget** (the fixed setting's bits per weight; same bytes up to rounding), "
+        "stochastic rounding, on the model weights (`fedquant.bench.allocation."
+        "codec_comparison`). `sq error x fixed` < 1: the allocation wins. Encode time: median "
+        "of repeated `encode` calls, the allocation included.",
+        "",
+    ]
+    for model, rows in al.get("models", {}).items():
+        if not rows:
+            continue
+        layers = list(dict.fromkeys(k for r in rows for k in r["bits"]))
+        out += [
+            f"**{model}** ({_weights_note(sec, model)}):",
+            "",
+            table(
+                ["spec", "at the budget of"]
+                + [f"`{k}`" for k in layers]
+                + [
+                    "bits/weight",
+                    "bytes",
+                    "sq error",
+                    "sq error x fixed",
+                    "encode ms",
+                    "encode x fixed",
+                ],
+                (
+                    [f"`{r['spec']}`", f"`{r['budget_of']}`"]
+                    + [str(r["bits"].get(k, "-")) for k in layers]
+                    + [
+                        f"{r['bits_per_weight']:.4f}",
+                        _bytes(r["bytes"]),
+                        fmt(r["sq_error"]),
+                        fmt(r.get("sq_error_ratio"), 3),
+                        fmt(r["encode_ms"], 3),
+                        fmt(r.get("encode_ratio"), 3),
+                    ]
+                    for r in rows
+                ),
+            ),
+            "",
+        ]
+        autos = [r for r in rows if r["spec"] != r["budget_of"]]
+        fixed = {r["spec"]: r for r in rows if r["spec"] == r["budget_of"]}
+        for r in autos:
+            ref = fixed.get(r["budget_of"])
+            ratio = r.get("sq_error_ratio")
+            if ref is None or ratio is None:
+                continue
+            same = r["bits"] == ref["bits"]
+            what = (
+                "chose the same widths as"
+                if same
+                else "chose "
+                + "-".join(str(r["bits"][k]) for k in layers if k in r["bits"])
+                + " instead of"
+            )
+            if ratio > 1.0:
+                verdict = f"**{fmt(ratio, 3)}x the squared error: worse**" + (
+                    " (same widths; the stochastic draws differ)" if same else ""
+                )
+            elif ratio < 1.0:
+                verdict = f"{fmt(ratio, 3)}x the squared error"
+            else:
+                verdict = "the same squared error"
+            out.append(
+                f"- {model}, budget of `{r['budget_of']}`: `auto` {what} `{r['budget_of']}`, "
+                f"{verdict}, encode {fmt(r.get('encode_ratio'), 3)}x the time."
+            )
+        out.append("")
+    return out
+
+
+def beyond_markdown(sec: Mapping[str, Any]) -> list[str]:
+    """Section 5 of the report from ``results["sections"]["beyond"]``."""
+    out = [
+        "## 5. Beyond the paper: rotation, entropy coding, adaptive bit allocation",
+        "",
+        "fedquant options the paper does not have, measured through fedquant's codec on the "
+        "synthetic sources and model weights of section 2 (loaded once for both): "
+        "`QuantSpec(rotation=True)`, "
+        '`QuantSpec(entropy="rans")` and `bits="auto:2.03"` (`RunConfig` takes the same '
+        "settings). Every verdict below is computed from the rows of `bench.json` "
+        "(`sections.beyond`).",
+        "",
+    ]
+    n = sec.get("n", 0)
+    if sec.get("rotation"):
+        out += _rotation_md(sec["rotation"], n, sec)
+    if sec.get("entropy"):
+        out += _entropy_md(sec["entropy"], n, sec)
+    if sec.get("allocation"):
+        out += _allocation_md(sec["allocation"], sec)
+    if sec.get("skipped"):
+        out += ["Skipped: " + "; ".join(sec["skipped"]), ""]
+    return out
+
+
+def beyond_headline(results: Mapping[str, Any]) -> list[str]:
+    """Headline bullets of section 5 (rotation on Student-t(3) and on trained weights at 4
+    bits, rANS at 2 bits, allocation at 4-2-2-4's budget), computed from its rows."""
+    sec = results.get("sections", {}).get("beyond")
+    if not sec:
+        return []
+    out: list[str] = []
+    rot = sec.get("rotation") or {}
+    syn = rot.get("synthetic") or []
+    rnd = _rounding_of(syn)
+    r = _pick(syn, source="student-t3", bits=4, rounding=rnd)
+    if r:
+        out.append(
+            f"- Random rotation before OCTAV, Student-t(3), 4 bits, {rnd} rounding: NMSE "
+            f"{fmt(r['nmse_plain'], 3)} -> {fmt(r['nmse_rotated'], 3)} "
+            f"({_gain(r['gain'])} {'lower' if r['gain'] >= 1 else 'HIGHER: worse'}) at "
+            f"{r['bpc_rotated']:.3f} bits/coordinate"
+        )
+    for model, rows in (rot.get("models") or {}).items():
+        t = _pick(rotation_totals(rows), granularity="tensor", bits=4)
+        if t and t["gain"] is not None:
+            out.append(
+                f"- Rotation on {model} weights, per tensor, 4 bits, {t['rounding']} rounding: NMSE "
+                f"{fmt(t['nmse_plain'], 3)} -> {fmt(t['nmse_rotated'], 3)}: "
+                + (
+                    f"{_gain(t['gain'])} lower"
+                    if t["gain"] >= 1
+                    else f"**worse** ({fmt(1 / t['gain'], 3)}x the error of plain OCTAV)"
+                )
+            )
+    ent = sec.get("entropy") or {}
+    esyn = ent.get("synthetic") or []
+    rnd = _rounding_of(esyn)
+    r = _pick(esyn, source="gaussian", bits=2, rounding=rnd, rotation=False)
+    if r:
+        out.append(
+            f"- rANS on 2-bit OCTAV codes of a Gaussian ({rnd}): {fmt(r['rans'], 4)} bits/code "
+            f"(entropy {fmt(r['entropy'], 4)}): "
+            + (
+                f"{_pct(1 - r['rans'] / 2)} fewer bits than packing"
+                if r["rans"] < 2
+                else f"**no saving** ({_pct(r['rans'] / 2 - 1)} more bits than packing)"
+            )
+            + (
+                f"; zstd-3 on the packed codes {fmt(r['zstd_packed'], 4)}"
+                if r.get("zstd_packed") is not None
+                else ""
+            )
+        )
+    for model, rows in (ent.get("models") or {}).items():
+        t = _pick(entropy_totals(rows), bits=2, rotation=False)
+        if t and t.get("saving") is not None:
+            out.append(
+                f"- rANS on the {model} payload at 2 bits: {_bytes(t['payload_packed'])} -> "
+                f"{_bytes(t['payload_rans'])} bytes ("
+                + (f"{_pct(t['saving'])} saved)" if t["saving"] > 0 else "**no saving**)")
+            )
+    for model, rows in ((sec.get("allocation") or {}).get("models") or {}).items():
+        auto = next(
+            (x for x in rows if x["budget_of"] == "4-2-2-4" and x["spec"] != "4-2-2-4"), None
+        )
+        if auto and auto.get("sq_error_ratio") is not None:
+            ratio = auto["sq_error_ratio"]
+            out.append(
+                f"- `auto` bit allocation at 4-2-2-4's budget ({auto['bits_per_weight']:.3f} "
+                f"bits/weight) on {model}: "
+                + "-".join(str(b) for b in auto["bits"].values())
+                + f", {fmt(ratio, 3)}x the squared error of 4-2-2-4"
+                + (" (**worse**)" if ratio > 1 else "")
+            )
     return out
 
 

@@ -105,6 +105,15 @@ def rotation_errors(
     return rows
 
 
+def _excess_kurtosis(w: np.ndarray) -> float:
+    """``E[(x - mean)^4] / var^2 - 3`` of the values: 0 for a Gaussian, 3 for a Laplace,
+    -1.2 for a uniform (how heavy the tails are that the rotation evens out)."""
+    x = w.astype(np.float64).reshape(-1)
+    x = x - x.mean()
+    var = float(np.mean(x * x))
+    return float(np.mean(x**4) / var**2 - 3.0) if var > 0 else 0.0
+
+
 def rotation_weight_errors(
     state: Mapping[str, np.ndarray],
     model: str,
@@ -114,7 +123,13 @@ def rotation_weight_errors(
     rounding: str = "nearest",
     seed: int = 0,
 ) -> list[Row]:
-    """Per layer of ``state`` (its conv and linear weights): NMSE and bytes, plain and rotated."""
+    """Per layer of ``state`` (its conv and linear weights): NMSE and bytes, plain and rotated.
+
+    Each row: ``model, layer, numel, variance`` (of the layer's values, to
+    aggregate NMSEs over layers), ``kurtosis`` (excess, of the layer's values),
+    ``granularity, rounding, bits``, then the
+    columns of :func:`rotation_errors` (without the Gaussian reference).
+    """
     from fedquant.bench.weights import quantizable_layers
 
     rows: list[Row] = []
@@ -129,6 +144,8 @@ def rotation_weight_errors(
                         "model": model,
                         "layer": name,
                         "numel": int(w.size),
+                        "variance": float(np.var(w.astype(np.float64))),
+                        "kurtosis": _excess_kurtosis(w),
                         "granularity": gran,
                         "rounding": rounding,
                         "bits": b,
