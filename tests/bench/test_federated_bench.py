@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fedquant.bench import cli, federated, flower_sim, report
+from fedquant.bench import cli, federated, report
 from fedquant.errors import ConfigError, FedquantError
 from fedquant.fl import simulation
 from fedquant.fl.config import RunConfig
@@ -210,14 +210,30 @@ def test_memory_vs_clients_in_a_fresh_process() -> None:
 # --------------------------------------------------------------------------- Flower
 
 
+def _flower_sim() -> Any:
+    return pytest.importorskip("fedquant.flower.simulation", reason="needs fedquant[flower]")
+
+
 def test_flower_comparison_is_skipped_without_ray(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(flower_sim, "flower_simulation_available", lambda: "ray is missing")
+    flower_sim = _flower_sim()
+    monkeypatch.setattr(flower_sim, "flower_missing", lambda: "ray is missing")
     out = flower_sim.simulator_vs_flower(BASE, rounds=1)
     assert out["skipped"] == "ray is missing" and out["rows"] == []
     assert "Skipped: ray is missing" in "\n".join(report.federated_markdown({"flower": out}))
 
 
+def test_flower_missing_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a)
+    )
+    assert federated.flower_missing() == "ray is not installed (pip install 'fedquant[flower-sim]')"
+
+
 def test_flower_comparison_refuses_what_it_cannot_compare() -> None:
+    flower_sim = _flower_sim()
     with pytest.raises(ConfigError, match="client_fraction"):
         flower_sim.simulator_vs_flower(BASE.with_(client_fraction=0.5))
     with pytest.raises(ConfigError, match="client_cpus"):
@@ -228,6 +244,7 @@ def test_flower_comparison_refuses_what_it_cannot_compare() -> None:
 def test_simulator_vs_flower_smoke() -> None:
     pytest.importorskip("flwr")
     pytest.importorskip("ray")
+    flower_sim = _flower_sim()
     out = flower_sim.simulator_vs_flower(BASE, rounds=1, client_cpus=(2,), n_train=200, n_test=100)
     sim_row, fl_row = out["rows"]
     assert "error" not in fl_row, fl_row.get("error")

@@ -16,7 +16,7 @@ Markdown's headline. Sections:
 ``federated`` (not in the default set: it trains for tens of minutes)
     :mod:`fedquant.bench.federated` -- uplink bytes to a target accuracy per
     method, the default run's overhead and memory, and the simulator vs
-    Flower's simulation engine (:mod:`fedquant.bench.flower_sim`, skipped
+    Flower's simulation engine (:mod:`fedquant.flower.simulation`, skipped
     without Ray). ``--fed-parts`` picks some of them.
 ``beyond``
     The "beyond the paper" options of :class:`~fedquant.quant.spec.QuantSpec`:
@@ -360,17 +360,21 @@ def _federated_section(args: argparse.Namespace, quick: bool, command: str) -> d
         out["overhead"] = ov
         _log(f"federated overhead: {time.perf_counter() - t0:.1f} s")
     if "flower" in parts:
-        from fedquant.bench import flower_sim
-
         t0 = time.perf_counter()
-        out["flower"] = flower_sim.simulator_vs_flower(
-            base,
-            rounds=args.flower_rounds or (1 if quick else 5),
-            client_cpus=cpus,
-            n_train=400 if quick else 0,
-            n_test=200 if quick else 0,
-            log=_log,
-        )
+        why = federated.flower_missing()
+        if why is not None:
+            out["flower"] = {"skipped": why, "rows": []}
+        else:
+            from fedquant.flower.simulation import simulator_vs_flower
+
+            out["flower"] = simulator_vs_flower(
+                base,
+                rounds=args.flower_rounds or (1 if quick else 5),
+                client_cpus=cpus,
+                n_train=400 if quick else 0,
+                n_test=200 if quick else 0,
+                log=_log,
+            )
         _log(f"federated flower: {time.perf_counter() - t0:.1f} s")
     out["load_after"] = _load()
     return out

@@ -24,7 +24,8 @@ plain rows (dicts), like the rest of :mod:`fedquant.bench`; the command is
     ``clients x`` the model's float32 size.
 
 The comparison with Flower's simulation engine is in
-:mod:`fedquant.bench.flower_sim`. Timings are wall-clock on a possibly busy
+:mod:`fedquant.flower.simulation` (the only Flower-importing code lives in
+:mod:`fedquant.flower`). Timings are wall-clock on a possibly busy
 machine: every timed row records the load average, and the figures worth
 quoting are the ratios measured within one run.
 """
@@ -61,6 +62,16 @@ Log = Callable[[str], None]
 MARGIN = 0.01
 #: evaluated rounds at the end of the float32 runs that define the reference accuracy
 LAST_K = 3
+
+
+def flower_missing() -> str | None:
+    """``None`` if Flower's simulation engine (flwr + Ray) is installed, else what is missing."""
+    import importlib.util
+
+    for mod, extra in (("flwr", "fedquant[flower]"), ("ray", "fedquant[flower-sim]")):
+        if importlib.util.find_spec(mod) is None:
+            return f"{mod} is not installed (pip install '{extra}')"
+    return None
 
 
 def load_average() -> float | None:

@@ -29,15 +29,15 @@ Flower needs ``flwr[simulation]`` (Ray); without it the comparison is
 skipped. ``flwr.simulation.run_simulation`` is deprecated in Flower 1.42 in
 favour of ``flwr run``, which drives the same engine from the command line.
 
-This module imports ``flwr`` only inside functions, so it can be imported
-(and its rows rendered) without Flower installed.
+It lives in :mod:`fedquant.flower` (the only package that imports ``flwr``);
+``fedquant bench --only federated`` imports it only when
+:func:`fedquant.bench.federated.flower_missing` finds Flower and Ray.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.util
 import json
 import logging
 import os
@@ -47,20 +47,12 @@ from typing import Any
 
 import numpy as np
 
-from fedquant.bench.federated import Log, Row, load_average, small_dataset
+from fedquant.bench.federated import Log, Row, flower_missing, load_average, small_dataset
 from fedquant.errors import ConfigError, FedquantError
 from fedquant.fl.config import RunConfig
 
 #: the train ConfigRecord key that carries the run (JSON of RunConfig and the data subset)
 RUN_KEY = "bench.run"
-
-
-def flower_simulation_available() -> str | None:
-    """``None`` if Flower's simulation engine can run here, else why not."""
-    for mod, extra in (("flwr", "fedquant[flower]"), ("ray", "flwr[simulation]")):
-        if importlib.util.find_spec(mod) is None:
-            return f"{mod} is not installed (pip install '{extra}')"
-    return None
 
 
 # --------------------------------------------------------------------------- the client side
@@ -426,7 +418,7 @@ def simulator_vs_flower(
         "aggregation": cfg.aggregation,
         "rows": [],
     }
-    why = flower_simulation_available()
+    why = flower_missing()
     if why is not None:
         out["skipped"] = why
         return out
