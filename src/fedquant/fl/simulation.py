@@ -9,6 +9,9 @@ One round (:meth:`Simulation.run_round`):
    locally (:func:`fedquant.fl.client.train_local`), and encodes its full state
    with the uplink spec (:func:`fedquant.quant.codec.encode_with_stats`);
    uplink traffic = the payload lengths. Clients may fail (``failure_rate``).
+   With ``batched_clients=K`` the clients that do not fail are trained K at a
+   time as one stacked model (:func:`fedquant.fl.batched.train_batched`, same
+   mini-batches, equal up to float round-off), then encoded one by one as above.
    With ``upload="delta"`` a client encodes its update from the broadcast
    instead, plus its error-feedback residual (:mod:`fedquant.fl.updates`; the
    residuals are :attr:`RunState.residuals`, checkpointed with the model);
@@ -40,8 +43,10 @@ from torch import nn
 from fedquant.errors import ConfigError
 from fedquant.fl import adversary, seeding
 from fedquant.fl.aggregation import AggregationRule, aggregate_payloads, parse_rule, relative_cap
+from fedquant.fl.batched import state_to_numpy, train_batched, unsupported_reason
 from fedquant.fl.client import (
     TrainConfig,
+    TrainStats,
     encode_model,
     evaluate,
     load_numpy_state,
@@ -151,6 +156,18 @@ class Simulation:
             qat=cfg.qat,
         )
         self.hostile = self._hostile_clients()
+        #: why ``batched_clients`` could not be used (clients then train one after another)
+        self.batched_fallback: str | None = None
+        if cfg.batched_clients > 0:
+            self.batched_fallback = unsupported_reason(
+                self.model, self.train_cfg, self.data.train_x[:2]
+            )
+            if self.batched_fallback is not None:
+                log.warning(
+                    "batched_clients=%d: training clients one after another instead: %s",
+                    cfg.batched_clients,
+                    self.batched_fallback,
+                )
         # validate the spec against the model now, not in round 1
         self.uplink.resolve(
             {k: (v.shape, v.dtype.kind == "f") for k, v in self.initial_state.items()}
@@ -191,6 +208,40 @@ class Simulation:
             meta={"round": round_},
         )
 
+    @property
+    def clients_at_once(self) -> int:
+        """How many clients train at once (0: one after another, the loop)."""
+        return self.cfg.batched_clients if self.batched_fallback is None else 0
+
+    def _client_data(self, client: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.from_numpy(self.parts[client])
+        x, y = self.data.train_x[idx], self.data.train_y[idx]
+        if self.device.type != "cpu":
+            x, y = x.to(self.device), y.to(self.device)
+        return x, y
+
+    def train_clients(
+        self, clients: list[int], start: Mapping[str, np.ndarray], round_: int
+    ) -> dict[int, tuple[dict[str, np.ndarray], TrainStats]]:
+        """Train ``clients`` from ``start`` at once (:func:`~fedquant.fl.batched.train_batched`).
+
+        Returns client id -> (trained state as NumPy arrays, its statistics), with
+        the same mini-batches as :meth:`client_payload`'s one-by-one training.
+        """
+        load_numpy_state(self.model, start)
+        res = train_batched(
+            self.model,
+            [self._client_data(c) for c in clients],
+            self.train_cfg,
+            generators=[
+                seeding.torch_generator(self.cfg.seed, Purpose.SHUFFLE, round_, c) for c in clients
+            ],
+        )
+        return {
+            c: (state_to_numpy(st), stats)
+            for c, st, stats in zip(clients, res.states, res.stats, strict=True)
+        }
+
     def client_payload(
         self,
         client: int,
@@ -198,27 +249,32 @@ class Simulation:
         round_: int,
         *,
         residuals: dict[int, dict[str, np.ndarray]] | None = None,
+        trained: tuple[dict[str, np.ndarray], TrainStats] | None = None,
     ) -> tuple[bytes, float, float]:
         """Train client ``client`` from ``start``; returns (payload, train loss, train seconds).
 
         With ``upload="delta"`` the payload is the update from ``start``; with
         error feedback the client's entry of ``residuals`` is read and replaced.
+        ``trained`` is the client's state and statistics if it was already trained
+        (:meth:`train_clients`); then nothing is trained here and the seconds are 0.
         """
         cfg = self.cfg
-        load_numpy_state(self.model, start)
-        idx = torch.from_numpy(self.parts[client])
-        x, y = self.data.train_x[idx], self.data.train_y[idx]
-        if self.device.type != "cpu":
-            x, y = x.to(self.device), y.to(self.device)
-        stats = train_local(
-            self.model,
-            x,
-            y,
-            self.train_cfg,
-            generator=seeding.torch_generator(cfg.seed, Purpose.SHUFFLE, round_, client),
-            qat_spec=self.uplink,
-            qat_rng=seeding.numpy_rng(cfg.seed, Purpose.QAT, round_, client),
-        )
+        if trained is None:
+            load_numpy_state(self.model, start)
+            x, y = self._client_data(client)
+            stats = train_local(
+                self.model,
+                x,
+                y,
+                self.train_cfg,
+                generator=seeding.torch_generator(cfg.seed, Purpose.SHUFFLE, round_, client),
+                qat_spec=self.uplink,
+                qat_rng=seeding.numpy_rng(cfg.seed, Purpose.QAT, round_, client),
+            )
+            train_secs = stats.seconds
+        else:  # the model carries the client's trained state from here on, as in the loop
+            load_numpy_state(self.model, trained[0])
+            stats, train_secs = trained[1], 0.0
         meta = upload_meta(
             round_,
             client,
@@ -239,7 +295,7 @@ class Simulation:
             )
             if cfg.error_feedback and residuals is not None:
                 residuals[client] = up.residual
-            return up.result.payload, stats.loss, stats.seconds
+            return up.result.payload, stats.loss, train_secs
         enc = encode_model(
             self.model,
             self.uplink,
@@ -247,7 +303,7 @@ class Simulation:
             meta=meta,
             shared_key=seeding.rotation_key(cfg.seed, round_),
         )
-        return enc.payload, stats.loss, stats.seconds
+        return enc.payload, stats.loss, train_secs
 
     def replies(
         self, client: int, payload: bytes, shared_key: int | None = None
@@ -288,11 +344,21 @@ class Simulation:
         seen: set[str] = set()
         received = 0
         replies = 0
+        k = self.clients_at_once
+        todo = [int(c) for c in clients if c not in failed]  # who trains, in order
+        trained: dict[int, tuple[dict[str, np.ndarray], TrainStats]] = {}
         for c in clients:
             if c in failed:
                 continue
+            if k and int(c) not in trained:  # train this client and the next k - 1 at once
+                t0 = time.perf_counter()
+                pos = todo.index(int(c))
+                trained.update(self.train_clients(todo[pos : pos + k], start, r))
+                train_s += time.perf_counter() - t0
             t0 = time.perf_counter()
-            payload, loss, secs = self.client_payload(int(c), start, r, residuals=state.residuals)
+            payload, loss, secs = self.client_payload(
+                int(c), start, r, residuals=state.residuals, trained=trained.pop(int(c), None)
+            )
             train_s += secs
             t1 = time.perf_counter()
             for cid, reply in self.replies(int(c), payload, key):
