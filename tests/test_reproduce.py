@@ -43,7 +43,8 @@ def test_grid_every_cell_validates_on_every_scale() -> None:
     assert {d.name for d in grid.datasets} == set(SHAPES)
     for scale in grid.scales:
         jobs = expand(grid, scale, data_dir="/data")  # builds and validates every RunConfig
-        assert len(jobs) == len(grid.datasets) * len(grid.cells) * len(grid.scales[scale].seeds)
+        per_seed = sum(len(c.datasets or grid.datasets) for c in grid.cells)
+        assert len(jobs) == per_seed * len(grid.scales[scale].seeds)
         runs = [j for j in jobs if j.alias_of is None]
         assert len({j.fingerprint for j in runs}) == len(runs)  # no two runs compute the same
         for j in jobs:
