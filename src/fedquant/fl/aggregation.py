@@ -205,6 +205,7 @@ def weighted_average(
     """
     acc: dict[str, np.ndarray] = {}
     dtypes: dict[str, np.dtype] = {}
+    scratch: dict[str, np.ndarray] = {}  # w * x, reused for every client
     count = 0
     for j, upd in enumerate(updates):
         if set(upd) != set(weights):
@@ -217,12 +218,14 @@ def weighted_average(
             arr = np.asarray(x)
             if name not in acc:
                 acc[name] = np.zeros(arr.shape, dtype=np.float64)
+                scratch[name] = np.empty(arr.shape, dtype=np.float64)
                 dtypes[name] = arr.dtype
             elif arr.shape != acc[name].shape:
                 raise InvalidInputError(
                     f"aggregate: client #{j} sent {name!r} with shape {arr.shape}; expected {acc[name].shape}"
                 )
-            acc[name] += weights[name][j] * arr
+            # the float64 product, then the sum: the arithmetic of ``acc += w * x``
+            acc[name] += np.multiply(weights[name][j], arr, out=scratch[name])
         count += 1
     for name, w in weights.items():
         if w.size != count:

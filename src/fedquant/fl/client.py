@@ -173,8 +173,21 @@ def state_numpy(model: nn.Module) -> dict[str, np.ndarray]:
     return out
 
 
+#: torch dtypes with a NumPy twin (``Tensor.numpy()`` works)
+_NUMPY_DTYPES = frozenset(
+    {torch.float32, torch.float64, torch.float16, torch.int64, torch.int32, torch.int16}
+    | {torch.int8, torch.uint8, torch.bool}
+)
+
+
 def load_numpy_state(model: nn.Module, state: Mapping[str, np.ndarray]) -> None:
-    """Load NumPy arrays into ``model`` (dtype and device follow the model's tensors)."""
+    """Load NumPy arrays into ``model`` (dtype and device follow the model's tensors).
+
+    A CPU tensor whose dtype and size the array already has is filled with
+    :func:`numpy.copyto` (a plain memcpy): torch's ``copy_`` runs even small
+    copies as a parallel region, which cost milliseconds per model when the
+    other cores are busy.
+    """
     current = model.state_dict()
     missing = set(current) - set(state)
     unexpected = set(state) - set(current)
@@ -184,7 +197,13 @@ def load_numpy_state(model: nn.Module, state: Mapping[str, np.ndarray]) -> None:
         )
     with torch.no_grad():
         for k, t in current.items():
-            src = torch.from_numpy(np.ascontiguousarray(state[k]))
+            arr = np.asarray(state[k])
+            if t.dtype in _NUMPY_DTYPES and t.device.type == "cpu" and t.is_contiguous():
+                dst = t.numpy()
+                if arr.dtype == dst.dtype and arr.size == dst.size:
+                    np.copyto(dst, arr.reshape(dst.shape))
+                    continue
+            src = torch.from_numpy(np.ascontiguousarray(arr))
             t.copy_(src.to(t.device, t.dtype).reshape(t.shape))
 
 

@@ -33,7 +33,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -137,6 +137,13 @@ class Simulation:
             seed=seeding.int_seed(cfg.seed, Purpose.PARTITION),
         )
         self.label_counts = label_counts(labels, self.parts, self.dataset.num_classes)
+        # the train split in client order: a client's examples are a slice of it (a
+        # view), not rows gathered again every round; ``data.train_x`` holds them so
+        self._offsets = np.cumsum([0, *(p.size for p in self.parts)])
+        order = torch.from_numpy(np.concatenate([*self.parts, np.zeros(0, np.int64)]))
+        self.data = replace(
+            self.data, train_x=self.data.train_x[order], train_y=self.data.train_y[order]
+        )
         if model is None:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seeding.int_seed(cfg.seed, Purpose.INIT))
@@ -214,8 +221,8 @@ class Simulation:
         return self.cfg.batched_clients if self.batched_fallback is None else 0
 
     def _client_data(self, client: int) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.from_numpy(self.parts[client])
-        x, y = self.data.train_x[idx], self.data.train_y[idx]
+        lo, hi = int(self._offsets[client]), int(self._offsets[client + 1])
+        x, y = self.data.train_x[lo:hi], self.data.train_y[lo:hi]
         if self.device.type != "cpu":
             x, y = x.to(self.device), y.to(self.device)
         return x, y
