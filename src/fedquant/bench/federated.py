@@ -790,16 +790,16 @@ def training_speed(
     import torch
 
     from fedquant.fl import seeding
-    from fedquant.fl.client import TrainConfig, load_numpy_state, state_numpy, train_local
+    from fedquant.fl.client import load_numpy_state, state_numpy, train_local
     from fedquant.fl.data import to_tensors
-    from fedquant.fl.simulation import make_model
+    from fedquant.fl.simulation import make_model, train_config
 
     cfg = cfg if cfg is not None else RunConfig()
     data = _load(cfg, dataset)
     tensors = to_tensors(data)
     model = make_model(cfg, data.input_shape, data.num_classes)
     start = state_numpy(model)
-    tc = TrainConfig(cfg.epochs, cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay)
+    tc = train_config(cfg)
     before = torch.get_num_threads()
     times: dict[int, list[float]] = {t: [] for t in threads}
     cpu: dict[int, list[float]] = {t: [] for t in threads}

@@ -69,6 +69,18 @@ log = logging.getLogger("fedquant.simulation")
 TIMING_KEYS = ("seconds_train", "seconds_codec", "seconds_eval", "seconds_round")
 
 
+def train_config(cfg: RunConfig) -> TrainConfig:
+    """The clients' local-training settings of ``cfg`` (the simulator's and the Flower app's)."""
+    return TrainConfig(
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        qat=cfg.qat,
+    )
+
+
 def make_model(cfg: RunConfig, in_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
     """The configured model: a registered name or ``"package.module:factory"``."""
     if ":" in cfg.model:
@@ -154,14 +166,7 @@ class Simulation:
         self.uplink = cfg.uplink_spec()
         self.downlink = cfg.downlink_spec()
         self.rule = parse_rule(cfg.aggregation)
-        self.train_cfg = TrainConfig(
-            epochs=cfg.epochs,
-            batch_size=cfg.batch_size,
-            lr=cfg.lr,
-            momentum=cfg.momentum,
-            weight_decay=cfg.weight_decay,
-            qat=cfg.qat,
-        )
+        self.train_cfg = train_config(cfg)
         self.hostile = self._hostile_clients()
         #: why ``batched_clients`` could not be used (clients then train one after another)
         self.batched_fallback: str | None = None

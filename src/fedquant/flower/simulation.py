@@ -66,10 +66,9 @@ def _client_setup(run_json: str) -> tuple[Any, Any, list[np.ndarray], Any, Any]:
     partition and model.
     """
     from fedquant.fl import seeding
-    from fedquant.fl.client import TrainConfig
     from fedquant.fl.data import load_dataset, to_tensors
     from fedquant.fl.partition import partition
-    from fedquant.fl.simulation import make_model
+    from fedquant.fl.simulation import make_model, train_config
 
     spec = json.loads(run_json)
     cfg = RunConfig.from_mapping(spec["config"])
@@ -85,14 +84,7 @@ def _client_setup(run_json: str) -> tuple[Any, Any, list[np.ndarray], Any, Any]:
         seed=seeding.int_seed(cfg.seed, seeding.Purpose.PARTITION),
     )
     model = make_model(cfg, data.input_shape, data.num_classes)
-    train_cfg = TrainConfig(
-        epochs=cfg.epochs,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        momentum=cfg.momentum,
-        weight_decay=cfg.weight_decay,
-        qat=cfg.qat,
-    )
+    train_cfg = train_config(cfg)
     return cfg, to_tensors(data), parts, model, train_cfg
 
 
