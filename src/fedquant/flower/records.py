@@ -27,7 +27,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from fedquant.errors import ConfigError, DecodeError, FedquantError
 from fedquant.fl.aggregation import AggregationRule, parse_rule
-from fedquant.quant.spec import QuantSpec
+from fedquant.quant.spec import SPEC_KEYS, QuantSpec
 
 __all__ = [
     "CONFIG_PREFIX",
@@ -47,17 +47,6 @@ STYPE = "fedquant/v1"
 PAYLOAD_KEY = "fedquant"
 #: prefix of the ConfigRecord keys :class:`UplinkConfig` writes
 CONFIG_PREFIX = "fedquant."
-
-_SPEC_KEYS = (
-    "bits",
-    "rules",
-    "method",
-    "rounding",
-    "granularity",
-    "percentile",
-    "rotation",
-    "entropy",
-)
 
 
 def payload_record(payload: bytes) -> ArrayRecord:
@@ -159,7 +148,7 @@ class UplinkConfig:
     def to_config(self) -> dict[str, Any]:
         """ConfigRecord entries (``fedquant.bits``, ``fedquant.aggregation``, ...)."""
         entries: dict[str, Any] = {
-            CONFIG_PREFIX + k: v for k, v in self.spec.to_dict().items() if k in _SPEC_KEYS
+            CONFIG_PREFIX + k: v for k, v in self.spec.to_dict().items() if k in SPEC_KEYS
         }
         entries[CONFIG_PREFIX + "aggregation"] = self.aggregation.value
         entries[CONFIG_PREFIX + "seed"] = self.seed
@@ -176,9 +165,7 @@ class UplinkConfig:
         """
         if CONFIG_PREFIX + "bits" not in config:
             return None
-        spec_dict = {
-            k: config[CONFIG_PREFIX + k] for k in _SPEC_KEYS if CONFIG_PREFIX + k in config
-        }
+        spec_dict = {k: config[CONFIG_PREFIX + k] for k in SPEC_KEYS if CONFIG_PREFIX + k in config}
         try:
             seed = config[CONFIG_PREFIX + "seed"]
         except KeyError:

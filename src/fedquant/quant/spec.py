@@ -284,16 +284,7 @@ class QuantSpec:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> QuantSpec:
-        known = {
-            "bits",
-            "rules",
-            "method",
-            "rounding",
-            "granularity",
-            "percentile",
-            "rotation",
-            "entropy",
-        }
+        known = set(SPEC_KEYS)
         unknown = set(d) - known
         if unknown:
             raise ConfigError(
@@ -305,6 +296,19 @@ class QuantSpec:
             if k in d
         }
         return cls.from_strings(bits=d.get("bits", 8), rules=d.get("rules", ""), **kw)
+
+
+#: the keys of :meth:`QuantSpec.to_dict` / :meth:`QuantSpec.from_dict`, in order
+SPEC_KEYS: tuple[str, ...] = (
+    "bits",
+    "rules",
+    "method",
+    "rounding",
+    "granularity",
+    "percentile",
+    "rotation",
+    "entropy",
+)
 
 
 def plans_summary(plans: Mapping[str, TensorPlan]) -> Iterable[str]:
