@@ -36,7 +36,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -378,6 +378,16 @@ def _ratio(c: Collected, ds: str, cell: str) -> float | None:
     return None if cr is None else cr.summary_value("uplink_ratio_vs_float32")
 
 
+def _comparisons(
+    c: Collected, pairs: Sequence[tuple[str, str, str]]
+) -> Iterator[tuple[str, str, str, str, Diff | None]]:
+    """``(data set, a, b, what, a - b)`` for every pair whose cells the grid runs on a data set."""
+    for ds in c.datasets:
+        for a, b, what in pairs:
+            if (ds, a) in c.cells and (ds, b) in c.cells:
+                yield ds, a, b, what, c.diff(ds, a, b)
+
+
 def claim_a(c: Collected) -> ClaimResult:
     rows: list[Row] = []
     ratios: list[float] = []
@@ -432,20 +442,16 @@ def claim_b(c: Collected) -> ClaimResult:
         ("maxabs", "maxabs-nearest", "max-abs, paper bits"),
         ("dir-base", "dir-nearest", "OCTAV, paper bits, Dirichlet(0.5)"),
     )
-    for ds in c.datasets:
-        for a, b, what in pairs:
-            if (ds, a) not in c.cells or (ds, b) not in c.cells:
-                continue
-            d = c.diff(ds, a, b)
-            if d is None:
-                outcome = NOT_MEASURED
-            elif d.n < 2:
-                outcome = HELD if d.mean >= CLAIMED_GAIN_PP else PARTLY if d.mean > 0 else NOT_HELD
-            elif d.lo > 0:
-                outcome = HELD if d.mean >= CLAIMED_GAIN_PP else PARTLY
-            else:
-                outcome = INCONCLUSIVE if d.mean > 0 and not d.resolved else NOT_HELD
-            rows.append(Row(ds, what, a, b, d, outcome, counted=not a.startswith("dir-")))
+    for ds, a, b, what, d in _comparisons(c, pairs):
+        if d is None:
+            outcome = NOT_MEASURED
+        elif d.n < 2:
+            outcome = HELD if d.mean >= CLAIMED_GAIN_PP else PARTLY if d.mean > 0 else NOT_HELD
+        elif d.lo > 0:
+            outcome = HELD if d.mean >= CLAIMED_GAIN_PP else PARTLY
+        else:
+            outcome = INCONCLUSIVE if d.mean > 0 and not d.resolved else NOT_HELD
+        rows.append(Row(ds, what, a, b, d, outcome, counted=not a.startswith("dir-")))
     big = [
         r.diff.mean
         for r in rows
@@ -472,20 +478,16 @@ def claim_c(c: Collected) -> ClaimResult:
         ("base", "maxabs", "stochastic rounding, paper bits"),
         ("nearest", "maxabs-nearest", "nearest rounding, paper bits"),
     )
-    for ds in c.datasets:
-        for a, b, what in pairs:
-            if (ds, a) not in c.cells or (ds, b) not in c.cells:
-                continue
-            d = c.diff(ds, a, b)
-            if d is None:
-                outcome = NOT_MEASURED
-            elif d.n < 2:
-                outcome = HELD if d.mean > 0 else NOT_HELD
-            elif d.lo > 0:
-                outcome = HELD
-            else:
-                outcome = INCONCLUSIVE if d.mean > 0 else NOT_HELD
-            rows.append(Row(ds, what, a, b, d, outcome))
+    for ds, a, b, what, d in _comparisons(c, pairs):
+        if d is None:
+            outcome = NOT_MEASURED
+        elif d.n < 2:
+            outcome = HELD if d.mean > 0 else NOT_HELD
+        elif d.lo > 0:
+            outcome = HELD
+        else:
+            outcome = INCONCLUSIVE if d.mean > 0 else NOT_HELD
+        rows.append(Row(ds, what, a, b, d, outcome))
     return ClaimResult(
         "c",
         "OCTAV clipping beats max-abs scaling",
@@ -498,18 +500,14 @@ def claim_c(c: Collected) -> ClaimResult:
 def claim_d(c: Collected) -> ClaimResult:
     rows: list[Row] = []
     pairs = (("base", "fedavg", "IID"), ("dir-base", "dir-fedavg", "Dirichlet(0.5)"))
-    for ds in c.datasets:
-        for a, b, what in pairs:
-            if (ds, a) not in c.cells or (ds, b) not in c.cells:
-                continue
-            d = c.diff(ds, a, b)
-            if d is None:
-                outcome = NOT_MEASURED
-            elif d.mean >= -MATCH_PP:
-                outcome = HELD
-            else:
-                outcome = NOT_HELD if d.n < 2 or d.hi < 0 else INCONCLUSIVE
-            rows.append(Row(ds, what, a, b, d, outcome))
+    for ds, a, b, what, d in _comparisons(c, pairs):
+        if d is None:
+            outcome = NOT_MEASURED
+        elif d.mean >= -MATCH_PP:
+            outcome = HELD
+        else:
+            outcome = NOT_HELD if d.n < 2 or d.hi < 0 else INCONCLUSIVE
+        rows.append(Row(ds, what, a, b, d, outcome))
     return ClaimResult(
         "d",
         "inverse-MSE averaging matches or beats FedAvg without disclosing dataset sizes",
@@ -524,25 +522,21 @@ def claim_coefficient(c: Collected) -> ClaimResult:
     """Not a claim of the paper: does our corrected OCTAV coefficient change the picture?"""
     rows: list[Row] = []
     pairs = (("base", "octav-paper", "paper bits"), ("bits2", "octav-paper-bits2", "2 bits"))
-    for ds in c.datasets:
-        for a, b, what in pairs:
-            if (ds, a) not in c.cells or (ds, b) not in c.cells:
-                continue
-            d = c.diff(ds, a, b)
-            if d is None:
-                outcome = NOT_MEASURED
-            elif d.resolved:
-                outcome = "ours better" if d.mean > 0 else "paper's better"
-            else:
-                outcome = "no resolved difference"
-            ratio = mse_ratio(c, ds, a, b)
-            note = (
-                "weight MSE ours/paper: "
-                + ", ".join(f"{k.removesuffix('.weight')} {v:.2f}" for k, v in ratio.items())
-                if ratio
-                else ""
-            )
-            rows.append(Row(ds, what, a, b, d, outcome, note))
+    for ds, a, b, what, d in _comparisons(c, pairs):
+        if d is None:
+            outcome = NOT_MEASURED
+        elif d.resolved:
+            outcome = "ours better" if d.mean > 0 else "paper's better"
+        else:
+            outcome = "no resolved difference"
+        ratio = mse_ratio(c, ds, a, b)
+        note = (
+            "weight MSE ours/paper: "
+            + ", ".join(f"{k.removesuffix('.weight')} {v:.2f}" for k, v in ratio.items())
+            if ratio
+            else ""
+        )
+        rows.append(Row(ds, what, a, b, d, outcome, note))
     resolved = [r for r in rows if r.diff is not None and r.diff.resolved]
     verdict = "changes the picture" if resolved else "no resolved change in accuracy"
     if not any(r.diff is not None for r in rows):
