@@ -94,7 +94,7 @@ def test_histogram_path_matches_the_exact_fixed_point(dist: str, bits: int, roun
     assert x.size > clipping.EXACT_LIMIT  # the histogram path runs
     c = noise_coefficient(bits, rounding)
     s_hist = clipping._octav(x, c, None, "test")
-    s_exact = clipping._fixed_point(clipping._SortedAbs(x), c, None)
+    s_exact = clipping._octav_exact(x, c)
     # the issue's bound: resulting MSE within 0.1 % of the exact fixed point
     assert (
         expected_mse(x, s_hist, bits, rounding) <= expected_mse(x, s_exact, bits, rounding) * 1.001
@@ -192,3 +192,42 @@ def test_bad_input() -> None:
             y[n // 2] = np.nan
             with pytest.raises(NonFiniteError, match="NaN/Inf"):
                 threshold(y, 2, method=method)
+
+
+def _reference_octav(x: np.ndarray, c: float, iterations: int | None) -> float:
+    """The OCTAV rule written plainly in NumPy (sorted |x|, prefix sums), as documented."""
+    a = np.sort(np.abs(x.astype(np.float64)))
+    c1 = np.concatenate(([0.0], np.cumsum(a)))
+    n = a.size
+    if n == 0 or a[-1] == 0.0:
+        return 0.0
+    s, prev = float(c1[-1] / n), float("nan")
+    for _ in range(clipping.OCTAV_MAX_ITER if iterations is None else iterations):
+        k = int(np.searchsorted(a, s, side="right"))
+        n_gt, s1_gt = n - k, float(c1[-1] - c1[k])
+        if n_gt <= 0 or s1_gt <= 0.0:
+            return s
+        s_new = s1_gt / (c * k + n_gt)
+        if iterations is None:
+            if abs(s_new - s) <= clipping.OCTAV_TOL * s:
+                return s_new
+            if abs(s_new - prev) <= clipping.OCTAV_TOL * s:  # 2-cycle: its midpoint
+                return 0.5 * (s + s_new)
+        prev, s = s, s_new
+    return s
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 17, 144, 2304, 32768])
+@pytest.mark.parametrize("iterations", [None, 10])
+def test_compiled_octav_equals_the_plain_rule(n: int, iterations: int | None) -> None:
+    rng = np.random.default_rng(n)
+    c = noise_coefficient(2, "stochastic")
+    cases = [
+        rng.standard_normal(n).astype(np.float32),
+        rng.standard_t(3, n).astype(np.float32),
+        np.full(n, 0.25, np.float32),  # constant: its own fixed point
+        rng.integers(-2, 3, n).astype(np.float32),  # few distinct values: 2-cycles
+    ]
+    for x in cases:
+        # exactly the same float64 arithmetic: equal, not just close
+        assert clipping._octav_exact(x, c, iterations) == _reference_octav(x, c, iterations)

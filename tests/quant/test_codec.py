@@ -11,7 +11,7 @@ import torch
 
 from fedquant.errors import ConfigError, DecodeError, InvalidInputError, NonFiniteError
 from fedquant.fl.models import PaperCNN, float32_state_bytes
-from fedquant.quant.codec import MAGIC, decode, encode, encode_with_stats
+from fedquant.quant.codec import MAGIC, decode, decode_inspected, encode, encode_with_stats, inspect
 from fedquant.quant.quantizer import dequantize, quantize
 from fedquant.quant.spec import QuantSpec
 
@@ -356,3 +356,53 @@ def test_random_garbage_never_crashes() -> None:
             decode(bytes(buf))
         except DecodeError:
             pass
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        QuantSpec.from_strings("4-2"),
+        QuantSpec.from_strings("3", granularity="channel", rounding="nearest"),
+        QuantSpec.from_strings("2", rotation=True),
+        QuantSpec.from_strings("4", entropy="rans"),
+        QuantSpec.from_strings("8", rotation=True, entropy="rans", granularity="channel"),
+    ],
+    ids=["4-2", "channel", "rotation", "rans", "all"],
+)
+def test_decode_inspected_equals_decode(spec: QuantSpec) -> None:
+    upd = small_update()
+    upd["flag"] = np.array([True, False, True])
+    upd["count"] = np.array(7, dtype=np.int64)
+    payload = encode(upd, spec, seed=3, meta={"round": 2}, shared_key=99)
+    full = decode(payload, shared_key=99)
+    seen = inspect(bytearray(payload))  # without the key: the key check waits for the values
+    assert seen.tensors == {}
+    got = decode_inspected(seen, shared_key=99)
+    assert got.info is seen.info and list(got.info) == list(full.info)
+    for name, info in full.info.items():
+        mine = got.info[name]
+        assert mine._replace(scales=None) == info._replace(scales=None)
+        np.testing.assert_array_equal(mine.scales, info.scales)
+    assert got.meta == full.meta and got.nbytes == full.nbytes
+    assert list(got.tensors) == list(full.tensors)
+    for name, value in full.tensors.items():
+        assert got.tensors[name].dtype == value.dtype and got.tensors[name].shape == value.shape
+        np.testing.assert_array_equal(got.tensors[name], value)
+
+
+def test_decode_inspected_refuses_what_decode_refuses() -> None:
+    payload = encode(
+        small_update(), QuantSpec.from_strings("2", rotation=True), seed=1, shared_key=5
+    )
+    with pytest.raises(DecodeError, match="without the shared key"):
+        decode_inspected(inspect(payload))
+    with pytest.raises(DecodeError, match="another shared key"):
+        decode_inspected(inspect(payload), shared_key=6)
+    with pytest.raises(InvalidInputError, match="not made by codec.inspect"):
+        decode_inspected(decode(payload, shared_key=5))
+    # the buffer changed after it was inspected (a server reusing it): refused, not misread
+    buf = bytearray(payload)
+    seen = inspect(buf)
+    buf[-10] ^= 0xFF
+    with pytest.raises(DecodeError, match="changed after it was inspected"):
+        decode_inspected(seen, shared_key=5)

@@ -45,7 +45,7 @@ import numpy as np
 from fedquant.choices import parse_choice
 from fedquant.errors import ConfigError, InvalidInputError
 from fedquant.quant import codec
-from fedquant.quant.codec import TensorInfo
+from fedquant.quant.codec import DecodedUpdate, TensorInfo
 
 MSE_FLOOR_REL = 1e-2
 MSE_FLOOR_ABS = 1e-30
@@ -265,7 +265,7 @@ def aggregate_payloads(
     num_examples: Sequence[int] | None = None,
     max_weight: float | None = None,
     mse_floor_rel: float = MSE_FLOOR_REL,
-    infos: Sequence[Mapping[str, TensorInfo]] | None = None,
+    inspected: Sequence[DecodedUpdate] | None = None,
     shared_key: int | None = None,
 ) -> AggregateResult:
     """Decode client payloads and aggregate them with ``rule``.
@@ -275,18 +275,23 @@ def aggregate_payloads(
     accumulated one at a time, so memory does not grow with the number of
     clients. Raises :class:`~fedquant.errors.DecodeError` for a malformed
     payload and :class:`~fedquant.errors.InvalidInputError` for payloads that
-    disagree on tensor names or shapes. ``infos`` may pass the
-    :func:`~fedquant.quant.codec.inspect` results the caller already has.
-    ``shared_key`` is passed to :func:`~fedquant.quant.codec.decode` (payloads
-    with rotated tensors need it).
+    disagree on tensor names or shapes. ``inspected`` may pass the
+    :func:`~fedquant.quant.codec.inspect` results of ``payloads`` (in order)
+    the caller already has, e.g. from admission
+    (:func:`fedquant.fl.ingest.admit`): they are then decoded with
+    :func:`~fedquant.quant.codec.decode_inspected`, without a second parse.
+    ``shared_key`` is the key for rotated tensors (payloads with rotated
+    tensors need it).
     """
     if not payloads:
         raise InvalidInputError("aggregate: no client payloads to aggregate")
-    if infos is None:
-        infos = [codec.inspect(p, shared_key=shared_key).info for p in payloads]
-    elif len(infos) != len(payloads):
-        raise InvalidInputError(f"aggregate: {len(infos)} infos for {len(payloads)} payloads")
-    info_list: list[dict[str, TensorInfo]] = [dict(i) for i in infos]
+    if inspected is None:
+        inspected = [codec.inspect(p, shared_key=shared_key) for p in payloads]
+    elif len(inspected) != len(payloads):
+        raise InvalidInputError(
+            f"aggregate: {len(inspected)} inspected updates for {len(payloads)} payloads"
+        )
+    info_list: list[dict[str, TensorInfo]] = [dict(u.info) for u in inspected]
     names = list(info_list[0])
     for j, info in enumerate(info_list[1:], start=1):
         if list(info) != names:
@@ -308,6 +313,6 @@ def aggregate_payloads(
         mse_floor_rel=mse_floor_rel,
     )
     tensors = weighted_average(
-        (codec.decode(p, shared_key=shared_key).tensors for p in payloads), weights
+        (codec.decode_inspected(u, shared_key=shared_key).tensors for u in inspected), weights
     )
     return AggregateResult(tensors, weights, info_list, sum(len(p) for p in payloads))

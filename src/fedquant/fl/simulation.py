@@ -62,6 +62,7 @@ from fedquant.fl.partition import label_counts, partition
 from fedquant.fl.seeding import Purpose
 from fedquant.fl.updates import apply_delta, encode_delta, payload_delta_names
 from fedquant.quant import codec
+from fedquant.quant.codec import DecodedUpdate
 
 log = logging.getLogger("fedquant.simulation")
 
@@ -349,7 +350,7 @@ class Simulation:
         codec_s = time.perf_counter() - t0
         train_s = 0.0
         payloads: list[bytes] = []
-        infos: list[dict[str, Any]] = []
+        inspected: list[DecodedUpdate] = []
         admitted: list[int] = []
         rejected: dict[str, str] = {}
         losses, num_examples = [], []
@@ -389,7 +390,7 @@ class Simulation:
                     continue
                 assert adm.update is not None
                 payloads.append(reply)
-                infos.append(adm.update.info)
+                inspected.append(adm.update)
                 admitted.append(int(c))
                 losses.append(loss)
                 if self.rule is AggregationRule.FEDAVG:
@@ -417,7 +418,7 @@ class Simulation:
                 num_examples=num_examples if self.rule is AggregationRule.FEDAVG else None,
                 max_weight=relative_cap(cfg.weight_cap, len(payloads)),
                 mse_floor_rel=cfg.mse_floor,
-                infos=infos,
+                inspected=inspected,
                 shared_key=key,
             )
             state.global_state = (

@@ -37,7 +37,7 @@ from fedquant.flower.records import (
     record_from_numpy,
 )
 from fedquant.quant import codec
-from fedquant.quant.codec import TensorInfo
+from fedquant.quant.codec import DecodedUpdate
 from fedquant.quant.spec import QuantSpec
 
 __all__ = ["QuantizedFedAvg"]
@@ -219,7 +219,7 @@ class QuantizedFedAvg(FedAvg):
         valid, _ = self._check_and_log_replies(replies, is_train=True)
         fedavg = self.aggregation is AggregationRule.FEDAVG
         payloads: list[bytes] = []
-        infos: list[dict[str, TensorInfo]] = []
+        inspected: list[DecodedUpdate] = []
         sizes: list[int] = []
         contents: list[RecordDict] = []
         seen: set[str] = set()
@@ -241,7 +241,7 @@ class QuantizedFedAvg(FedAvg):
                     continue
                 sizes.append(n)
             payloads.append(payload)
-            infos.append(adm.update.info)
+            inspected.append(adm.update)
             contents.append(msg.content)
         if not payloads:
             return None, None
@@ -252,7 +252,7 @@ class QuantizedFedAvg(FedAvg):
             num_examples=sizes if fedavg else None,
             max_weight=self.max_weight,
             mse_floor_rel=self.mse_floor_rel,
-            infos=infos,
+            inspected=inspected,
             shared_key=key,
         )
         metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)

@@ -61,6 +61,7 @@ expands by at most 32/bits, an entropy-coded one by at most 32) and raises
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import struct
@@ -101,6 +102,7 @@ _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 _F64 = struct.Struct("<d")
+_MSE_LEN = struct.Struct("<dQ")  # a record's mse and data_len
 _CRC = struct.Struct("<I")
 #: smallest possible record (1-byte name, 0-d raw float: 4 data bytes)
 _MIN_RECORD = 2 + 1 + _REC_FIXED.size + 4 + 8 + 8 + 4
@@ -130,9 +132,8 @@ _DTYPE_CODE = {name: code for code, (name, _) in DTYPES.items()}
 _NAMES = {np.dtype(n): n for n in _DTYPE_CODE if n != "bfloat16"}
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    """What the payload says about one tensor."""
+class TensorInfo(NamedTuple):
+    """What the payload says about one tensor (immutable; a named tuple, cheap to make)."""
 
     name: str
     shape: tuple[int, ...]
@@ -180,16 +181,39 @@ class EncodeResult:
 
 @dataclass(frozen=True)
 class DecodedUpdate:
-    """A decoded update: values (float32 for floating tensors), per-tensor info, metadata."""
+    """A decoded update: values (float32 for floating tensors), per-tensor info, metadata.
+
+    An update from :func:`inspect` has no values but remembers where each
+    tensor's data lies in the payload, so :func:`decode_inspected` can produce
+    them later without parsing the payload again.
+    """
 
     tensors: dict[str, np.ndarray]
     info: dict[str, TensorInfo]
     meta: dict[str, Any]
     nbytes: int
+    _source: _Source | None = field(default=None, repr=False, compare=False)
 
     @property
     def mse(self) -> dict[str, float]:
         return {n: i.mse for n, i in self.info.items()}
+
+
+class _Data(NamedTuple):
+    """Where a validated record's data lies, and how to turn it into values."""
+
+    data: memoryview  # the record's data bytes (sub-header included if extended)
+    kind: int
+    raw_dtype: np.dtype | None
+
+
+@dataclass(frozen=True)
+class _Source:
+    """The payload an inspected update came from, and its records' data."""
+
+    buf: memoryview
+    crc: int
+    data: tuple[_Data, ...]
 
 
 def _float32_size(info: TensorInfo) -> int:
@@ -355,7 +379,6 @@ def _encode_tensor(
     shared_key: int | None = None,
 ) -> tuple[bytes, TensorInfo]:
     shape = tuple(int(d) for d in arr.shape)
-    name_b = name.encode()
     gran = Granularity.TENSOR
     scales = np.zeros(0, dtype=np.float32)
     mse = 0.0
@@ -416,7 +439,8 @@ def _encode_tensor(
             data = sub + data
         else:
             check_finite(flat32, f"encode: tensor {name!r}")
-            kind, bits, data = KIND_FLOAT, FLOAT_BITS, flat32.astype("<f4").tobytes()
+            data = np.ascontiguousarray(flat32, dtype="<f4").tobytes()
+            kind, bits = KIND_FLOAT, FLOAT_BITS
     elif arr.dtype.kind in "biu":
         raw_dtype = DTYPES[_DTYPE_CODE[dtype]][1]
         assert raw_dtype is not None
@@ -424,24 +448,44 @@ def _encode_tensor(
         data = np.ascontiguousarray(arr).astype(raw_dtype).tobytes()
     else:
         raise InvalidInputError(f"encode: tensor {name!r} has unsupported dtype {arr.dtype}")
-    parts = [
-        _U16.pack(len(name_b)),
-        name_b,
-        _REC_FIXED.pack(
-            _DTYPE_CODE[dtype], kind, bits, _GRAN[gran], transform, coding, len(shape), 0
-        ),
-        b"".join(_U64.pack(d) for d in shape),
-        _U32.pack(scales.size),
-        scales.astype("<f4").tobytes(),
-        _F64.pack(mse),
-        _U64.pack(len(data)),
-        data,
-    ]
-    rec = b"".join(parts)
+    rec = b"".join(
+        (
+            _record_head(
+                name, _DTYPE_CODE[dtype], kind, bits, _GRAN[gran], transform, coding, shape
+            ),
+            _U32.pack(scales.size),
+            np.ascontiguousarray(scales, dtype="<f4").tobytes(),
+            _MSE_LEN.pack(mse, len(data)),
+            data,
+        )
+    )
     info = TensorInfo(
         name, shape, dtype, bits, gran, scales, mse, len(rec), transform, coding, block, ncodes
     )
     return rec, info
+
+
+@functools.lru_cache(maxsize=4096)
+def _record_head(
+    name: str,
+    dcode: int,
+    kind: int,
+    bits: int,
+    gcode: int,
+    transform: int,
+    coding: int,
+    shape: tuple[int, ...],
+) -> bytes:
+    """A record's bytes up to its scales (the same for a tensor every round: cached)."""
+    name_b = name.encode()
+    return b"".join(
+        (
+            _U16.pack(len(name_b)),
+            name_b,
+            _REC_FIXED.pack(dcode, kind, bits, gcode, transform, coding, len(shape), 0),
+            b"".join(_U64.pack(d) for d in shape),
+        )
+    )
 
 
 # --------------------------------------------------------------------------- decode
@@ -572,19 +616,58 @@ def _decode(
         )
     tensors: dict[str, np.ndarray] = {}
     infos: dict[str, TensorInfo] = {}
+    records: list[_Data] = []
     for i in range(count):
-        name, arr, info = _decode_record(reader, i, values, shared_key)
+        name, arr, info, rec = _decode_record(reader, i, values, shared_key)
         if name in infos:
             raise DecodeError(f"decode: tensor name {name!r} appears twice")
         if arr is not None:
             tensors[name] = arr
         infos[name] = info
+        records.append(rec)
     if reader.pos != reader.end:
         raise DecodeError(
             f"decode: inconsistent length: {reader.end - reader.pos} unexplained byte(s) after "
             f"the last of {count} tensors"
         )
-    return DecodedUpdate(tensors=tensors, info=infos, meta=meta, nbytes=total)
+    source = None if values else _Source(buf, stored_crc, tuple(records))
+    return DecodedUpdate(tensors=tensors, info=infos, meta=meta, nbytes=total, _source=source)
+
+
+def decode_inspected(update: DecodedUpdate, *, shared_key: int | None = None) -> DecodedUpdate:
+    """The values of an update :func:`inspect` returned, without parsing its payload again.
+
+    The result equals ``decode(payload, shared_key=shared_key)`` of the
+    inspected payload. The server inspects every reply when it admits it; this
+    spares it a second parse of every record (and of every length and range
+    check) when it aggregates. The payload's checksum is verified again, so a
+    buffer changed since it was inspected raises :class:`DecodeError` instead
+    of yielding other values.
+
+    Raises
+    ------
+    InvalidInputError
+        ``update`` did not come from :func:`inspect`; ``shared_key`` is not an
+        int in ``[0, 2**64)``.
+    DecodeError
+        The payload changed since it was inspected; a rotated tensor and no
+        ``shared_key`` (or another key than the sender's).
+    """
+    src = update._source
+    if src is None:
+        raise InvalidInputError(
+            "decode_inspected: the update was not made by codec.inspect(); decode the payload "
+            "with codec.decode() instead"
+        )
+    if shared_key is not None:
+        shared_key = rotation.check_shared_key(shared_key, "decode")
+    if zlib.crc32(src.buf[: len(src.buf) - _CRC.size]) != src.crc:
+        raise DecodeError("decode: checksum mismatch: the payload changed after it was inspected")
+    tensors = {
+        name: _record_values(info, rec, shared_key)
+        for (name, info), rec in zip(update.info.items(), src.data, strict=True)
+    }
+    return DecodedUpdate(tensors=tensors, info=update.info, meta=update.meta, nbytes=update.nbytes)
 
 
 def _decode_meta(raw: memoryview | None, meta_len: int) -> dict[str, Any]:
@@ -617,7 +700,7 @@ def _decode_meta(raw: memoryview | None, meta_len: int) -> dict[str, Any]:
 
 def _decode_record(
     r: _Reader, index: int, values: bool, shared_key: int | None = None
-) -> tuple[str, np.ndarray | None, TensorInfo]:
+) -> tuple[str, np.ndarray | None, TensorInfo, _Data]:
     start = r.pos
     where = f"tensor #{index}"
     (name_len,) = r.unpack(_U16, f"{where} name length")
@@ -694,8 +777,9 @@ def _decode_record(
             raise DecodeError(
                 f"decode: {where}: data length {data_len} but only {r.end - r.pos} bytes remain"
             )
+        ext_data = r.take(data_len, f"{where} data")
         ext = _decode_extended(
-            r.take(data_len, f"{where} data"),
+            ext_data,
             where,
             name,
             shape,
@@ -721,7 +805,7 @@ def _decode_record(
             ext.block,
             ext.codes,
         )
-        return name, ext.values, info
+        return name, ext.values, info, _Data(ext_data, kind, raw_dtype)
     if kind == KIND_QUANT:
         expected = packed_size(numel, bits)
     elif kind == KIND_FLOAT:
@@ -739,28 +823,15 @@ def _decode_record(
             f"{r.end - r.pos} remain"
         )
     data = r.take(expected, f"{where} data")
-    arr: np.ndarray | None = None
     if kind == KIND_QUANT:
-        raw = np.frombuffer(data, dtype=np.uint8)
         spare = 8 * expected - numel * bits
-        if spare and int(raw[-1]) >> (8 - spare):
+        if spare and data[-1] >> (8 - spare):
             raise DecodeError(f"decode: {where}: padding bits of the last byte are not zero")
-        if values:
-            arr = _dequantize(raw, shape, numel, bits, scales)
     elif kind == KIND_FLOAT:
-        floats = np.frombuffer(data, dtype="<f4")
-        if not np.isfinite(floats).all():
+        if not np.isfinite(np.frombuffer(data, dtype="<f4")).all():
             raise DecodeError(f"decode: {where}: float32 data holds NaN/Inf")
-        if values:
-            arr = floats.astype(np.float32).reshape(shape)
-    else:
-        assert raw_dtype is not None
-        ints = np.frombuffer(data, dtype=raw_dtype)
-        if dtype == "bool" and (ints > 1).any():
-            raise DecodeError(f"decode: {where}: bool data holds values other than 0/1")
-        if values:
-            target = np.dtype(bool) if dtype == "bool" else raw_dtype.newbyteorder("=")
-            arr = ints.astype(target).reshape(shape)
+    elif dtype == "bool" and (np.frombuffer(data, dtype=np.uint8) > 1).any():
+        raise DecodeError(f"decode: {where}: bool data holds values other than 0/1")
     info = TensorInfo(
         name,
         shape,
@@ -772,7 +843,37 @@ def _decode_record(
         r.pos - start,
         codes=numel if kind == KIND_QUANT else 0,
     )
-    return name, arr, info
+    rec = _Data(data, kind, raw_dtype)
+    return name, _record_values(info, rec, shared_key) if values else None, info, rec
+
+
+def _record_values(info: TensorInfo, rec: _Data, shared_key: int | None) -> np.ndarray:
+    """The values of a validated record (float32 for floating tensors)."""
+    if info.transform or info.coding:
+        ext = _decode_extended(
+            rec.data,
+            f"tensor {info.name!r}",
+            info.name,
+            info.shape,
+            info.bits,
+            info.granularity,
+            info.scales,
+            info.transform,
+            info.coding,
+            True,
+            shared_key,
+        )
+        assert ext.values is not None  # values=True: the values, or a DecodeError
+        return ext.values
+    if rec.kind == KIND_QUANT:
+        raw = np.frombuffer(rec.data, dtype=np.uint8)
+        return _dequantize(raw, info.shape, info.numel, info.bits, info.scales)
+    if rec.kind == KIND_FLOAT:
+        return np.frombuffer(rec.data, dtype="<f4").astype(np.float32).reshape(info.shape)
+    raw_dtype = rec.raw_dtype
+    assert raw_dtype is not None
+    target = np.dtype(bool) if info.dtype == "bool" else raw_dtype.newbyteorder("=")
+    return np.frombuffer(rec.data, dtype=raw_dtype).astype(target).reshape(info.shape)
 
 
 class _Extended(NamedTuple):

@@ -132,19 +132,18 @@ def _abs_histogram_impl(x):  # pragma: no cover - compiled
     Bin ``k`` holds the values whose float32 bit pattern, sign dropped, shifted
     right by ``23 - HIST_MANTISSA`` equals ``k``: 2**HIST_MANTISSA bins per
     octave, each of relative width <= 2**-HIST_MANTISSA, for every exponent from
-    denormals to the largest float. Returns per-bin (count, sum |x|, sum x**2)
-    and the number of non-finite values (exponent 255, which lands past the
-    last finite bin).
+    denormals to the largest float. Returns per-bin (count, sum |x|) and the
+    number of non-finite values (exponent 255, which lands past the last
+    finite bin).
 
-    Each bin's count, sum and sum of squares sit side by side in one row of
-    ``acc`` (the count as a float64, exact below 2**53), so an element updates
-    one cache line instead of three, without a branch; the summation order is
-    the element order within a group, as before.
+    Each bin's count and sum sit side by side in one row of ``acc`` (the count
+    as a float64, exact below 2**53), so an element updates one cache line,
+    without a branch; the summation order is the element order within a group.
     """
     n = x.size
     groups = min(HIST_GROUPS, max(1, (n + CHUNK - 1) // CHUNK))
     per = (n + groups - 1) // groups
-    acc = np.zeros((groups, _HIST_ALL, 4))
+    acc = np.zeros((groups, _HIST_ALL, 2))
     bits = x.view(np.uint32)
     shift = np.uint32(23 - HIST_MANTISSA)
     mask = np.uint32(0x7FFFFFFF)
@@ -153,69 +152,18 @@ def _abs_histogram_impl(x):  # pragma: no cover - compiled
         hi = min(n, lo + per)
         for i in range(lo, hi):
             k = (bits[i] & mask) >> shift
-            a = abs(np.float64(x[i]))  # Inf/NaN only reach the bins past HIST_BINS
             acc[g, k, 0] += 1.0
-            acc[g, k, 1] += a
-            acc[g, k, 2] += a * a
+            acc[g, k, 1] += abs(np.float64(x[i]))  # Inf/NaN only reach the bins past HIST_BINS
     tc = np.zeros(HIST_BINS, dtype=np.int64)
     t1 = np.zeros(HIST_BINS)
-    t2 = np.zeros(HIST_BINS)
     bad = 0
     for g in range(groups):
         for k in range(HIST_BINS):
             tc[k] += np.int64(acc[g, k, 0])
             t1[k] += acc[g, k, 1]
-            t2[k] += acc[g, k, 2]
         for k in range(HIST_BINS, _HIST_ALL):
             bad += np.int64(acc[g, k, 0])
-    return tc, t1, t2, bad
-
-
-def _abs_window_histogram_impl(x, lo, hi, nbins):  # pragma: no cover - compiled
-    """Linear histogram of the |x| in ``[lo, hi)`` (count, sum, sum of squares per bin),
-    plus the same three totals over ``|x| < lo``.
-
-    Used to refine a threshold found on the coarse log-linear histogram. Like
-    :func:`_abs_histogram_impl`, a bin's three accumulators share one row. The
-    totals below ``lo`` -- most of the data -- are summed in registers, in
-    element order, then stored in slot ``nbins``: accumulating them in memory
-    made every element wait for the previous one's store (1.3x slower, measured).
-    """
-    n = x.size
-    groups = min(HIST_GROUPS, max(1, (n + CHUNK - 1) // CHUNK))
-    per = (n + groups - 1) // groups
-    acc = np.zeros((groups, nbins + 1, 4))
-    scale = nbins / (hi - lo)
-    for g in prange(groups):
-        a0 = g * per
-        a1 = min(n, a0 + per)
-        c_lo = 0.0
-        s_lo = 0.0
-        q_lo = 0.0
-        for i in range(a0, a1):
-            a = abs(np.float64(x[i]))
-            if a < hi:
-                if a >= lo:
-                    k = min(int((a - lo) * scale), nbins - 1)
-                    acc[g, k, 0] += 1.0
-                    acc[g, k, 1] += a
-                    acc[g, k, 2] += a * a
-                else:
-                    c_lo += 1.0
-                    s_lo += a
-                    q_lo += a * a
-        acc[g, nbins, 0] = c_lo  # slot nbins: everything below lo
-        acc[g, nbins, 1] = s_lo
-        acc[g, nbins, 2] = q_lo
-    tc = np.zeros(nbins + 1, dtype=np.int64)
-    t1 = np.zeros(nbins + 1)
-    t2 = np.zeros(nbins + 1)
-    for g in range(groups):
-        for k in range(nbins + 1):
-            tc[k] += np.int64(acc[g, k, 0])
-            t1[k] += acc[g, k, 1]
-            t2[k] += acc[g, k, 2]
-    return tc, t1, t2
+    return tc, t1, bad
 
 
 def histogram_edges() -> np.ndarray:
@@ -226,6 +174,107 @@ def histogram_edges() -> np.ndarray:
     edges = pattern.view(np.float32).astype(np.float64)
     # the last bin ends at the largest finite float32 (its "next octave" would be inf)
     return np.append(edges, float(np.finfo(np.float32).max))
+
+
+# --------------------------------------------------------------------------- OCTAV fixed point
+#
+# The fixed point of s <- E[|x| 1{|x|>s}] / (c E[1{|x|<=s}] + E[1{|x|>s}])
+# (fedquant.quant.clipping documents the rule), iterated in compiled code: a
+# Python loop cost more than the statistics themselves on small tensors.
+# ``iterations < 0`` iterates to convergence (relative change <= ``tol``, or a
+# 2-cycle, whose midpoint is returned) within ``max_iter`` steps.
+
+
+@njit(inline="always")
+def _octav_step(n, n_le, s1_gt, s, c):  # pragma: no cover - compiled
+    """One step of the rule from the tail statistics at ``s``; NaN: stay at ``s``."""
+    n_gt = n - n_le
+    if n_gt <= 0.0 or s1_gt <= 0.0:  # nothing clipped: any s >= max|x| stays
+        return np.nan
+    return s1_gt / (c * n_le + n_gt)
+
+
+@njit(inline="always")
+def _octav_done(s, s_new, prev, tol):  # pragma: no cover - compiled
+    """0: go on; 1: converged (answer ``s_new``); 2: 2-cycle (answer the midpoint)."""
+    if abs(s_new - s) <= tol * s:
+        return 1
+    if abs(s_new - prev) <= tol * s:
+        return 2
+    return 0
+
+
+@njit(cache=True)
+def octav_sorted(a, c, iterations, tol, max_iter):  # pragma: no cover - compiled
+    """OCTAV from ``a``, the sorted ``|x|`` as float64, and prefix sums (exact tails).
+
+    (NumPy sorts: its vectorized sort is several times faster than numba's.)
+    """
+    n = a.size
+    c1 = np.empty(n + 1)
+    c1[0] = 0.0
+    for i in range(n):
+        c1[i + 1] = c1[i] + a[i]
+    if n == 0 or a[n - 1] == 0.0:
+        return 0.0
+    s = c1[n] / n
+    if s <= 0.0:
+        return 0.0
+    prev = np.nan
+    steps = max_iter if iterations < 0 else iterations
+    for _ in range(steps):
+        k = np.searchsorted(a, s, side="right")
+        s_new = _octav_step(n, float(k), c1[n] - c1[k], s, c)
+        if np.isnan(s_new):
+            return s
+        if iterations < 0:
+            done = _octav_done(s, s_new, prev, tol)
+            if done == 1:
+                return s_new
+            if done == 2:
+                return 0.5 * (s + s_new)
+        prev = s
+        s = s_new
+    return s
+
+
+@njit(cache=True)
+def octav_histogram(cnt, s1, edges, c, iterations, tol, max_iter):  # pragma: no cover - compiled
+    """OCTAV on the log-linear histogram of |x| (:func:`abs_histogram`), linear inside a bin."""
+    nb = cnt.size
+    cc = np.empty(nb + 1)
+    c1 = np.empty(nb + 1)
+    cc[0] = 0.0
+    c1[0] = 0.0
+    for k in range(nb):
+        cc[k + 1] = cc[k] + np.float64(cnt[k])
+        c1[k + 1] = c1[k] + s1[k]
+    n = cc[nb]
+    s = c1[nb] / n
+    if s <= 0.0:
+        return 0.0
+    prev = np.nan
+    steps = max_iter if iterations < 0 else iterations
+    for _ in range(steps):
+        k = np.searchsorted(edges, s, side="right") - 1
+        k = min(max(k, 0), nb - 1)
+        lo = edges[k]
+        hi = edges[k + 1]
+        phi = min(max((s - lo) / (hi - lo), 0.0), 1.0) if hi > lo else 1.0
+        n_le = cc[k] + phi * np.float64(cnt[k])
+        s1_le = c1[k] + phi * s1[k]
+        s_new = _octav_step(n, n_le, c1[nb] - s1_le, s, c)
+        if np.isnan(s_new):
+            return s
+        if iterations < 0:
+            done = _octav_done(s, s_new, prev, tol)
+            if done == 1:
+                return s_new
+            if done == 2:
+                return 0.5 * (s + s_new)
+        prev = s
+        s = s_new
+    return s
 
 
 # --------------------------------------------------------------------------- quantize
@@ -466,7 +515,6 @@ def _dispatcher(impl: Callable[..., Any], size_arg: int, *, fastmath: bool = Fal
 
 abs_stats = _dispatcher(_abs_stats_impl, 0)
 abs_histogram = _dispatcher(_abs_histogram_impl, 0)
-abs_window_histogram = _dispatcher(_abs_window_histogram_impl, 0)
 quantize_pack_flat = _dispatcher(_quantize_pack_flat_impl, 0, fastmath=True)
 quantize_rows = _dispatcher(_quantize_rows_impl, 0, fastmath=True)
 pack = _dispatcher(_pack_impl, 0)

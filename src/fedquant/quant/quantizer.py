@@ -140,8 +140,13 @@ def _row_view(arr: np.ndarray, granularity: Granularity) -> tuple[np.ndarray, Gr
 
 def _coefficients(scales: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
     """``inv = L/(2s)`` and ``step = 2s/L`` per row, float32 when safe else float64."""
-    s = scales.astype(np.float64)
     steps = num_steps(bits)
+    if scales.size == 1:  # per tensor: the same float64 arithmetic on Python floats (faster)
+        s1 = float(scales.reshape(-1)[0])
+        inv1, step1 = (steps / (2.0 * s1) if s1 > 0 else 0.0), 2.0 * s1 / steps
+        dt = np.float32 if s1 <= 0 or _F32_SAFE[0] < s1 < _F32_SAFE[1] else np.float64
+        return np.array([inv1], dtype=dt), np.array([step1], dtype=dt)
+    s = scales.astype(np.float64)
     with np.errstate(divide="ignore"):
         inv = np.where(s > 0, steps / (2.0 * np.where(s > 0, s, 1.0)), 0.0)
     step = 2.0 * s / steps

@@ -29,6 +29,7 @@ integer tensors (e.g. BatchNorm's ``num_batches_tracked``) always travel raw.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -237,7 +238,13 @@ class QuantSpec:
         """Plan for every tensor, given ``name -> (shape, is_floating)`` in state-dict order.
 
         Integer tensors get no plan entry with bits < 32: they always travel raw.
+        Plans are remembered per spec and model layout (a client encodes the
+        same layout every round).
         """
+        layout = tuple((n, tuple(shape), bool(fl)) for n, (shape, fl) in tensors.items())
+        return dict(_resolve(self, layout))
+
+    def _plans(self, tensors: Mapping[str, tuple[tuple[int, ...], bool]]) -> dict[str, TensorPlan]:
         quantizable = [n for n, (shape, fl) in tensors.items() if self.is_quantizable(shape, fl)]
         if self.layer_bits and len(self.layer_bits) != len(quantizable):
             raise ConfigError(
@@ -296,6 +303,14 @@ class QuantSpec:
             if k in d
         }
         return cls.from_strings(bits=d.get("bits", 8), rules=d.get("rules", ""), **kw)
+
+
+@functools.lru_cache(maxsize=64)
+def _resolve(
+    spec: QuantSpec, layout: tuple[tuple[str, tuple[int, ...], bool], ...]
+) -> dict[str, TensorPlan]:
+    """:meth:`QuantSpec.resolve` of a layout, cached (callers get a copy of the dict)."""
+    return spec._plans({n: (shape, fl) for n, shape, fl in layout})
 
 
 #: the keys of :meth:`QuantSpec.to_dict` / :meth:`QuantSpec.from_dict`, in order
