@@ -162,6 +162,7 @@ def test_overhead_splits_every_round(overhead_result: dict[str, Any]) -> None:
         parts = [r[c] for c in federated.CATEGORIES]
         assert all(p >= 0 for p in parts)
         assert r["train"] > 0 and r["encode"] > 0 and r["aggregate"] > 0 and r["evaluate"] > 0
+        assert r["results"] > 0  # the checkpoint and metrics files `fedquant run` writes
         assert sum(parts) + r["other"] == pytest.approx(r["seconds_round"])
         assert r["non_training"] == pytest.approx(r["seconds_round"] - r["train"] - r["evaluate"])
         assert r["samples"] == 200  # both clients, all their images

@@ -40,9 +40,11 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -100,12 +102,17 @@ def rss_bytes() -> int:
     return int(peak) * (1 if sys.platform == "darwin" else 1024)
 
 
-def peak_rss_bytes() -> int:
-    """The peak resident set size of this process so far (``ru_maxrss``), in bytes."""
+def peak_rss_bytes(*seen: int) -> int:
+    """The peak resident set size of this process so far (``ru_maxrss``), in bytes.
+
+    Linux updates ``ru_maxrss`` from per-thread RSS counters it syncs only now
+    and then, so it can lag a ``VmRSS`` read just before: the peak returned is
+    at least every RSS in ``seen``.
+    """
     import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak) * (1 if sys.platform == "darwin" else 1024)
+    return max(int(peak) * (1 if sys.platform == "darwin" else 1024), *seen, 0)
 
 
 # --------------------------------------------------------------------------- methods
@@ -575,8 +582,18 @@ TIMED: dict[str, str] = {
     "apply_delta": "aggregate",
     "load_numpy_state": "load_state",
 }
-#: every category of the split, in report order ("broadcast" is ``Simulation.broadcast``)
-CATEGORIES = ("train", "evaluate", "encode", "admit", "aggregate", "broadcast", "load_state")
+#: every category of the split, in report order ("broadcast" is ``Simulation.broadcast``;
+#: "results" is the checkpoint and metrics files ``fedquant run`` writes after each round)
+CATEGORIES = (
+    "train",
+    "evaluate",
+    "encode",
+    "admit",
+    "aggregate",
+    "broadcast",
+    "load_state",
+    "results",
+)
 
 
 @contextlib.contextmanager
@@ -675,6 +692,7 @@ def overhead(
         the RSS is flat: slope x measured rounds below one float32 model).
     """
     from fedquant.fl.models import float32_state_bytes
+    from fedquant.fl.results import ResultsDir
     from fedquant.fl.simulation import Simulation
 
     cfg = cfg if cfg is not None else RunConfig()
@@ -686,7 +704,8 @@ def overhead(
     model_bytes = float32_state_bytes(sim.model)
     state = sim.new_state()
     rows: list[Row] = []
-    with timed_simulation(sim) as acc:
+    with timed_simulation(sim) as acc, tempfile.TemporaryDirectory() as tmp:
+        results = ResultsDir(Path(tmp))  # what `fedquant run` writes after each round
         while state.round < cfg.rounds:
             before = {c: v[0] for c, v in acc.items()}
             before_cpu = {c: v[2] for c, v in acc.items()}
@@ -694,9 +713,13 @@ def overhead(
             load_before = load_average()
             cpu0 = time.process_time()
             m = sim.run_round(state)
+            t0, c0 = time.perf_counter(), time.process_time()
+            results.write_round(state.round, state.global_state, state.metrics)
+            acc["results"][0] += time.perf_counter() - t0
+            acc["results"][2] += time.process_time() - c0
             cpu = time.process_time() - cpu0
             split = {c: acc[c][0] - before[c] for c in CATEGORIES}
-            total = float(m["seconds_round"])
+            total = float(m["seconds_round"]) + split["results"]
             row: Row = {"round": int(m["round"]), "seconds_round": total}
             row.update(split)
             row["other"] = total - sum(split.values())
@@ -763,7 +786,7 @@ def overhead(
             "rss_start": rss_start,
             "rss_after_setup_round1": rows[0]["rss_bytes"],
             "rss_end": rows[-1]["rss_bytes"],
-            "peak_rss": peak_rss_bytes(),
+            "peak_rss": peak_rss_bytes(rss_start, *(r["rss_bytes"] for r in rows)),
             "slope_bytes_per_round": slope,
             "growth_bytes": growth,
             "measured_rounds": len(steady_rows),
@@ -931,7 +954,7 @@ def memory_probe(
         "rss_setup": rss_setup,
         "rss_rounds": after,
         "rss_end": after[-1],
-        "peak_rss": peak_rss_bytes(),
+        "peak_rss": peak_rss_bytes(rss_data, rss_setup, *after),
     }
 
 

@@ -625,9 +625,12 @@ def _overhead_md(ov: Mapping[str, Any]) -> list[str]:
         f"`{cfg['bits']}` {cfg['rounding']}, {cfg['aggregation']}, "
         f"{ov['train_examples']:,} training images per round, {ov['threads']} torch threads. "
         "Time measured by wrapping the simulator's functions with timers in the same run "
-        "(`fedquant.bench.federated.timed_simulation`). **Overhead** = round wall time - local "
+        "(`fedquant.bench.federated.timed_simulation`); after each round the checkpoint and "
+        "metrics files are written as `fedquant run` writes them (fsynced, to a temporary "
+        "directory) and counted in the round. **Overhead** = round wall time - local "
         "training - the evaluation's forward passes: encode, admission, decode + aggregate, "
-        "the broadcast, loading models, data gathering, bookkeeping (issue 3's list). "
+        "the broadcast, loading models, data gathering, results files, bookkeeping (issue 3's "
+        "list). "
         "Evaluation of the global model is its own line and not counted as overhead. "
         f"Steady state = rounds {ov['warmup'] + 1}..{cfg['rounds']} (round 1 pays numba's "
         "compilation and torch's first calls); all rounds in the last column.",
@@ -637,6 +640,15 @@ def _overhead_md(ov: Mapping[str, Any]) -> list[str]:
     for c in ("train", "evaluate", "encode", "admit", "aggregate", "broadcast", "load_state"):
         body.append(
             [c, fmt(st[c], 3), f"{100 * st[f'share_{c}']:.2f} %", f"{100 * al[f'share_{c}']:.2f} %"]
+        )
+    if "results" in st:  # benchmarks from before the results files were timed lack it
+        body.append(
+            [
+                "results files (checkpoint, metrics.jsonl)",
+                fmt(st["results"], 3),
+                f"{100 * st['share_results']:.2f} %",
+                f"{100 * al['share_results']:.2f} %",
+            ]
         )
     body.append(
         [

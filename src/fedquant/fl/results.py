@@ -142,6 +142,26 @@ class ResultsDir:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        self._lines: list[tuple[dict[str, Any], str]] = []  # rows written so far, as JSON
+
+    def _row_lines(self, metrics: list[dict[str, Any]]) -> list[str]:
+        """Every row as one line of JSON; a row already written is not serialized again.
+
+        A run only appends rows (it never changes one once it is in ``metrics``),
+        so re-serializing the whole history every round is wasted work that grows
+        with the number of rounds. A row is recognized by identity, not by value.
+        """
+        lines = []
+        for i, row in enumerate(metrics):
+            if i < len(self._lines) and self._lines[i][0] is row:
+                lines.append(self._lines[i][1])
+                continue
+            line = json.dumps(_clean(row), default=_json_default)
+            del self._lines[i:]
+            self._lines.append((row, line))
+            lines.append(line)
+        del self._lines[len(metrics) :]
+        return lines
 
     @classmethod
     def create(cls, out: str, cfg: RunConfig) -> ResultsDir:
@@ -177,14 +197,15 @@ class ResultsDir:
         for client, tensors in (residuals or {}).items():
             for k, v in tensors.items():
                 arrays[f"{_RESIDUAL_PREFIX}{int(client)}/{k}"] = np.asarray(v)
-        meta = json.dumps(_clean({"round": round_, "metrics": metrics}), default=_json_default)
+        lines = self._row_lines(metrics)
+        # = json.dumps({"round": round_, "metrics": metrics}) from the rows' own JSON
+        meta = f'{{"round": {int(round_)}, "metrics": [{", ".join(lines)}]}}'
         arrays["__meta__"] = np.frombuffer(meta.encode(), dtype=np.uint8)
         np.savez(buf, **arrays)  # type: ignore[arg-type]
         with atomic_write(self.path / CHECKPOINT) as f:
             f.write(buf.getvalue())
         with atomic_write(self.path / "metrics.jsonl", "w") as f:
-            for row in metrics:
-                f.write(json.dumps(_clean(row), default=_json_default) + "\n")
+            f.write("".join(line + "\n" for line in lines))
 
     def read_config(self) -> RunConfig:
         return RunConfig.from_mapping(
