@@ -127,3 +127,42 @@ def test_errors() -> None:
         aggregate_payloads([a, b], "mean")
     with pytest.raises(DecodeError):
         aggregate_payloads([a, a[:-1]], "mean")
+
+
+def test_weighted_average_large_small_and_odd_tensors_equal_the_plain_sum() -> None:
+    # large float32 (the compiled one-pass path), large non-float32 and strided ones (NumPy),
+    # small ones laid end to end, integers and bools: all must equal a plain float64 sum
+    rng = np.random.default_rng(3)
+    m = 5
+    ups = []
+    for _ in range(m):
+        ups.append(
+            {
+                "fc.weight": rng.standard_normal((40, 50)).astype(np.float32),
+                "wide.weight": rng.standard_normal((3000,)).astype(np.float64),
+                "strided": rng.standard_normal((50, 60)).astype(np.float32)[:, ::2],
+                "big.count": rng.integers(-1000, 1000, 2000).astype(np.int32),
+                "fc.bias": rng.standard_normal(50).astype(np.float32),
+                "bn.num_batches_tracked": np.array(int(rng.integers(0, 100)), np.int64),
+                "mask": rng.random(7) > 0.5,
+            }
+        )
+    w = {n: rng.dirichlet(np.ones(m)) for n in ups[0]}
+    out = weighted_average(ups, w)
+    assert list(out) == list(ups[0])
+    for name in ups[0]:
+        acc = np.zeros(np.shape(ups[0][name]))
+        for j, u in enumerate(ups):
+            acc += w[name][j] * np.asarray(u[name], dtype=np.float64)
+        x0 = ups[0][name]
+        if x0.dtype.kind == "f":
+            want = acc.astype(np.float32)
+        elif x0.dtype.kind == "b":
+            want = acc >= 0.5
+        else:
+            want = np.rint(acc).astype(x0.dtype)
+        assert out[name].dtype == want.dtype and out[name].shape == want.shape
+        np.testing.assert_array_equal(out[name], want)  # equal, not close: same arithmetic
+    # more updates than weights is refused, not an IndexError
+    with pytest.raises(InvalidInputError, match="weights for"):
+        weighted_average([*ups, ups[0]], w)

@@ -44,7 +44,7 @@ import numpy as np
 
 from fedquant.choices import parse_choice
 from fedquant.errors import ConfigError, InvalidInputError
-from fedquant.quant import codec
+from fedquant.quant import codec, kernels
 from fedquant.quant.codec import DecodedUpdate, TensorInfo
 
 MSE_FLOOR_REL = 1e-2
@@ -66,6 +66,9 @@ def plausible_mse(info: TensorInfo) -> float:
     """
     if not info.quantized or info.scales.size == 0:
         return 0.0
+    if info.scales.size == 1:  # per tensor: the same float64 arithmetic without NumPy calls
+        step = 2.0 * float(info.scales[0]) / ((1 << info.bits) - 1)
+        return PLAUSIBLE_FRACTION * (step * step) / 12.0
     steps = 2.0 * info.scales.astype(np.float64) / ((1 << info.bits) - 1)
     return PLAUSIBLE_FRACTION * float(np.mean(steps * steps)) / 12.0
 
@@ -175,22 +178,32 @@ def compute_weights(
         return {name: base for name in names}
     if mse is None:
         raise InvalidInputError("aggregate: inverse-mse needs every client's per-tensor MSE")
-    for name in names:
-        try:
-            e = np.array([float(c[name]) for c in mse], dtype=np.float64)
-        except KeyError:
-            raise InvalidInputError(
-                f"aggregate: a client reported no MSE for tensor {name!r}"
-            ) from None
-        if not np.isfinite(e).all() or (e < 0).any():
-            raise InvalidInputError(
-                f"aggregate: MSE values for {name!r} must be finite and >= 0, got {e.tolist()}"
-            )
-        e = np.minimum(e, MSE_CEIL)  # claims near the float64 maximum would overflow the median
-        floor = max(mse_floor_rel * float(np.median(e)), MSE_FLOOR_ABS)
-        inv = 1.0 / np.maximum(e, floor)
-        out[name] = cap_weights(inv, max_weight)
+    names = list(names)
+    if not names:
+        return out
+    try:  # rows: tensors, columns: clients (each tensor's weights are computed on its own)
+        e = np.array([[float(c[name]) for c in mse] for name in names], dtype=np.float64)
+    except KeyError as err:
+        raise InvalidInputError(
+            f"aggregate: a client reported no MSE for tensor {err.args[0]!r}"
+        ) from None
+    bad = ~np.isfinite(e) | (e < 0)
+    if bad.any():
+        row = int(np.flatnonzero(bad.any(axis=1))[0])
+        raise InvalidInputError(
+            f"aggregate: MSE values for {names[row]!r} must be finite and >= 0, "
+            f"got {e[row].tolist()}"
+        )
+    e = np.minimum(e, MSE_CEIL)  # claims near the float64 maximum would overflow the median
+    floor = np.maximum(mse_floor_rel * np.median(e, axis=1), MSE_FLOOR_ABS)
+    inv = 1.0 / np.maximum(e, floor[:, None])
+    for row, name in enumerate(names):
+        out[name] = cap_weights(inv[row], max_weight)
     return out
+
+
+#: tensors of at most this many elements are accumulated together (see weighted_average)
+SMALL_TENSOR = 1024
 
 
 def weighted_average(
@@ -201,38 +214,80 @@ def weighted_average(
 
     Accumulates in float64; returns float32 for floating tensors and the
     original dtype (rounded) for integer ones. Memory: one accumulator per
-    tensor, whatever the number of clients.
+    tensor, whatever the number of clients. Small tensors (biases, BatchNorm
+    statistics: at most :data:`SMALL_TENSOR` elements) are laid end to end and
+    accumulated with one weight vector, which spares two array operations per
+    tensor and client; large ones are accumulated one by one. The arithmetic
+    is the same either way: ``acc += w * x`` in float64, element by element,
+    in client order.
     """
-    acc: dict[str, np.ndarray] = {}
-    dtypes: dict[str, np.dtype] = {}
-    scratch: dict[str, np.ndarray] = {}  # w * x, reused for every client
+    names: list[str] = []
+    shapes: list[tuple[int, ...]] = []
+    dtypes: list[np.dtype] = []
+    big: list[int] = []  # positions (in names) of the tensors accumulated one by one
+    small: list[int] = []  # positions of those accumulated together
+    acc: dict[int, np.ndarray] = {}
+    scratch: dict[int, np.ndarray] = {}
+    small_sizes = np.zeros(0, dtype=np.int64)
+    small_acc = small_scratch = np.zeros(0)
+    cols: list[np.ndarray] = []
     count = 0
     for j, upd in enumerate(updates):
-        if set(upd) != set(weights):
-            missing = sorted(set(weights) - set(upd))
-            extra = sorted(set(upd) - set(weights))
-            raise InvalidInputError(
-                f"aggregate: client #{j} has missing tensors {missing} / unexpected tensors {extra}"
-            )
-        for name, x in upd.items():
-            arr = np.asarray(x)
-            if name not in acc:
-                acc[name] = np.zeros(arr.shape, dtype=np.float64)
-                scratch[name] = np.empty(arr.shape, dtype=np.float64)
-                dtypes[name] = arr.dtype
-            elif arr.shape != acc[name].shape:
+        if not names or list(upd) != names:
+            if set(upd) != set(weights):
+                missing = sorted(set(weights) - set(upd))
+                extra = sorted(set(upd) - set(weights))
                 raise InvalidInputError(
-                    f"aggregate: client #{j} sent {name!r} with shape {arr.shape}; expected {acc[name].shape}"
+                    f"aggregate: client #{j} has missing tensors {missing} / unexpected tensors {extra}"
                 )
-            # the float64 product, then the sum: the arithmetic of ``acc += w * x``
-            acc[name] += np.multiply(weights[name][j], arr, out=scratch[name])
-        count += 1
-    for name, w in weights.items():
-        if w.size != count:
-            raise InvalidInputError(f"aggregate: {w.size} weights for {name!r} but {count} updates")
+        if not names and upd:
+            names = list(upd)
+            arrays = [np.asarray(upd[n]) for n in names]
+            shapes = [a.shape for a in arrays]
+            dtypes = [a.dtype for a in arrays]
+            for i, a in enumerate(arrays):
+                (small if a.size <= SMALL_TENSOR else big).append(i)
+            for i in big:
+                acc[i] = np.zeros(shapes[i], dtype=np.float64)
+            small_sizes = np.array([arrays[i].size for i in small], dtype=np.int64)
+            small_acc = np.zeros(int(small_sizes.sum()))
+            small_scratch = np.empty_like(small_acc)
+            cols = [np.asarray(weights[n], dtype=np.float64).reshape(-1) for n in names]
+        else:
+            arrays = [np.asarray(upd[n]) for n in names]
+        for i, a in enumerate(arrays):
+            if a.shape != shapes[i]:
+                raise InvalidInputError(
+                    f"aggregate: client #{j} sent {names[i]!r} with shape {a.shape}; "
+                    f"expected {shapes[i]}"
+                )
+        count = j + 1
+        if any(c.size <= j for c in cols):  # more updates than weights: refused below
+            break
+        for i in big:
+            x = arrays[i]
+            if x.dtype == np.float32 and x.flags.c_contiguous:  # decoded tensors: one pass
+                kernels.accumulate_f32(acc[i], float(cols[i][j]), x)
+            else:  # the float64 product, then the sum: the arithmetic of ``acc += w * x``
+                if i not in scratch:
+                    scratch[i] = np.empty(shapes[i], dtype=np.float64)
+                acc[i] += np.multiply(cols[i][j], x, out=scratch[i])
+        if small:
+            x = np.concatenate([arrays[i].reshape(-1) for i in small], dtype=np.float64)
+            w = np.repeat([cols[i][j] for i in small], small_sizes)
+            small_acc += np.multiply(w, x, out=small_scratch)
+    for name, wt in weights.items():
+        if wt.size != count:
+            raise InvalidInputError(
+                f"aggregate: {wt.size} weights for {name!r} but {count} updates"
+            )
+    sums: dict[int, np.ndarray] = dict(acc)
+    offsets = np.concatenate(([0], np.cumsum(small_sizes))).tolist()
+    for k, i in enumerate(small):
+        sums[i] = small_acc[offsets[k] : offsets[k + 1]].reshape(shapes[i])
     out: dict[str, np.ndarray] = {}
-    for name, a in acc.items():
-        dt = dtypes[name]
+    for i, name in enumerate(names):
+        a, dt = sums[i], dtypes[i]
         if dt.kind == "f":
             out[name] = np.asarray(a, dtype=np.float32)
         elif dt.kind == "b":

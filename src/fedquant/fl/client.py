@@ -168,6 +168,9 @@ def state_numpy(model: nn.Module) -> dict[str, np.ndarray]:
     """The model's state dict as CPU NumPy arrays (floats as float32)."""
     out = {}
     for k, v in model.state_dict().items():
+        if v.is_cpu and v.dtype is torch.float32:  # the common case: a view (state_dict detaches)
+            out[k] = v.numpy()
+            continue
         t = v.detach().to("cpu")
         out[k] = (t.float() if t.is_floating_point() else t).numpy()
     return out
@@ -198,7 +201,7 @@ def load_numpy_state(model: nn.Module, state: Mapping[str, np.ndarray]) -> None:
     with torch.no_grad():
         for k, t in current.items():
             arr = np.asarray(state[k])
-            if t.dtype in _NUMPY_DTYPES and t.device.type == "cpu" and t.is_contiguous():
+            if t.is_cpu and t.dtype in _NUMPY_DTYPES and t.is_contiguous():
                 dst = t.numpy()
                 if arr.dtype == dst.dtype and arr.size == dst.size:
                     np.copyto(dst, arr.reshape(dst.shape))

@@ -492,23 +492,44 @@ def _record_head(
 
 
 class _Reader:
-    """Bounds-checked cursor over the payload body."""
+    """Bounds-checked cursor over the payload body.
+
+    What is being read is named by ``where`` and ``part``, joined only when
+    an error is raised (formatting a message per field cost more than the
+    reading itself).
+    """
 
     def __init__(self, buf: memoryview, start: int, end: int) -> None:
         self.buf, self.pos, self.end = buf, start, end
 
-    def take(self, n: int, what: str) -> memoryview:
-        if n < 0 or self.pos + n > self.end:
+    def take(self, n: int, where: str, part: str = "") -> memoryview:
+        pos = self.pos
+        if n < 0 or pos + n > self.end:
+            what = f"{where} {part}" if part else where
             raise DecodeError(
-                f"decode: payload truncated in {what}: need {n} byte(s) at offset {self.pos}, "
-                f"{self.end - self.pos} left"
+                f"decode: payload truncated in {what}: need {n} byte(s) at offset {pos}, "
+                f"{self.end - pos} left"
             )
-        out = self.buf[self.pos : self.pos + n]
-        self.pos += n
-        return out
+        self.pos = pos + n
+        return self.buf[pos : pos + n]
 
-    def unpack(self, st: struct.Struct, what: str) -> tuple[Any, ...]:
-        return st.unpack(self.take(st.size, what))
+    def unpack(self, st: struct.Struct, where: str, part: str = "") -> tuple[Any, ...]:
+        pos = self.pos
+        if pos + st.size > self.end:
+            self.take(st.size, where, part)  # raises the truncation error
+        self.pos = pos + st.size
+        return st.unpack_from(self.buf, pos)
+
+
+@functools.lru_cache(maxsize=MAX_NDIM + 1)
+def _dims(ndim: int) -> struct.Struct:
+    """The ``ndim`` u64 dims of a record."""
+    return struct.Struct(f"<{ndim}Q")
+
+
+#: the scales of an unquantized record (none; read-only, shared)
+_NO_SCALES = np.zeros(0, dtype=np.float32)
+_NO_SCALES.flags.writeable = False
 
 
 def peek_header(payload: bytes | bytearray | memoryview) -> tuple[int, int, int]:
@@ -703,11 +724,11 @@ def _decode_record(
 ) -> tuple[str, np.ndarray | None, TensorInfo, _Data]:
     start = r.pos
     where = f"tensor #{index}"
-    (name_len,) = r.unpack(_U16, f"{where} name length")
+    (name_len,) = r.unpack(_U16, where, "name length")
     if not 1 <= name_len <= MAX_NAME:
         raise DecodeError(f"decode: {where}: name length {name_len} is not in 1..{MAX_NAME}")
     try:
-        name = bytes(r.take(name_len, f"{where} name")).decode("utf-8")
+        name = bytes(r.take(name_len, where, "name")).decode("utf-8")
     except UnicodeDecodeError:
         raise DecodeError(f"decode: {where}: name is not valid UTF-8") from None
     where = f"tensor {name!r}"
@@ -750,13 +771,13 @@ def _decode_record(
         )
     if ndim > MAX_NDIM:
         raise DecodeError(f"decode: {where}: ndim={ndim}; at most {MAX_NDIM}")
-    shape = tuple(r.unpack(_U64, f"{where} shape")[0] for _ in range(ndim))
+    shape: tuple[int, ...] = r.unpack(_dims(ndim), where, "shape")
     # zero-size tensors carry no data to bound their other dims: bound the product
     if math.prod(max(d, 1) for d in shape) > MAX_DIM:
         raise DecodeError(f"decode: {where}: absurd shape {shape}")
     numel = math.prod(shape)
     gran = _GRAN_BACK[gcode]
-    (n_scales,) = r.unpack(_U32, f"{where} scale count")
+    (n_scales,) = r.unpack(_U32, where, "scale count")
     if kind == KIND_QUANT:
         if gran is Granularity.CHANNEL and (ndim < 2 or shape[0] == 0):
             raise DecodeError(f"decode: {where}: per-channel scales need >= 2 dims, shape {shape}")
@@ -765,19 +786,21 @@ def _decode_record(
         want = 0
     if n_scales != want:
         raise DecodeError(f"decode: {where}: {n_scales} scale(s); expected {want}")
-    scales = np.frombuffer(r.take(4 * n_scales, f"{where} scales"), dtype="<f4").astype(np.float32)
-    if n_scales and (not np.isfinite(scales).all() or (scales < 0).any()):
-        raise DecodeError(f"decode: {where}: scales must be finite and >= 0")
-    (mse,) = r.unpack(_F64, f"{where} mse")
+    scales = _NO_SCALES
+    if n_scales:
+        raw_scales = np.frombuffer(r.take(4 * n_scales, where, "scales"), dtype="<f4")
+        scales = raw_scales.astype(np.float32)
+        if not np.isfinite(scales).all() or (scales < 0).any():
+            raise DecodeError(f"decode: {where}: scales must be finite and >= 0")
+    mse, data_len = r.unpack(_MSE_LEN, where, "mse and data length")
     if not math.isfinite(mse) or mse < 0:
         raise DecodeError(f"decode: {where}: mse={mse!r}; expected a finite value >= 0")
-    (data_len,) = r.unpack(_U64, f"{where} data length")
     if transform or coding:
         if data_len > r.end - r.pos:
             raise DecodeError(
                 f"decode: {where}: data length {data_len} but only {r.end - r.pos} bytes remain"
             )
-        ext_data = r.take(data_len, f"{where} data")
+        ext_data = r.take(data_len, where, "data")
         ext = _decode_extended(
             ext_data,
             where,
@@ -822,7 +845,7 @@ def _decode_record(
             f"decode: {where}: shape {shape} needs {expected} data bytes but only "
             f"{r.end - r.pos} remain"
         )
-    data = r.take(expected, f"{where} data")
+    data = r.take(expected, where, "data")
     if kind == KIND_QUANT:
         spare = 8 * expected - numel * bits
         if spare and data[-1] >> (8 - spare):
