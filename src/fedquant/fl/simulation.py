@@ -282,7 +282,9 @@ class Simulation:
                 self.train_cfg,
                 generator=seeding.torch_generator(cfg.seed, Purpose.SHUFFLE, round_, client),
                 qat_spec=self.uplink,
-                qat_rng=seeding.numpy_rng(cfg.seed, Purpose.QAT, round_, client),
+                qat_rng=seeding.numpy_rng(cfg.seed, Purpose.QAT, round_, client)
+                if self.train_cfg.qat
+                else None,
             )
             train_secs = stats.seconds
         else:  # the model carries the client's trained state from here on, as in the loop
@@ -304,7 +306,7 @@ class Simulation:
                 meta=meta,
                 residual_in=None if residuals is None else residuals.get(client),
                 error_feedback=cfg.error_feedback,
-                shared_key=seeding.rotation_key(cfg.seed, round_),
+                shared_key=self._uplink_key(round_),
             )
             if cfg.error_feedback and residuals is not None:
                 residuals[client] = up.residual
@@ -314,9 +316,13 @@ class Simulation:
             self.uplink,
             seed=seeding.seed_sequence(cfg.seed, Purpose.UPLINK, round_, client),
             meta=meta,
-            shared_key=seeding.rotation_key(cfg.seed, round_),
+            shared_key=self._uplink_key(round_),
         )
         return enc.payload, stats.loss, train_secs
+
+    def _uplink_key(self, round_: int) -> int | None:
+        """The round's rotation key for the uplink encoder (``None``: the spec does not rotate)."""
+        return seeding.rotation_key(self.cfg.seed, round_) if self.uplink.rotation else None
 
     def replies(
         self, client: int, payload: bytes, shared_key: int | None = None

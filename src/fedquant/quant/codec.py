@@ -128,6 +128,11 @@ DTYPES: dict[int, tuple[str, np.dtype | None]] = {
     10: ("bool", np.dtype("u1")),
 }
 _DTYPE_CODE = {name: code for code, (name, _) in DTYPES.items()}
+_FLOAT32_CODE = _DTYPE_CODE["float32"]
+#: the scales of an unquantized record (none; read-only, shared), and their count's bytes
+_NO_SCALES = np.zeros(0, dtype=np.float32)
+_NO_SCALES.flags.writeable = False
+_NO_SCALES_COUNT = _U32.pack(0)
 #: ``str(dtype)`` of the native dtypes (``str`` of a dtype is slow: ~10 us per tensor)
 _NAMES = {np.dtype(n): n for n in _DTYPE_CODE if n != "bfloat16"}
 
@@ -378,9 +383,11 @@ def _encode_tensor(
     key: np.uint64,
     shared_key: int | None = None,
 ) -> tuple[bytes, TensorInfo]:
+    if not plan.quantized and dtype == "float32" and arr.dtype == np.float32:
+        return _encode_float32(name, arr)
     shape = tuple(int(d) for d in arr.shape)
     gran = Granularity.TENSOR
-    scales = np.zeros(0, dtype=np.float32)
+    scales = _NO_SCALES
     mse = 0.0
     transform, coding, block, ncodes = TRANSFORM_NONE, CODING_PACKED, 0, 0
     if arr.dtype.kind == "f":
@@ -465,6 +472,26 @@ def _encode_tensor(
     return rec, info
 
 
+def _encode_float32(name: str, arr: np.ndarray) -> tuple[bytes, TensorInfo]:
+    """The record of a float32 tensor that travels raw (biases, BatchNorm): the short path."""
+    flat = np.ascontiguousarray(arr, dtype="<f4")
+    check_finite(flat, f"encode: tensor {name!r}")
+    data = flat.tobytes()
+    shape = tuple(int(d) for d in arr.shape)
+    rec = b"".join(
+        (
+            _record_head(name, _FLOAT32_CODE, KIND_FLOAT, FLOAT_BITS, 0, 0, 0, shape),
+            _NO_SCALES_COUNT,
+            _MSE_LEN.pack(0.0, len(data)),
+            data,
+        )
+    )
+    info = TensorInfo(
+        name, shape, "float32", FLOAT_BITS, Granularity.TENSOR, _NO_SCALES, 0.0, len(rec)
+    )
+    return rec, info
+
+
 @functools.lru_cache(maxsize=4096)
 def _record_head(
     name: str,
@@ -525,11 +552,6 @@ class _Reader:
 def _dims(ndim: int) -> struct.Struct:
     """The ``ndim`` u64 dims of a record."""
     return struct.Struct(f"<{ndim}Q")
-
-
-#: the scales of an unquantized record (none; read-only, shared)
-_NO_SCALES = np.zeros(0, dtype=np.float32)
-_NO_SCALES.flags.writeable = False
 
 
 def peek_header(payload: bytes | bytearray | memoryview) -> tuple[int, int, int]:
