@@ -26,7 +26,8 @@ What is timed (fedquant, CPU, numba kernels)
     output is allocated per call: at 8 bits that is a fresh 10 MB buffer, whose
     page faults cost a third of a memcpy of the input).
 ``threshold``
-    the OCTAV threshold alone (log-linear histogram pass + refinement pass).
+    the OCTAV threshold alone (one log-linear histogram pass, then the
+    fixed-point iteration on the histogram).
 ``quantize``
     the full client-side quantization: OCTAV threshold, then quantize + pack.
 ``encode``
