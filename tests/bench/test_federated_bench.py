@@ -176,6 +176,24 @@ def test_overhead_splits_every_round(overhead_result: dict[str, Any]) -> None:
     assert isinstance(mem["flat"], bool)
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch and numba
+def test_overhead_in_a_fresh_process(tmp_path: Path) -> None:
+    lines: list[str] = []
+    ov = federated.overhead_in_fresh_process(
+        BASE.with_(rounds=2), n_train=200, n_test=100, log=lines.append
+    )
+    assert ov["fresh_process"] is True
+    assert [r["round"] for r in ov["rounds"]] == [1, 2]
+    assert all(r["results"] > 0 and r["samples"] == 200 for r in ov["rounds"])
+    assert ov["train_examples"] == 200 and ov["test_examples"] == 100
+    assert len(lines) == 2 and lines[0].startswith("  round 1:")
+    assert any("fresh Python process" in line for line in report._overhead_md(ov))
+    # a run the child cannot start is an error naming the cause, not a hang or a crash
+    missing = BASE.with_(dataset="mnist", data_root=str(tmp_path / "nowhere"), rounds=1)
+    with pytest.raises(FedquantError, match="measuring process failed"):
+        federated.overhead_in_fresh_process(missing)
+
+
 def test_timed_simulation_restores_the_simulator(tiny: Dataset) -> None:
     sim = simulation.Simulation(BASE.with_(rounds=1), dataset=tiny)
     originals = {n: getattr(simulation, n) for n in federated.TIMED if hasattr(simulation, n)}

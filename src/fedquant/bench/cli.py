@@ -344,7 +344,9 @@ def _federated_section(args: argparse.Namespace, quick: bool, command: str) -> d
     if "overhead" in parts:
         t0 = time.perf_counter()
         cfg = base.with_(rounds=args.overhead_rounds or (2 if quick else base.rounds))
-        ov = federated.overhead(cfg, dataset=data, log=_log)
+        ov = federated.overhead_in_fresh_process(
+            cfg, n_train=400 if quick else 0, n_test=200 if quick else 0, log=_log
+        )
         ov["profile"] = federated.profile_rounds(
             cfg, rounds=1 if quick else 3, dataset=data, top=8 if quick else 20
         )

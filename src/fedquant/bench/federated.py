@@ -918,6 +918,59 @@ def profile_rounds(
 # --------------------------------------------------------------------------- memory vs clients
 
 
+def overhead_in_fresh_process(
+    cfg: RunConfig,
+    *,
+    n_train: int = 0,
+    n_test: int = 0,
+    warmup: int = 1,
+    log: Log | None = None,
+    timeout_s: float = 3600.0,
+) -> dict[str, Any]:
+    """:func:`overhead` of ``cfg`` in a new Python process (as ``fedquant run`` starts one).
+
+    The benchmark's own process has by then allocated and freed the error and
+    speed sections' 10M-element arrays: its heap is fragmented, and the RSS of
+    the rounds steps up and down with the allocator's reuse of that space
+    rather than with what the simulator holds. A fresh process measures the
+    run as a user gets it. ``n_train``/``n_test`` > 0 keep only the first
+    examples of the data set (:func:`small_dataset`). The child's per-round
+    lines are passed to ``log`` when it ends.
+    """
+    args = json.dumps(
+        {"cfg": cfg.to_dict(), "n_train": n_train, "n_test": n_test, "warmup": warmup}
+    )
+    code = (
+        "import json, sys\n"
+        "from fedquant.bench import federated\n"
+        "from fedquant.fl.config import RunConfig\n"
+        "a = json.loads(sys.argv[1])\n"
+        "cfg = RunConfig.from_mapping(a['cfg'])\n"
+        "data = federated._load(cfg, None)\n"
+        "if a['n_train'] or a['n_test']:\n"
+        "    data = federated.small_dataset(data, a['n_train'], a['n_test'])\n"
+        "say = lambda line: print(line, file=sys.stderr, flush=True)\n"
+        "out = federated.overhead(cfg, dataset=data, warmup=a['warmup'], log=say)\n"
+        "print(json.dumps(out))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, args],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise FedquantError(f"overhead: the measuring process failed: {proc.stderr[-2000:]}")
+    if log is not None:
+        for line in proc.stderr.splitlines():
+            if line.startswith("  round "):
+                log(line)
+    out: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["fresh_process"] = True
+    return out
+
+
 def memory_probe(
     num_clients: int,
     rounds: int,

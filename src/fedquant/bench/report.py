@@ -624,7 +624,13 @@ def _overhead_md(ov: Mapping[str, Any]) -> list[str]:
         f"`RunConfig()` with {cfg['rounds']} rounds: {cfg['num_clients']} clients, "
         f"`{cfg['bits']}` {cfg['rounding']}, {cfg['aggregation']}, "
         f"{ov['train_examples']:,} training images per round, {ov['threads']} torch threads. "
-        "Time measured by wrapping the simulator's functions with timers in the same run "
+        + (
+            "Run in a fresh Python process, as `fedquant run` starts one "
+            "(`fedquant.bench.federated.overhead_in_fresh_process`). "
+            if ov.get("fresh_process")
+            else ""
+        )
+        + "Time measured by wrapping the simulator's functions with timers in the same run "
         "(`fedquant.bench.federated.timed_simulation`); after each round the checkpoint and "
         "metrics files are written as `fedquant run` writes them (fsynced, to a temporary "
         "directory) and counted in the round. **Overhead** = round wall time - local "
