@@ -173,7 +173,23 @@ def test_overhead_splits_every_round(overhead_result: dict[str, Any]) -> None:
     assert st["samples_per_s"] == pytest.approx(st["samples"] / st["train"])
     mem = ov["memory"]
     assert mem["model_float32_bytes"] == 330_136  # the paper's CNN (README)
-    assert isinstance(mem["flat"], bool)
+    assert mem["peak_rss"] >= max(r["rss_bytes"] for r in ov["rounds"])
+
+
+@pytest.mark.slow  # a fresh interpreter imports torch and numba
+def test_memory_over_rounds_reads_the_floor() -> None:
+    row = federated.memory_over_rounds(
+        16, num_clients=2, n_train=100, n_test=50, window=4, warmup=2
+    )
+    rss = row["rss_rounds"]
+    assert len(rss) == 16 and row["results"] is True
+    assert row["floor_first"] == min(rss[2:6]) and row["floor_last"] == min(rss[-4:])
+    assert row["floor_growth"] == row["floor_last"] - row["floor_first"]
+    assert row["floor_growth_per_round"] == pytest.approx(row["floor_growth"] / (14 - 4))
+    assert row["flat"] == (row["floor_growth_per_round"] < row["model_float32_bytes"] / 20)
+    assert row["peak_rss"] >= max(rss)  # the child's own peak (VmHWM), not the parent's
+    with pytest.raises(ConfigError, match="too few"):
+        federated.memory_over_rounds(5, window=4, warmup=2)
 
 
 @pytest.mark.slow  # a fresh interpreter imports torch and numba

@@ -353,6 +353,9 @@ def _federated_section(args: argparse.Namespace, quick: bool, command: str) -> d
         ov["training_speed"] = federated.training_speed(
             (1, 2), reps=1 if quick else 3, dataset=data
         )
+        ov["memory_over_rounds"] = federated.memory_over_rounds(
+            30 if quick else 200, n_train=200 if quick else 1000, n_test=100 if quick else 200
+        )
         ov["memory_vs_clients"] = federated.memory_vs_clients(
             (2, 4) if quick else (10, 100),
             rounds=1 if quick else 3,

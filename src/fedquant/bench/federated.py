@@ -103,12 +103,21 @@ def rss_bytes() -> int:
 
 
 def peak_rss_bytes(*seen: int) -> int:
-    """The peak resident set size of this process so far (``ru_maxrss``), in bytes.
+    """The peak resident set size of this process so far, in bytes.
 
-    Linux updates ``ru_maxrss`` from per-thread RSS counters it syncs only now
-    and then, so it can lag a ``VmRSS`` read just before: the peak returned is
+    ``VmHWM`` where ``/proc`` has it: ``ru_maxrss`` survives ``exec``, so a
+    child process started by a large parent would report the parent's peak.
+    Linux updates both from per-thread RSS counters it syncs only now and
+    then, so they can lag a ``VmRSS`` read just before: the peak returned is
     at least every RSS in ``seen``.
     """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return max(int(line.split()[1]) * 1024, *seen, 0)
+    except OSError:
+        pass
     import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -791,7 +800,6 @@ def overhead(
             "growth_bytes": growth,
             "measured_rounds": len(steady_rows),
             "model_float32_bytes": model_bytes,
-            "flat": abs(slope) * len(steady_rows) < model_bytes,
         },
     }
 
@@ -978,15 +986,19 @@ def memory_probe(
     n_train: int = 0,
     n_test: int = 0,
     seed: int = 0,
+    results: bool = False,
 ) -> Row:
     """RSS of this process around a run of ``rounds`` rounds with ``num_clients`` clients.
 
-    Meant for a fresh process (:func:`memory_vs_clients` starts one per
-    count). The data (embedded MNIST, or its first ``n_train`` / ``n_test``
-    examples) is loaded before the first measurement, so only the
-    simulator's own memory differs between counts.
+    Meant for a fresh process (:func:`memory_vs_clients` and
+    :func:`memory_over_rounds` start one). The data (embedded MNIST, or its
+    first ``n_train`` / ``n_test`` examples) is loaded before the first
+    measurement, so only the simulator's own memory differs between counts.
+    With ``results`` the checkpoint and metrics files are written after every
+    round, as ``fedquant run`` does (to a temporary directory).
     """
     from fedquant.fl.data import load_dataset
+    from fedquant.fl.results import ResultsDir
     from fedquant.fl.simulation import Simulation
 
     data = small_dataset(load_dataset("mnist-embedded"), n_train, n_test)
@@ -996,9 +1008,13 @@ def memory_probe(
     rss_setup = rss_bytes()
     state = sim.new_state()
     after = []
-    for _ in range(rounds):
-        sim.run_round(state)
-        after.append(rss_bytes())
+    with tempfile.TemporaryDirectory() as tmp:
+        rd = ResultsDir(Path(tmp)) if results else None
+        for _ in range(rounds):
+            sim.run_round(state)
+            if rd is not None:
+                rd.write_round(state.round, state.global_state, state.metrics)
+            after.append(rss_bytes())
     return {
         "num_clients": num_clients,
         "rounds": rounds,
@@ -1008,7 +1024,92 @@ def memory_probe(
         "rss_rounds": after,
         "rss_end": after[-1],
         "peak_rss": peak_rss_bytes(rss_data, rss_setup, *after),
+        "results": results,
     }
+
+
+def _probe_in_fresh_process(args: Mapping[str, Any], timeout_s: float) -> Row:
+    """:func:`memory_probe` with ``args`` in a new Python process."""
+    code = (
+        "import json, sys\n"
+        "from fedquant.bench.federated import memory_probe\n"
+        "a = json.loads(sys.argv[1])\n"
+        "print(json.dumps(memory_probe(a.pop('num_clients'), a.pop('rounds'), **a)))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(dict(args))],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise FedquantError(
+            f"memory probe ({dict(args)}) failed in its process: {proc.stderr[-2000:]}"
+        )
+    row: Row = json.loads(proc.stdout.strip().splitlines()[-1])
+    return row
+
+
+#: "flat": the RSS floor grows by less than this fraction of a float32 model per round
+FLAT_PER_ROUND = 1 / 20
+
+
+def memory_over_rounds(
+    rounds: int = 200,
+    *,
+    num_clients: int = 10,
+    n_train: int = 1000,
+    n_test: int = 200,
+    window: int = 10,
+    warmup: int = 5,
+    seed: int = 0,
+    timeout_s: float = 1800.0,
+) -> Row:
+    """RSS over a long run in a fresh process (results files written every round).
+
+    Single rounds' RSS jumps up and down by megabytes (the allocator keeping,
+    then returning, transient buffers), so the growth is read off the
+    *floor*: the smallest RSS of the first ``window`` rounds after ``warmup``
+    and of the last ``window`` rounds. ``flat`` means the floor grows by less
+    than :data:`FLAT_PER_ROUND` of a float32 model per round: nothing of a
+    model's or a payload's size is kept per round (the metrics history the
+    run keeps is a few KiB per round).
+    """
+    from fedquant.fl.models import PaperCNN, float32_state_bytes
+
+    if rounds < warmup + 2 * window:
+        raise ConfigError("rounds", f"{rounds} is too few; at least {warmup + 2 * window}")
+    row = _probe_in_fresh_process(
+        {
+            "num_clients": num_clients,
+            "rounds": rounds,
+            "n_train": n_train,
+            "n_test": n_test,
+            "seed": seed,
+            "results": True,
+        },
+        timeout_s,
+    )
+    rss = row["rss_rounds"]
+    first, last = rss[warmup : warmup + window], rss[-window:]
+    # rounds between the windows' middles
+    span = (rounds - window // 2) - (warmup + window // 2)
+    growth = min(last) - min(first)
+    model_bytes = float32_state_bytes(PaperCNN())
+    row |= {
+        "window": window,
+        "warmup": warmup,
+        "floor_first": min(first),
+        "floor_last": min(last),
+        "floor_growth": growth,
+        "floor_growth_per_round": growth / span,
+        "max_minus_floor": max(rss[warmup:]) - min(rss[warmup:]),
+        "model_float32_bytes": model_bytes,
+        "flat": growth / span < FLAT_PER_ROUND * model_bytes,
+        "load": load_average(),
+    }
+    return row
 
 
 def memory_vs_clients(
@@ -1032,27 +1133,16 @@ def memory_vs_clients(
     model_bytes = float32_state_bytes(PaperCNN())
     rows: list[Row] = []
     for n in clients:
-        args = json.dumps(
-            {"num_clients": n, "rounds": rounds, "n_train": n_train, "n_test": n_test, "seed": seed}
+        row = _probe_in_fresh_process(
+            {
+                "num_clients": n,
+                "rounds": rounds,
+                "n_train": n_train,
+                "n_test": n_test,
+                "seed": seed,
+            },
+            timeout_s,
         )
-        code = (
-            "import json, sys\n"
-            "from fedquant.bench.federated import memory_probe\n"
-            "a = json.loads(sys.argv[1])\n"
-            "print(json.dumps(memory_probe(a.pop('num_clients'), a.pop('rounds'), **a)))\n"
-        )
-        proc = subprocess.run(
-            [sys.executable, "-c", code, args],
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
-            check=False,
-        )
-        if proc.returncode != 0:
-            raise FedquantError(
-                f"memory_vs_clients: the probe for {n} clients failed: {proc.stderr[-2000:]}"
-            )
-        row = json.loads(proc.stdout.strip().splitlines()[-1])
         row["load"] = load_average()
         rows.append(row)
     first = rows[0]

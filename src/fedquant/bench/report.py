@@ -697,13 +697,31 @@ def _overhead_md(ov: Mapping[str, Any]) -> list[str]:
         + (f"; load average {min(loads):.1f}-{max(loads):.1f} during the run." if loads else "."),
         f"- Memory: RSS {_mib(mem['rss_after_setup_round1'])} after round 1, "
         f"{_mib(mem['rss_end'])} after round {cfg['rounds']} (peak {_mib(mem['peak_rss'])}); "
-        f"slope over rounds {ov['warmup'] + 1}..{cfg['rounds']}: "
-        f"{mem['slope_bytes_per_round'] / 1024:+.1f} KiB/round, i.e. "
-        f"{abs(mem['slope_bytes_per_round']) * mem['measured_rounds'] / 1024:.0f} KiB over "
-        f"{mem['measured_rounds']} rounds against one float32 model of "
-        f"{mem['model_float32_bytes'] / 1024:.0f} KiB: "
-        + ("**flat**." if mem["flat"] else "**not flat**."),
+        f"least-squares slope over rounds {ov['warmup'] + 1}..{cfg['rounds']}: "
+        f"{mem['slope_bytes_per_round'] / 1024:+.1f} KiB/round (one float32 model: "
+        f"{mem['model_float32_bytes'] / 1024:.0f} KiB). Single rounds' RSS moves by "
+        "megabytes as the allocator keeps and returns transient buffers, so 30 rounds "
+        "say little about growth: the long run below does.",
     ]
+    mor = ov.get("memory_over_rounds")
+    if mor:
+        w, warm = mor["window"], mor["warmup"]
+        out.append(
+            f"- Memory over {mor['rounds']} rounds (fresh process, {mor['num_clients']} clients, "
+            f"{mor['train_examples']:,} training images, checkpoint and metrics written every "
+            f"round): RSS floor (smallest of {w} rounds) {_mib(mor['floor_first'])} at rounds "
+            f"{warm + 1}-{warm + w}, {_mib(mor['floor_last'])} at rounds "
+            f"{mor['rounds'] - w + 1}-{mor['rounds']}: "
+            f"{mor['floor_growth_per_round'] / 1024:+.1f} KiB/round "
+            f"({mor['floor_growth'] / 1024:+.0f} KiB in all; single rounds rise up to "
+            f"{mor['max_minus_floor'] / 2**20:.1f} MiB above the floor and fall back): "
+            + (
+                "**flat** (under 1/20 of a float32 model per round: nothing model- or "
+                "payload-sized is kept per round)."
+                if mor["flat"]
+                else "**not flat** (1/20 of a float32 model per round or more)."
+            )
+        )
     ts = ov.get("training_speed")
     if ts:
         out.append(
