@@ -186,95 +186,81 @@ def histogram_edges() -> np.ndarray:
 
 
 @njit(inline="always")
-def _octav_step(n, n_le, s1_gt, s, c):  # pragma: no cover - compiled
-    """One step of the rule from the tail statistics at ``s``; NaN: stay at ``s``."""
-    n_gt = n - n_le
-    if n_gt <= 0.0 or s1_gt <= 0.0:  # nothing clipped: any s >= max|x| stays
-        return np.nan
-    return s1_gt / (c * n_le + n_gt)
+def _octav_tail(s, exact, a, edges, cc, c1, cnt, s1):  # pragma: no cover - compiled
+    """``(#|x| <= s, sum of |x| > s)``: exact from sorted ``a`` and its prefix sums ``c1``,
+    or read off the histogram (``edges``, prefix counts ``cc`` and sums ``c1``, per-bin
+    ``cnt`` and ``s1``), linear inside a bin."""
+    if exact:
+        k = np.searchsorted(a, s, side="right")
+        return float(k), c1[a.size] - c1[k]
+    nb = cnt.size
+    k = min(max(np.searchsorted(edges, s, side="right") - 1, 0), nb - 1)
+    lo = edges[k]
+    hi = edges[k + 1]
+    phi = min(max((s - lo) / (hi - lo), 0.0), 1.0) if hi > lo else 1.0
+    return cc[k] + phi * cnt[k], c1[nb] - (c1[k] + phi * s1[k])
 
 
 @njit(inline="always")
-def _octav_done(s, s_new, prev, tol):  # pragma: no cover - compiled
-    """0: go on; 1: converged (answer ``s_new``); 2: 2-cycle (answer the midpoint)."""
-    if abs(s_new - s) <= tol * s:
-        return 1
-    if abs(s_new - prev) <= tol * s:
-        return 2
-    return 0
-
-
-@njit(cache=True)
-def octav_sorted(a, c, iterations, tol, max_iter):  # pragma: no cover - compiled
-    """OCTAV from ``a``, the sorted ``|x|`` as float64, and prefix sums (exact tails).
-
-    (NumPy sorts: its vectorized sort is several times faster than numba's.)
-    """
-    n = a.size
-    c1 = np.empty(n + 1)
-    c1[0] = 0.0
-    for i in range(n):
-        c1[i + 1] = c1[i] + a[i]
-    if n == 0 or a[n - 1] == 0.0:
-        return 0.0
-    s = c1[n] / n
+def _octav_iterate(
+    n, c, iterations, tol, max_iter, exact, a, edges, cc, c1, cnt, s1
+):  # pragma: no cover - compiled
+    """The fixed-point iteration from ``mean |x| = c1[-1] / n`` (see :func:`_octav_tail`)."""
+    s = c1[c1.size - 1] / n
     if s <= 0.0:
         return 0.0
     prev = np.nan
     steps = max_iter if iterations < 0 else iterations
     for _ in range(steps):
-        k = np.searchsorted(a, s, side="right")
-        s_new = _octav_step(n, float(k), c1[n] - c1[k], s, c)
-        if np.isnan(s_new):
+        n_le, s1_gt = _octav_tail(s, exact, a, edges, cc, c1, cnt, s1)
+        n_gt = n - n_le
+        if n_gt <= 0.0 or s1_gt <= 0.0:  # nothing clipped: any s >= max|x| stays
             return s
+        s_new = s1_gt / (c * n_le + n_gt)
         if iterations < 0:
-            done = _octav_done(s, s_new, prev, tol)
-            if done == 1:
+            if abs(s_new - s) <= tol * s:
                 return s_new
-            if done == 2:
+            if abs(s_new - prev) <= tol * s:  # a 2-cycle: its midpoint
                 return 0.5 * (s + s_new)
         prev = s
         s = s_new
     return s
+
+
+@njit(cache=True)
+def octav_sorted(a, c, iterations, tol, max_iter):  # pragma: no cover - compiled
+    """OCTAV from ``a``, the sorted ``|x|`` as float64 (exact tails from prefix sums).
+
+    (NumPy sorts: its vectorized sort is several times faster than numba's.)
+    """
+    n = a.size
+    if n == 0 or a[n - 1] == 0.0:
+        return 0.0
+    c1 = np.empty(n + 1)
+    c1[0] = 0.0
+    for i in range(n):
+        c1[i + 1] = c1[i] + a[i]
+    none = np.empty(0)
+    return _octav_iterate(n, c, iterations, tol, max_iter, True, a, none, none, c1, none, none)
 
 
 @njit(cache=True)
 def octav_histogram(cnt, s1, edges, c, iterations, tol, max_iter):  # pragma: no cover - compiled
     """OCTAV on the log-linear histogram of |x| (:func:`abs_histogram`), linear inside a bin."""
     nb = cnt.size
+    cntf = np.empty(nb)
     cc = np.empty(nb + 1)
     c1 = np.empty(nb + 1)
     cc[0] = 0.0
     c1[0] = 0.0
     for k in range(nb):
-        cc[k + 1] = cc[k] + np.float64(cnt[k])
+        cntf[k] = np.float64(cnt[k])
+        cc[k + 1] = cc[k] + cntf[k]
         c1[k + 1] = c1[k] + s1[k]
-    n = cc[nb]
-    s = c1[nb] / n
-    if s <= 0.0:
-        return 0.0
-    prev = np.nan
-    steps = max_iter if iterations < 0 else iterations
-    for _ in range(steps):
-        k = np.searchsorted(edges, s, side="right") - 1
-        k = min(max(k, 0), nb - 1)
-        lo = edges[k]
-        hi = edges[k + 1]
-        phi = min(max((s - lo) / (hi - lo), 0.0), 1.0) if hi > lo else 1.0
-        n_le = cc[k] + phi * np.float64(cnt[k])
-        s1_le = c1[k] + phi * s1[k]
-        s_new = _octav_step(n, n_le, c1[nb] - s1_le, s, c)
-        if np.isnan(s_new):
-            return s
-        if iterations < 0:
-            done = _octav_done(s, s_new, prev, tol)
-            if done == 1:
-                return s_new
-            if done == 2:
-                return 0.5 * (s + s_new)
-        prev = s
-        s = s_new
-    return s
+    none = np.empty(0)
+    return _octav_iterate(
+        cc[nb], c, iterations, tol, max_iter, False, none, edges, cc, c1, cntf, s1
+    )
 
 
 # --------------------------------------------------------------------------- quantize
