@@ -190,6 +190,11 @@ def test_memory_over_rounds_reads_the_floor() -> None:
     assert row["peak_rss"] >= max(rss)  # the child's own peak (VmHWM), not the parent's
     with pytest.raises(ConfigError, match="too few"):
         federated.memory_over_rounds(5, window=4, warmup=2)
+    # a probe whose process fails is an error carrying its stderr
+    with pytest.raises(
+        FedquantError, match="(?s)failed in its process.*num_clients: 0 is out of range"
+    ):
+        federated._probe_in_fresh_process({"num_clients": 0, "rounds": 1}, 300)
 
 
 @pytest.mark.slow  # a fresh interpreter imports torch and numba

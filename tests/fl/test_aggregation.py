@@ -14,7 +14,7 @@ from fedquant.fl.aggregation import (
     parse_rule,
     weighted_average,
 )
-from fedquant.quant.codec import decode, encode
+from fedquant.quant.codec import decode, encode, inspect
 from fedquant.quant.spec import QuantSpec
 
 
@@ -166,3 +166,20 @@ def test_weighted_average_large_small_and_odd_tensors_equal_the_plain_sum() -> N
     # more updates than weights is refused, not an IndexError
     with pytest.raises(InvalidInputError, match="weights for"):
         weighted_average([*ups, ups[0]], w)
+    # so are weights of different lengths, and a later client missing a tensor
+    short = {**w, "mask": w["mask"][:2]}
+    with pytest.raises(InvalidInputError, match="2 weights for 'mask' but at least 3 updates"):
+        weighted_average(ups, short)
+    partial = [ups[0], {k: v for k, v in ups[1].items() if k != "fc.bias"}]
+    with pytest.raises(InvalidInputError, match=r"client #1 has missing tensors \['fc.bias'\]"):
+        weighted_average(partial, {n: np.array([0.5, 0.5]) for n in ups[0]})
+
+
+def test_inverse_mse_names_the_tensor_with_a_bad_claim() -> None:
+    mse = [{"a": 1.0, "b": 2.0}, {"a": 3.0, "b": -1.0}]
+    with pytest.raises(InvalidInputError, match=r"MSE values for 'b' must be finite.*-1\.0"):
+        compute_weights("inverse-mse", ["a", "b"], mse=mse)
+    ups = updates(2)
+    payloads = [encode(u, QuantSpec(), seed=1) for u in ups]
+    with pytest.raises(InvalidInputError, match="1 inspected updates for 2 payloads"):
+        aggregate_payloads(payloads, "mean", inspected=[inspect(payloads[0])])

@@ -84,22 +84,32 @@ def load_average() -> float | None:
         return None
 
 
+def _status_bytes(field: str) -> int | None:
+    """A ``kB`` field of ``/proc/self/status`` (e.g. ``VmRSS``) in bytes; ``None`` without /proc."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(f"{field}:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _max_rss_bytes() -> int:
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) * (1 if sys.platform == "darwin" else 1024)
+
+
 def rss_bytes() -> int:
     """This process's resident set size now (``VmRSS``), in bytes.
 
     Falls back to the peak (``ru_maxrss``) where ``/proc`` is missing.
     """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak) * (1 if sys.platform == "darwin" else 1024)
+    now = _status_bytes("VmRSS")
+    return now if now is not None else _max_rss_bytes()
 
 
 def peak_rss_bytes(*seen: int) -> int:
@@ -111,17 +121,8 @@ def peak_rss_bytes(*seen: int) -> int:
     then, so they can lag a ``VmRSS`` read just before: the peak returned is
     at least every RSS in ``seen``.
     """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return max(int(line.split()[1]) * 1024, *seen, 0)
-    except OSError:
-        pass
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return max(int(peak) * (1 if sys.platform == "darwin" else 1024), *seen, 0)
+    peak = _status_bytes("VmHWM")
+    return max(peak if peak is not None else _max_rss_bytes(), *seen, 0)
 
 
 # --------------------------------------------------------------------------- methods
@@ -926,6 +927,42 @@ def profile_rounds(
 # --------------------------------------------------------------------------- memory vs clients
 
 
+def _in_fresh_process(
+    function: str, args: Mapping[str, Any], timeout_s: float, failed: str
+) -> tuple[Any, str]:
+    """``function(**args)`` of this module in a new Python process: (its JSON result, stderr).
+
+    The result is the last line the child prints; a child that fails raises
+    :class:`FedquantError` starting with ``failed`` and ending with its stderr.
+    """
+    code = (
+        "import json, sys\n"
+        "from fedquant.bench import federated\n"
+        f"print(json.dumps(federated.{function}(**json.loads(sys.argv[1]))))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(dict(args))],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise FedquantError(f"{failed}: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
+
+
+def _overhead_child(cfg: dict[str, Any], n_train: int, n_test: int, warmup: int) -> dict[str, Any]:
+    """:func:`overhead` as run by :func:`overhead_in_fresh_process` (round lines on stderr)."""
+    run = RunConfig.from_mapping(cfg)
+    data = _load(run, None)
+    if n_train or n_test:
+        data = small_dataset(data, n_train, n_test)
+    return overhead(
+        run, dataset=data, warmup=warmup, log=lambda line: print(line, file=sys.stderr, flush=True)
+    )
+
+
 def overhead_in_fresh_process(
     cfg: RunConfig,
     *,
@@ -945,36 +982,16 @@ def overhead_in_fresh_process(
     examples of the data set (:func:`small_dataset`). The child's per-round
     lines are passed to ``log`` when it ends.
     """
-    args = json.dumps(
-        {"cfg": cfg.to_dict(), "n_train": n_train, "n_test": n_test, "warmup": warmup}
+    out, stderr = _in_fresh_process(
+        "_overhead_child",
+        {"cfg": cfg.to_dict(), "n_train": n_train, "n_test": n_test, "warmup": warmup},
+        timeout_s,
+        "overhead: the measuring process failed",
     )
-    code = (
-        "import json, sys\n"
-        "from fedquant.bench import federated\n"
-        "from fedquant.fl.config import RunConfig\n"
-        "a = json.loads(sys.argv[1])\n"
-        "cfg = RunConfig.from_mapping(a['cfg'])\n"
-        "data = federated._load(cfg, None)\n"
-        "if a['n_train'] or a['n_test']:\n"
-        "    data = federated.small_dataset(data, a['n_train'], a['n_test'])\n"
-        "say = lambda line: print(line, file=sys.stderr, flush=True)\n"
-        "out = federated.overhead(cfg, dataset=data, warmup=a['warmup'], log=say)\n"
-        "print(json.dumps(out))\n"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", code, args],
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise FedquantError(f"overhead: the measuring process failed: {proc.stderr[-2000:]}")
     if log is not None:
-        for line in proc.stderr.splitlines():
+        for line in stderr.splitlines():
             if line.startswith("  round "):
                 log(line)
-    out: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
     out["fresh_process"] = True
     return out
 
@@ -1030,25 +1047,10 @@ def memory_probe(
 
 def _probe_in_fresh_process(args: Mapping[str, Any], timeout_s: float) -> Row:
     """:func:`memory_probe` with ``args`` in a new Python process."""
-    code = (
-        "import json, sys\n"
-        "from fedquant.bench.federated import memory_probe\n"
-        "a = json.loads(sys.argv[1])\n"
-        "print(json.dumps(memory_probe(a.pop('num_clients'), a.pop('rounds'), **a)))\n"
+    row, _ = _in_fresh_process(
+        "memory_probe", args, timeout_s, f"memory probe ({dict(args)}) failed in its process"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code, json.dumps(dict(args))],
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise FedquantError(
-            f"memory probe ({dict(args)}) failed in its process: {proc.stderr[-2000:]}"
-        )
-    row: Row = json.loads(proc.stdout.strip().splitlines()[-1])
-    return row
+    return dict(row)
 
 
 #: "flat": the RSS floor grows by less than this fraction of a float32 model per round

@@ -1068,6 +1068,31 @@ def _weights_note(sec: Mapping[str, Any], model: str) -> str:
     return "the weights of section 2"
 
 
+#: the columns shared by the rotation tables (whole model, per layer)
+_ROTATION_COLUMNS = [
+    "granularity",
+    "B",
+    "NMSE plain",
+    "NMSE rotated",
+    "gain",
+    "bits/coord plain",
+    "bits/coord rotated",
+]
+
+
+def _rotation_cells(r: Mapping[str, Any]) -> list[Any]:
+    """The cells of :data:`_ROTATION_COLUMNS` for one row of the rotation benchmark."""
+    return [
+        r["granularity"],
+        r["bits"],
+        fmt(r["nmse_plain"]),
+        fmt(r["nmse_rotated"]),
+        _gain(r["gain"]),
+        f"{r['bpc_plain']:.3f}",
+        f"{r['bpc_rotated']:.3f}",
+    ]
+
+
 def _rotation_md(rot: Mapping[str, Any], n: int, sec: Mapping[str, Any]) -> list[str]:
     syn = rot.get("synthetic", [])
     out = [
@@ -1140,56 +1165,17 @@ def _rotation_md(rot: Mapping[str, Any], n: int, sec: Mapping[str, Any]) -> list
             f"**{model}** ({_weights_note(sec, model)}; {rows[0].get('rounding')} rounding), "
             "whole model:",
             "",
-            table(
-                [
-                    "granularity",
-                    "B",
-                    "NMSE plain",
-                    "NMSE rotated",
-                    "gain",
-                    "bits/coord plain",
-                    "bits/coord rotated",
-                ],
-                (
-                    [
-                        t["granularity"],
-                        t["bits"],
-                        fmt(t["nmse_plain"]),
-                        fmt(t["nmse_rotated"]),
-                        _gain(t["gain"]),
-                        f"{t['bpc_plain']:.3f}",
-                        f"{t['bpc_rotated']:.3f}",
-                    ]
-                    for t in tot
-                ),
-            ),
+            table(_ROTATION_COLUMNS, (_rotation_cells(t) for t in tot)),
             "",
             "<details><summary>per layer</summary>\n\n"
             + table(
-                [
-                    "layer",
-                    "size",
-                    "excess kurtosis",
-                    "granularity",
-                    "B",
-                    "NMSE plain",
-                    "NMSE rotated",
-                    "gain",
-                    "bits/coord plain",
-                    "bits/coord rotated",
-                ],
+                ["layer", "size", "excess kurtosis", *_ROTATION_COLUMNS],
                 (
                     [
                         f"`{r['layer']}`",
                         f"{r['numel']:,}",
                         fmt(r.get("kurtosis"), 3),
-                        r["granularity"],
-                        r["bits"],
-                        fmt(r["nmse_plain"]),
-                        fmt(r["nmse_rotated"]),
-                        _gain(r["gain"]),
-                        f"{r['bpc_plain']:.3f}",
-                        f"{r['bpc_rotated']:.3f}",
+                        *_rotation_cells(r),
                     ]
                     for r in rows
                 ),

@@ -262,8 +262,12 @@ def weighted_average(
                     f"expected {shapes[i]}"
                 )
         count = j + 1
-        if any(c.size <= j for c in cols):  # more updates than weights: refused below
-            break
+        short = next((i for i, c in enumerate(cols) if c.size <= j), None)
+        if short is not None:  # more updates than this tensor has weights
+            raise InvalidInputError(
+                f"aggregate: {cols[short].size} weights for {names[short]!r} but at least "
+                f"{count} updates"
+            )
         for i in big:
             x = arrays[i]
             if x.dtype == np.float32 and x.flags.c_contiguous:  # decoded tensors: one pass

@@ -101,7 +101,6 @@ _REC_FIXED = struct.Struct("<BBBBBBBB")
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
-_F64 = struct.Struct("<d")
 _MSE_LEN = struct.Struct("<dQ")  # a record's mse and data_len
 _CRC = struct.Struct("<I")
 #: smallest possible record (1-byte name, 0-d raw float: 4 data bytes)
@@ -128,7 +127,6 @@ DTYPES: dict[int, tuple[str, np.dtype | None]] = {
     10: ("bool", np.dtype("u1")),
 }
 _DTYPE_CODE = {name: code for code, (name, _) in DTYPES.items()}
-_FLOAT32_CODE = _DTYPE_CODE["float32"]
 #: the scales of an unquantized record (none; read-only, shared), and their count's bytes
 _NO_SCALES = np.zeros(0, dtype=np.float32)
 _NO_SCALES.flags.writeable = False
@@ -383,8 +381,8 @@ def _encode_tensor(
     key: np.uint64,
     shared_key: int | None = None,
 ) -> tuple[bytes, TensorInfo]:
-    if not plan.quantized and dtype == "float32" and arr.dtype == np.float32:
-        return _encode_float32(name, arr)
+    if arr.dtype.kind == "f" and not plan.quantized:
+        return _encode_raw_float(name, arr, dtype)
     shape = tuple(int(d) for d in arr.shape)
     gran = Granularity.TENSOR
     scales = _NO_SCALES
@@ -392,62 +390,56 @@ def _encode_tensor(
     transform, coding, block, ncodes = TRANSFORM_NONE, CODING_PACKED, 0, 0
     if arr.dtype.kind == "f":
         flat32 = np.ascontiguousarray(arr, dtype=np.float32)
-        if plan.quantized:
-            rows, gran = _row_view(flat32, plan.granularity)
-            sub = b""
-            qrows = rows
-            if plan.rotation:
-                assert shared_key is not None  # checked by encode_with_stats
-                tk = rotation.tensor_key(shared_key, name)
-                block, min_block = rotation.DEFAULT_BLOCK, rotation.DEFAULT_MIN_BLOCK
-                try:
-                    qrows = rotation.rotate(rows, tk.key, block=block, min_block=min_block)
-                except InvalidInputError as e:
-                    raise type(e)(f"encode: tensor {name!r}: {str(e).split(': ', 1)[-1]}") from e
-                transform = TRANSFORM_HADAMARD
-                sub = _ROT_HEADER.pack(block.bit_length() - 1, min_block.bit_length() - 1, tk.check)
-            scales = np.array(
-                [
-                    _threshold_flat(
-                        qrows[r], plan.bits, plan.rounding, plan.method, plan.percentile
-                    )
-                    for r in range(qrows.shape[0])
-                ],
-                dtype=np.float32,
-            )
-            if transform:  # decoders refuse thresholds that could overflow once rotated back
-                limit = rotation.scale_limit(qrows.shape[1], block)
-                scales = np.minimum(scales, np.float32(limit))
-            packed, sq = _quantize_rows(qrows, scales, plan.bits, plan.rounding, key)
-            if not math.isfinite(sq):
-                check_finite(flat32, f"encode: tensor {name!r}")
-                packed, sq = _quantize_rows(qrows, scales, plan.bits, plan.rounding, key, wide=True)
-            if transform:  # the error on the padding is not the tensor's
-                sq = max(
-                    0.0,
-                    sq
-                    - rotation.padding_error(
-                        qrows,
-                        packed,
-                        plan.bits,
-                        scales,
-                        rows.shape[1],
-                        block=block,
-                        min_block=min_block,
-                    ),
-                )
-            mse = sq / rows.size if rows.size else 0.0
-            ncodes = qrows.size
-            kind, bits, data = KIND_QUANT, plan.bits, packed.tobytes()
-            if plan.entropy is EntropyCoding.RANS:
-                coded = entropy.encode_codes_if_smaller(unpack(packed, bits, ncodes), bits)
-                if coded is not None:
-                    coding, data = CODING_RANS, coded
-            data = sub + data
-        else:
+        # quantized (unquantized floats took the short path above)
+        rows, gran = _row_view(flat32, plan.granularity)
+        sub = b""
+        qrows = rows
+        if plan.rotation:
+            assert shared_key is not None  # checked by encode_with_stats
+            tk = rotation.tensor_key(shared_key, name)
+            block, min_block = rotation.DEFAULT_BLOCK, rotation.DEFAULT_MIN_BLOCK
+            try:
+                qrows = rotation.rotate(rows, tk.key, block=block, min_block=min_block)
+            except InvalidInputError as e:
+                raise type(e)(f"encode: tensor {name!r}: {str(e).split(': ', 1)[-1]}") from e
+            transform = TRANSFORM_HADAMARD
+            sub = _ROT_HEADER.pack(block.bit_length() - 1, min_block.bit_length() - 1, tk.check)
+        scales = np.array(
+            [
+                _threshold_flat(qrows[r], plan.bits, plan.rounding, plan.method, plan.percentile)
+                for r in range(qrows.shape[0])
+            ],
+            dtype=np.float32,
+        )
+        if transform:  # decoders refuse thresholds that could overflow once rotated back
+            limit = rotation.scale_limit(qrows.shape[1], block)
+            scales = np.minimum(scales, np.float32(limit))
+        packed, sq = _quantize_rows(qrows, scales, plan.bits, plan.rounding, key)
+        if not math.isfinite(sq):
             check_finite(flat32, f"encode: tensor {name!r}")
-            data = np.ascontiguousarray(flat32, dtype="<f4").tobytes()
-            kind, bits = KIND_FLOAT, FLOAT_BITS
+            packed, sq = _quantize_rows(qrows, scales, plan.bits, plan.rounding, key, wide=True)
+        if transform:  # the error on the padding is not the tensor's
+            sq = max(
+                0.0,
+                sq
+                - rotation.padding_error(
+                    qrows,
+                    packed,
+                    plan.bits,
+                    scales,
+                    rows.shape[1],
+                    block=block,
+                    min_block=min_block,
+                ),
+            )
+        mse = sq / rows.size if rows.size else 0.0
+        ncodes = qrows.size
+        kind, bits, data = KIND_QUANT, plan.bits, packed.tobytes()
+        if plan.entropy is EntropyCoding.RANS:
+            coded = entropy.encode_codes_if_smaller(unpack(packed, bits, ncodes), bits)
+            if coded is not None:
+                coding, data = CODING_RANS, coded
+        data = sub + data
     elif arr.dtype.kind in "biu":
         raw_dtype = DTYPES[_DTYPE_CODE[dtype]][1]
         assert raw_dtype is not None
@@ -472,23 +464,21 @@ def _encode_tensor(
     return rec, info
 
 
-def _encode_float32(name: str, arr: np.ndarray) -> tuple[bytes, TensorInfo]:
-    """The record of a float32 tensor that travels raw (biases, BatchNorm): the short path."""
+def _encode_raw_float(name: str, arr: np.ndarray, dtype: str) -> tuple[bytes, TensorInfo]:
+    """The record of a floating tensor that travels raw as float32 (biases, BatchNorm)."""
     flat = np.ascontiguousarray(arr, dtype="<f4")
     check_finite(flat, f"encode: tensor {name!r}")
     data = flat.tobytes()
     shape = tuple(int(d) for d in arr.shape)
     rec = b"".join(
         (
-            _record_head(name, _FLOAT32_CODE, KIND_FLOAT, FLOAT_BITS, 0, 0, 0, shape),
+            _record_head(name, _DTYPE_CODE[dtype], KIND_FLOAT, FLOAT_BITS, 0, 0, 0, shape),
             _NO_SCALES_COUNT,
             _MSE_LEN.pack(0.0, len(data)),
             data,
         )
     )
-    info = TensorInfo(
-        name, shape, "float32", FLOAT_BITS, Granularity.TENSOR, _NO_SCALES, 0.0, len(rec)
-    )
+    info = TensorInfo(name, shape, dtype, FLOAT_BITS, Granularity.TENSOR, _NO_SCALES, 0.0, len(rec))
     return rec, info
 
 
