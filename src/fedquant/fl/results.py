@@ -239,6 +239,8 @@ class ResultsDir:
         out_dir = Path(out)
         base = out_dir / f"{stamp}-{cfg.dataset}-b{bits}-{cfg.aggregation}-s{cfg.seed}"
         staging = cls(out_dir / f"{_STAGING_PREFIX}{base.name}-{os.getpid()}", option=option)
+        if out_dir.exists() and not out_dir.is_dir():
+            raise ConfigError(option, f"{str(out_dir)!r} is a file, not a directory")
         with staging._writing(out_dir):
             out_dir.mkdir(parents=True, exist_ok=True)
             _remove_stale_staging(out_dir)
@@ -259,8 +261,11 @@ class ResultsDir:
                         ) from e
                 i += 1
                 path = base.with_name(f"{base.name}-{i}")
-        except BaseException:
+        except BaseException as e:
             shutil.rmtree(staging.path, ignore_errors=True)
+            if isinstance(e, ConfigError) and isinstance(e.__cause__, OSError):
+                why = e.__cause__.strerror or e.__cause__
+                raise ConfigError(option, f"cannot write to {str(out_dir)!r}: {why}") from e
             raise
         rd = cls(path, option=option)
         rd.config = cfg

@@ -63,7 +63,7 @@ def _cache_write(entry: Path, ds: Dataset, fingerprint: str, source_id: str) -> 
     with contextlib.suppress(FileNotFoundError):
         (entry / "meta.json").unlink()  # the entry is invalid until meta.json is back
     for k in _ARRAYS:
-        with atomic_write(entry / f"{k}.npy") as f:
+        with atomic_write(entry / f"{k}.npy", fsync=False) as f:
             np.save(f, getattr(ds, k), allow_pickle=False)
     meta = {
         "fingerprint": fingerprint,
@@ -72,7 +72,7 @@ def _cache_write(entry: Path, ds: Dataset, fingerprint: str, source_id: str) -> 
         "classes": list(ds.classes),
         "shapes": {k: list(getattr(ds, k).shape) for k in _ARRAYS},
     }
-    with atomic_write(entry / "meta.json") as f:
+    with atomic_write(entry / "meta.json", fsync=False) as f:
         f.write(json.dumps(meta).encode())
     # entries of the same sources with an older fingerprint can never be read again
     for old in entry.parent.glob(f"{ds.name}-*"):
