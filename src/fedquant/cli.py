@@ -166,6 +166,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             {"label_counts": sim.label_counts.tolist(), "sizes": [int(p.size) for p in sim.parts]},
         )
 
+    if not args.quiet:
+        _print_plan(sim.uplink, sim.initial_state)
     title = f"{cfg.dataset}, {cfg.num_clients} clients, bits {cfg.bits}, {cfg.method}/{cfg.rounding}, {cfg.aggregation}"
     start = time.perf_counter()
     progress = None
@@ -233,6 +235,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         print(f"final accuracy {100 * summary['final_accuracy']:.2f}%  results: {rd.path}")
     return 0
+
+
+def _print_plan(spec: Any, state: Any) -> None:
+    """How each tensor of a client's upload travels (bits, bytes), before the first round."""
+    print(f"uplink per client and round, bits {spec.describe_bits()}:\n{spec.plan(state)}")
 
 
 def _print_summary(cfg: Any, s: dict[str, Any]) -> None:
