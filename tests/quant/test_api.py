@@ -16,22 +16,19 @@ from hypothesis.extra import numpy as hnp
 import fedquant
 from fedquant.errors import ConfigError, FedquantError, InvalidInputError
 from fedquant.quant.codec import DTYPES, decode, encode, encode_with_stats, inspect
-from fedquant.quant.spec import QuantSpec, UpdatePlan, parse_layer_bits
-
-
-def small_update() -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(0)
-    return {
-        "conv.weight": rng.standard_normal((4, 3, 3, 3)).astype(np.float32),
-        "conv.bias": rng.standard_normal(4).astype(np.float32),
-        "fc.weight": rng.standard_normal((5, 7)).astype(np.float32),
-        "bn.num_batches_tracked": np.array(17, np.int64),
-    }
+from fedquant.quant.plan import UpdatePlan
+from fedquant.quant.spec import QuantSpec, parse_layer_bits
+from tests.quant.test_codec import small_update
 
 
 @pytest.mark.parametrize(
     "module",
-    ["fedquant.quant.spec", "fedquant.quant.codec", "fedquant.fl.aggregation", "fedquant"],
+    [
+        "fedquant.quant.spec",
+        "fedquant.quant.codec",
+        "fedquant.fl.aggregation",
+        "fedquant.quant.plan",
+    ],
 )
 def test_docstring_examples_run(module: str) -> None:
     result = doctest.testmod(importlib.import_module(module))
@@ -418,3 +415,28 @@ def test_bad_aggregate_arguments() -> None:
     with pytest.raises(InvalidInputError, match=r"came from inspect\(\)\); use decode\(\)"):
         inspect(payloads[0]).to_torch()
     assert issubclass(InvalidInputError, FedquantError)
+
+
+def test_more_bad_arguments_found_by_trying() -> None:
+    with pytest.raises(InvalidInputError, match=r"tensor 'x' holds float64 values up to 1e\+300"):
+        encode({"x": np.full((2, 2), 1e300)})
+    with pytest.raises(ConfigError, match=r"spec: unknown option\(s\) foo; expected some of"):
+        QuantSpec.from_strings(bits="8", foo=1)
+    with pytest.raises(ConfigError, match=r"spec: unknown option\(s\) bitz"):
+        QuantSpec().with_(bitz=4)
+    with pytest.raises(InvalidInputError, match=r"dequantize: expected the QuantizedTensor"):
+        fedquant.dequantize(np.ones(3))  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError, match=r"threshold: x is not an array of numbers"):
+        fedquant.threshold("a", 2)
+    payloads, _ = _payloads([10])
+    with pytest.raises(InvalidInputError, match=r"num_examples=3 is not valid"):
+        fedquant.aggregate(payloads, rule="fedavg", num_examples=3)  # type: ignore[arg-type]
+
+
+def test_big_endian_arrays_travel_as_their_values() -> None:
+    x = np.arange(12, dtype=">f4").reshape(3, 4)
+    i = np.arange(5, dtype=">i8")
+    dec = decode(encode({"x": x, "i": i}, QuantSpec(default_bits=32)))
+    np.testing.assert_array_equal(dec.tensors["x"], x)
+    np.testing.assert_array_equal(dec.tensors["i"], i)
+    assert dec.info["x"].dtype == "float32" and dec.info["i"].dtype == "int64"

@@ -478,12 +478,13 @@ def aggregate(
                 f"aggregate: num_examples weights clients under rule='fedavg' only; rule "
                 f"{r.value!r} does not use it"
             )
-        counts = list(num_examples)
-        if len(counts) != len(payloads) or not all(_is_count(n) for n in counts):
+        counts = list(num_examples) if isinstance(num_examples, Iterable) else None
+        if counts is None or len(counts) != len(payloads) or not all(map(_is_count, counts)):
             raise InvalidInputError(
-                f"aggregate: num_examples={counts!r} is not valid; expected one int >= 0 per "
-                f"payload ({len(payloads)})"
+                f"aggregate: num_examples={num_examples!r} is not valid; expected one int >= 0 "
+                f"per payload ({len(payloads)})"
             )
+        num_examples = [int(n) for n in counts]
     if not payloads:
         raise InvalidInputError("aggregate: no client payloads to aggregate")
     inspected = [codec.inspect(p, shared_key=shared_key) for p in payloads]

@@ -87,7 +87,7 @@ from fedquant.quant.quantizer import (
     dequantize_packed,
     rng_key,
 )
-from fedquant.quant.spec import PlanRow, QuantSpec, TensorPlan, UpdatePlan
+from fedquant.quant.spec import QuantSpec, TensorPlan
 
 MAGIC = b"FQNT"
 VERSION = 1
@@ -280,7 +280,18 @@ def _as_numpy(name: str, t: Any) -> tuple[np.ndarray, str]:
             f"encode: tensor {name!r} is not an array ({type(t).__name__}: {e}); expected a "
             "numpy array or torch tensor"
         ) from e
+    if not arr.dtype.isnative:  # big-endian data: the same values in native order
+        arr = arr.astype(arr.dtype.newbyteorder("="))
+    if arr.dtype == np.float64 and arr.size and np.nanmax(np.abs(arr), initial=0.0) > _F32_MAX:
+        raise InvalidInputError(
+            f"encode: tensor {name!r} holds float64 values up to "
+            f"{np.nanmax(np.abs(arr)):.3g}, beyond float32's range (+-{_F32_MAX:.3g}); every "
+            "tensor travels in float32 or fewer bits"
+        )
     return arr, _NAMES.get(arr.dtype) or str(arr.dtype)
+
+
+_F32_MAX = float(np.finfo(np.float32).max)
 
 
 def _tensor_keys(seed: EncodeSeed, n: int) -> list[np.uint64] | None:
@@ -476,17 +487,6 @@ def encode(
     ``SeedSequence`` or a ``Generator`` -- for the same payload every time).
     """
     return encode_with_stats(tensors, spec, seed=seed, meta=meta, shared_key=shared_key).payload
-
-
-def plan(tensors: Mapping[str, Any], spec: QuantSpec | None = None) -> UpdatePlan:
-    """Per tensor, how ``tensors`` travel under ``spec``: :meth:`QuantSpec.plan`."""
-    spec = _check_args(tensors, spec, None)
-    res = encode_with_stats(tensors, spec, seed=0, shared_key=0 if spec.rotation else None)
-    rows = tuple(
-        PlanRow(i.name, i.shape, i.dtype, i.bits, i.quantized, i.nbytes)
-        for i in res.tensors.values()
-    )
-    return UpdatePlan(rows, res.nbytes, res.float32_nbytes)
 
 
 def _encode_tensor(

@@ -33,15 +33,18 @@ import functools
 import math
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from fnmatch import fnmatchcase
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 from fedquant.errors import ConfigError, InvalidInputError
 from fedquant.quant.clipping import ThresholdMethod, parse_method
 from fedquant.quant.entropy import EntropyCoding, parse_entropy
 from fedquant.quant.grid import FLOAT_BITS, Rounding, check_bits, parse_rounding
 from fedquant.quant.quantizer import Granularity, parse_granularity
+
+if TYPE_CHECKING:
+    from fedquant.quant.plan import UpdatePlan
 
 SPEC_VERSION = 1
 
@@ -132,6 +135,16 @@ def parse_rules(text: str) -> tuple[tuple[str, int], ...]:
             )
         rules.append((pattern.strip(), _bits(int(value), "rules")))
     return tuple(rules)
+
+
+def _check_options(options: Mapping[str, Any]) -> None:
+    """Refuse keyword arguments that are not :class:`QuantSpec` fields."""
+    known = [f.name for f in fields(QuantSpec) if f.name != "version"]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ConfigError(
+            "spec", f"unknown option(s) {', '.join(unknown)}; expected some of {', '.join(known)}"
+        )
 
 
 def _layer_bits(raw: Any) -> tuple[int, ...]:
@@ -243,6 +256,7 @@ class QuantSpec:
         **kwargs: Any,
     ) -> QuantSpec:
         """Build a spec from CLI-style strings: ``bits="4-2-2-4"``, ``"8"`` or ``"auto:2.03"``."""
+        _check_options(kwargs)
         if str(bits).strip().lower().startswith("auto:"):
             return cls(bit_budget=parse_budget(str(bits)), rules=parse_rules(rules), **kwargs)
         widths = parse_layer_bits(str(bits))
@@ -252,6 +266,7 @@ class QuantSpec:
 
     def with_(self, **changes: Any) -> QuantSpec:
         """A copy with some fields changed (validated again)."""
+        _check_options(changes)
         return replace(self, **changes)
 
     def describe_bits(self) -> str:
@@ -353,7 +368,7 @@ class QuantSpec:
         fc.bias    10     float32     85
         payload: 272 bytes (3.1x smaller than float32: 840 bytes)
         """
-        from fedquant.quant.codec import plan  # the codec imports this module
+        from fedquant.quant.plan import plan  # it encodes, and the codec imports this module
 
         return plan(tensors, self)
 
@@ -418,49 +433,3 @@ def _name_list(names: list[str], limit: int = 12) -> str:
         return "(none)"
     shown = ", ".join(names[:limit])
     return shown if len(names) <= limit else f"{shown}, ... ({len(names) - limit} more)"
-
-
-class PlanRow(NamedTuple):
-    """One tensor of an :class:`UpdatePlan`."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-    bits: int  # 1..8 quantized, 32 float32 raw, 8 * itemsize integer raw
-    quantized: bool
-    nbytes: int  # bytes of this tensor's record in the payload
-
-    @property
-    def sent_as(self) -> str:
-        if self.quantized:
-            return f"{self.bits} bits"
-        return "float32" if self.bits == FLOAT_BITS and "float" in self.dtype else self.dtype
-
-
-@dataclass(frozen=True)
-class UpdatePlan:
-    """How one update travels (:meth:`QuantSpec.plan`); ``str()`` is a table."""
-
-    rows: tuple[PlanRow, ...]
-    nbytes: int  # the whole payload: header, metadata, records and checksum
-    float32_nbytes: int  # the same tensors as raw float32 (integers at their own size)
-
-    def __str__(self) -> str:
-        table = [("tensor", "shape", "sent as", "bytes")] + [
-            (r.name, "x".join(map(str, r.shape)) or "()", r.sent_as, f"{r.nbytes:,}")
-            for r in self.rows
-        ]
-        widths = [max(len(row[i]) for row in table) for i in range(4)]
-        lines = [
-            "  ".join(
-                (c.rjust(w) if i == 3 else c.ljust(w))
-                for i, (c, w) in enumerate(zip(row, widths, strict=True))
-            ).rstrip()
-            for row in table
-        ]
-        ratio = self.float32_nbytes / self.nbytes if self.nbytes else math.nan
-        lines.append(
-            f"payload: {self.nbytes:,} bytes ({ratio:.1f}x smaller than float32: "
-            f"{self.float32_nbytes:,} bytes)"
-        )
-        return "\n".join(lines)
