@@ -238,30 +238,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_compare(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    from fedquant.fl.compare import compare
-
-    result = compare(args.runs, args.out, metric=args.metric)
-    rows = result.table()
-    direction = "lower" if result.lower_is_better else "higher"
-    t = Table(title=f"fedquant compare: {result.metric} ({direction} is better)")
-    for col in rows[0]:
-        t.add_column(col, justify="left" if col == "configuration" else "right")
-    for row in rows:
-        t.add_row(*row.values())
-    Console().print(t)
-    print(f"plots and CSVs: {Path(args.out)}")
-    return 0
-
-
-def _print_plan(spec: Any, state: Any) -> None:
-    """How each tensor of a client's upload travels (bits, bytes), before the first round."""
-    print(f"uplink per client and round, bits {spec.describe_bits()}:\n{spec.plan(state)}")
-
-
 def _print_summary(cfg: Any, s: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -297,6 +273,30 @@ def _print_summary(cfg: Any, s: dict[str, Any]) -> None:
     )
     t.add_row("results", s["results_dir"])
     Console().print(t)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from fedquant.fl.compare import compare
+
+    result = compare(args.runs, args.out, metric=args.metric)
+    rows = result.table()
+    direction = "lower" if result.lower_is_better else "higher"
+    t = Table(title=f"fedquant compare: {result.metric} ({direction} is better)")
+    for col in rows[0]:
+        t.add_column(col, justify="left" if col == "configuration" else "right")
+    for row in rows:
+        t.add_row(*row.values())
+    Console().print(t)
+    print(f"plots and CSVs: {Path(args.out)}")
+    return 0
+
+
+def _print_plan(spec: Any, state: Any) -> None:
+    """How each tensor of a client's upload travels (bits, bytes), before the first round."""
+    print(f"uplink per client and round, bits {spec.describe_bits()}:\n{spec.plan(state)}")
 
 
 def _delegate(module: str, argv: Sequence[str], prog: str) -> int:
