@@ -157,6 +157,13 @@ def test_to_torch_restores_every_dtype_the_codec_accepts(dtype: torch.dtype) -> 
     back = dec.to_torch()
     assert back["t"].dtype == dtype and torch.equal(back["t"], t)
     assert back["s"].dtype == dtype and back["s"].shape == () and torch.equal(back["s"], scalar)
+    if dtype.is_floating_point:  # quantized, then back in the dtype it was sent in
+        w = torch.linspace(-1, 1, 12).reshape(3, 4).to(dtype)
+        back = decode(encode({"w": w}, QuantSpec(default_bits=4), seed=0)).to_torch()
+        assert back["w"].dtype == dtype and back["w"].shape == (3, 4)
+        # a 4-bit grid over at most [-1, 1]: within one step (2/15) of w, plus the dtype's
+        # own rounding of the result (bfloat16's spacing near 1 is 2**-7 < 1e-2)
+        assert float((back["w"].float() - w.float()).abs().max()) <= 2 / 15 + 1e-2
 
 
 # ------------------------------------------------------------------ defaults and seeds
