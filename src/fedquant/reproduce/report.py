@@ -516,9 +516,7 @@ def _summary(c: Collected, res: ClaimResult) -> str:
     setting = " (IID)" if res.key in ("a", "b") else ""
     text = f"{_count(res.rows)}{setting}; test: {_test_text(c, res.key)}; {what} {_range(res.rows)}"
     if res.key == "a":
-        ratios = [
-            _ratio(c, r.dataset, r.a) for r in res.rows if r.counted and r.outcome != INFO
-        ]
+        ratios = [_ratio(c, r.dataset, r.a) for r in res.rows if r.counted and r.outcome != INFO]
         got = [x for x in ratios if x is not None]
         if got:
             text += f"; uplink {min(got):.1f}-{max(got):.1f}x smaller than FP32"
@@ -570,9 +568,7 @@ def _decide_claims(c: Collected, results: list[ClaimResult]) -> list[ClaimResult
                 claim_rows[j] = replace(row, outcome=outcome, p_adj=p)
     out = []
     for i, res in enumerate(results):
-        done = replace(
-            res, rows=rows[i], verdict=combine(r.outcome for r in rows[i] if r.counted)
-        )
+        done = replace(res, rows=rows[i], verdict=combine(r.outcome for r in rows[i] if r.counted))
         out.append(replace(done, summary=_summary(c, done)))
     return out
 
@@ -1380,7 +1376,8 @@ def _caveats(c: Collected) -> str:
         "**Tests of the verdicts** are ours, pre-registered in the grid file's `[claims]` "
         "table: "
         + "; ".join(
-            f"({k}) {h.describe()}" for k, h in (c.grid.claims.tests.items() if c.grid.claims else ())
+            f"({k}) {h.describe()}"
+            for k, h in (c.grid.claims.tests.items() if c.grid.claims else ())
         )
         + f"; Holm over claims (a)–(d), family-wise α = {c.alpha:g}.",
         "**Traffic** is the byte length of the real encoded payloads of the whole model state: "
