@@ -26,6 +26,7 @@ from fedquant.reproduce.runner import (
     read_invocations,
     run_job,
     run_jobs,
+    source_fingerprint,
     stratified_subset,
 )
 
@@ -212,7 +213,8 @@ def test_two_cells_end_to_end_then_skip(tmp_path: Path, capsys: pytest.CaptureFi
     assert abs(base["uplink_bytes_per_client_round"] - 24_927) <= 2
     md = (tmp_path / "out" / "claims-tiny" / "README.md").read_text()
     assert "Status: complete" in md and "MNIST (embedded)" in md
-    assert "Code: every run was computed by the same fedquant source" in md
+    assert "Code: the runs were computed by fedquant source" in md and "OUTDATED" not in md
+    assert "/work/" not in md.split("## Verdicts")[0]  # a commit, not a local path
     inv = read_invocations(raw)
     assert len(inv) == 1 and inv[0]["status"] == "finished" and inv[0]["results"] == {"done": 2}
     assert inv[0]["cpu_seconds"] > 0 and inv[0]["source_sha256"] == s["source_sha256"]
@@ -302,6 +304,33 @@ def test_locks_and_stale_results(tmp_path: Path) -> None:
     assert run_job(changed, tmp_path).status == "done"
     assert json.loads((d / "cell.json").read_text())["fingerprint"] == changed.fingerprint
     assert job_status(job, tmp_path) == "stale"
+
+
+def test_runs_of_other_code_are_outdated(tmp_path: Path) -> None:
+    job = _tiny_job(tmp_path)
+    out = tmp_path / "rep"
+    raw = out / "raw"
+    assert run_job(job, raw).status == "done"
+    summary = job.directory(raw) / "summary.json"
+    current = json.loads(summary.read_text())["source_sha256"]
+    assert current == source_fingerprint() and job_status(job, raw, current) == "done"
+    old = json.loads(summary.read_text())
+    summary.write_text(json.dumps({**old, "source_sha256": "0" * 16}))  # made by other code
+    assert job_status(job, raw) == "done"  # settings unchanged ...
+    assert job_status(job, raw, current) == "outdated"  # ... but not by this code
+    assert run_job(job, raw).status == "skipped"  # kept when asked to
+    assert run_jobs([job], raw, rerun_outdated=False, in_process=True) == []
+    # the report says so
+    md = report.write_report(
+        load_grid(tmp_path / "r.toml"), "tiny", out, figures=False, current_source=current
+    ).read_text()
+    assert "**OUTDATED: 1 of 1 runs were computed by another source" in md
+    assert f"`{'0' * 16}` (1 runs; commit `not recorded`)" in md
+    # by default, rerun
+    (r,) = run_jobs([job], raw, in_process=True)
+    assert r.status == "done" and job_status(job, raw, current) == "done"
+    inv = read_invocations(raw)[-1]
+    assert inv["source_sha256"] == current and "source_path" not in inv
 
 
 @pytest.mark.slow

@@ -7,7 +7,8 @@ each), then the report under ``docs/results/claims-small/``::
 
     fedquant reproduce --scale small --jobs 2
 
-Rerunning the same command skips finished runs and resumes interrupted ones;
+Rerunning the same command skips finished runs and resumes interrupted ones
+(runs computed by another fedquant source are rerun unless ``--keep-outdated``);
 several such commands may share a grid (a lock file per run). The report alone::
 
     fedquant reproduce --scale small --report-only
@@ -118,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--report-only", action="store_true", help="only write the report")
     mode.add_argument("--no-report", action="store_true", help="only run, no report")
     mode.add_argument("--list", action="store_true", help="list the runs and their status")
+    p.add_argument(
+        "--keep-outdated",
+        action="store_true",
+        help="do not rerun finished runs computed by another fedquant source (the report "
+        "then marks them OUTDATED); by default they are rerun",
+    )
     p.add_argument("--quiet", action="store_true", help="no line per finished run")
     return p
 
@@ -139,6 +146,8 @@ def _command_line(args: argparse.Namespace) -> str:
     for name in ("datasets", "cells", "seeds"):
         if getattr(args, name):
             parts += [f"--{name}", ",".join(str(v) for v in getattr(args, name))]
+    if args.keep_outdated:
+        parts.append("--keep-outdated")
     return shlex.join(parts)
 
 
@@ -159,11 +168,12 @@ def _check_data(jobs: Sequence[Any], data_dir: str) -> None:
 
 
 def _print_list(jobs: Sequence[Any], raw: Path) -> None:
-    from fedquant.reproduce.runner import job_status
+    from fedquant.reproduce.runner import job_status, source_fingerprint
 
     counts: dict[str, int] = {}
+    current = source_fingerprint()
     for j in jobs:
-        st = job_status(j, raw)
+        st = job_status(j, raw, current)
         counts[st] = counts.get(st, 0) + 1
         extra = f" (= {j.alias_of})" if j.alias_of else ""
         print(f"{st:8s} {j.key}{extra}")
@@ -233,6 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 in_process=args.jobs == 0,
                 on_result=on_result,
                 argv=[_command_line(args)],
+                rerun_outdated=not args.keep_outdated,
             )
         except KeyboardInterrupt:
             print(

@@ -40,7 +40,7 @@ import numpy as np
 from fedquant.fl.results import atomic_write
 from fedquant.reproduce import stats
 from fedquant.reproduce.grid import Grid, Job, Scale, expand
-from fedquant.reproduce.runner import job_status, read_invocations
+from fedquant.reproduce.runner import job_status, read_invocations, source_fingerprint
 from fedquant.reproduce.stats import Hypothesis, Tested, paired_test, seeds_to_resolve
 
 __all__ = [
@@ -1244,29 +1244,49 @@ def _time_section(c: Collected) -> str:
     return "\n".join(lines) if lines else "No timing recorded yet."
 
 
-def _code_line(c: Collected) -> str:
-    """Which code computed the runs: the source fingerprints recorded with them."""
+#: how the report describes the source fingerprint
+_FP_WHAT = "SHA-256 of the package's `.py` files except `reproduce/`, `bench/`, `flower/`"
+
+
+def _code_line(c: Collected, current: str | None) -> str:
+    """Which code computed the runs, by source fingerprint and commit, against ``current``.
+
+    Runs computed by a source other than ``current`` (the importing code's
+    fingerprint; ``None`` to skip the check) are called outdated: their numbers
+    may not be what the current code computes.
+    """
     hashes: dict[str, int] = {}
     for (_, _), cr in c.cells.items():
         if cr.alias_of is None:
             for r in cr.runs.values():
                 h = str(r.summary.get("source_sha256", "unrecorded"))
                 hashes[h] = hashes.get(h, 0) + 1
-    paths = sorted({str(i["source_path"]) for i in c.invocations if i.get("source_path")})
-    where = f" imported from `{'`, `'.join(paths)}`" if paths else ""
     if not hashes:
         return "Code: no finished runs yet."
-    if len(hashes) == 1:
-        return (
-            f"Code: every run was computed by the same fedquant source{where} (SHA-256 of the "
-            f"package's `.py` files except `reproduce/`, `bench/`, `flower/`: `{next(iter(hashes))}`)."
+    commits: dict[str, set[str]] = {}
+    for i in c.invocations:
+        if i.get("source_sha256"):
+            commits.setdefault(str(i["source_sha256"]), set()).add(
+                str(i.get("source_commit") or "not recorded")
+            )
+
+    def named(h: str, n: int) -> str:
+        where = ", ".join(f"`{x}`" for x in sorted(commits.get(h, {"not recorded"})))
+        return f"`{h}` ({n} runs; commit {where})"
+
+    listed = ", ".join(named(h, n) for h, n in sorted(hashes.items()))
+    text = f"Code: the runs were computed by fedquant source {listed} ({_FP_WHAT})."
+    if len(hashes) > 1:
+        text = f"**{text} Numbers from different sources may not be comparable.**"
+    if current is not None and set(hashes) != {current}:
+        old = sum(n for h, n in hashes.items() if h != current)
+        text += (
+            f"\n\n**OUTDATED: {old} of {sum(hashes.values())} runs were computed by another "
+            "source than the one that wrote this page; the current code may compute other "
+            "numbers. `fedquant reproduce` (without `--keep-outdated`) reruns them.**\n\n"
+            f"This page was written by source `{current}`."
         )
-    listed = ", ".join(f"`{h}` ({n} runs)" for h, n in sorted(hashes.items()))
-    return (
-        f"**Code: the runs were computed by {len(hashes)} different fedquant sources{where} "
-        f"(SHA-256 of the package's `.py` files except `reproduce/`, `bench/`, `flower/`: {listed}); numbers from "
-        "different sources may not be comparable.**"
-    )
+    return text
 
 
 def _settings_section(c: Collected) -> str:
@@ -1404,6 +1424,7 @@ def write_report(
     data_dir: str | None = None,
     command: str | None = None,
     figures: bool = True,
+    current_source: str | None = "",
 ) -> Path:
     """Write ``out/README.md`` and its PNG figures from ``out/raw``.
 
@@ -1420,6 +1441,10 @@ def write_report(
         in ``raw/invocations/``, else ``fedquant reproduce --scale SCALE``).
     figures : bool, default True
         False to skip the PNGs (the page then links to whatever PNGs exist).
+    current_source : str or None, optional
+        The source fingerprint runs are compared with (default: the importing
+        code's, :func:`~fedquant.reproduce.runner.source_fingerprint`);
+        ``None`` to not compare.
 
     Returns
     -------
@@ -1468,7 +1493,7 @@ def write_report(
         command,
         "```",
         "",
-        _code_line(c),
+        _code_line(c, source_fingerprint() if current_source == "" else current_source),
         "",
     ]
     if c.complete:
