@@ -533,3 +533,24 @@ def test_committed_report_regenerates_from_its_raw_data(tmp_path: Path) -> None:
         (out / p.name).symlink_to(p)
     md = report.write_report(load_grid(GRID), "small", out, figures=False).read_text()
     assert _unstamped(md) == _unstamped((committed / "README.md").read_text())
+
+
+def test_plan_prices_a_scale_and_its_half_widths(capsys: pytest.CaptureFixture[str]) -> None:
+    from fedquant.reproduce.power import CostModel, run_cost
+
+    grid = load_grid(GRID)
+    medium = {j.key: j for j in expand(grid, "medium")}
+    job = medium["fashion-mnist/base/seed0"]
+    assert (job.config.num_clients, job.config.client_fraction, job.config.epochs) == (30, 1.0, 1)
+    assert len(grid.scales["medium"].seeds) >= 5
+    # 3,000 images x 40 rounds, 30 x 40 uploads, 1,000 test images x 10 evaluations, final 10,000
+    m = CostModel(1e-4, 1e-3, 1e-5, 1e-5, runs=1)
+    expected = 1e-4 * 3000 * 40 + 1e-3 * 30 * 40 + 1e-5 * 1000 * 10 + 1e-5 * 10_000
+    assert math.isclose(run_cost(job, m), expected)
+    # the plan from the committed small scale
+    committed = Path(__file__).resolve().parents[1] / "docs" / "results"
+    argv = ["reproduce", "--grid", str(GRID), "--scale", "medium", "--plan", "--jobs", "2"]
+    assert cli_main([*argv, "--out", str(committed)]) == 0
+    out = capsys.readouterr().out
+    assert "255 runs (5 seeds)" in out and "| 5 (this scale) |" in out
+    assert "of the 33 counted paired comparisons" in out

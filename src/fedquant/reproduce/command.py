@@ -119,6 +119,18 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--report-only", action="store_true", help="only write the report")
     mode.add_argument("--no-report", action="store_true", help="only run, no report")
     mode.add_argument("--list", action="store_true", help="list the runs and their status")
+    mode.add_argument(
+        "--plan",
+        action="store_true",
+        help="run nothing: print the claim grid's estimated CPU time at --scale and the "
+        "interval half-widths its seeds buy, from the finished runs of --plan-from",
+    )
+    p.add_argument(
+        "--plan-from",
+        metavar="SCALE",
+        default="small",
+        help="the finished scale whose run times and variances --plan uses (default: small)",
+    )
     p.add_argument(
         "--keep-outdated",
         action="store_true",
@@ -208,6 +220,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     raw = out / "raw"
     if args.list:
         _print_list(jobs, raw)
+        return 0
+    if args.plan:
+        from fedquant.reproduce.power import plan_text
+
+        ref_raw = scale_dir(args.out, args.plan_from) / "raw"
+        print(
+            plan_text(
+                grid,
+                args.scale,
+                args.plan_from,
+                ref_raw,
+                cores=max(args.jobs, 1) if args.jobs > 1 else os.cpu_count() or 1,
+                data_dir=args.data_dir,
+            )
+        )
         return 0
 
     status = 0
