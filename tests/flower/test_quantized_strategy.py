@@ -524,6 +524,7 @@ def test_a_node_sets_its_own_bits_and_the_server_aggregates_mixed_widths(in_run:
     assert sorted(bits) == [2, 4, 8]
     arrays, metrics = strategy.aggregate_train(1, replies)
     assert arrays is not None and metrics is not None and metrics["fedquant.clients"] == 3
+    assert (metrics["fedquant.bits-min"], metrics["fedquant.bits-max"]) == (2, 8)
     assert_same(as_numpy(arrays), aggregate_payloads(payloads, "inverse-mse").tensors)
 
 

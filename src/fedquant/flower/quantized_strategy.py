@@ -199,8 +199,9 @@ class QuantizedStrategy(Strategy):
     the constructor warns: use ``aggregation="strategy"`` with them.
     Aggregated train metrics gain ``fedquant.uplink-bytes`` (payload bytes
     admitted this round), ``fedquant.downlink-bytes`` (bytes of this round's
-    train broadcast, all recipients), ``fedquant.clients`` (replies admitted)
-    and ``fedquant.rejected`` (replies refused).
+    train broadcast, all recipients), ``fedquant.clients`` (replies admitted),
+    ``fedquant.rejected`` (replies refused) and ``fedquant.bits-min`` /
+    ``fedquant.bits-max`` (narrowest and widest quantized tensor admitted).
     """
 
     def __init__(
@@ -554,6 +555,10 @@ class QuantizedStrategy(Strategy):
         out["fedquant.downlink-bytes"] = int(self._downlink_bytes)
         out["fedquant.clients"] = len(admitted)
         out["fedquant.rejected"] = len(self._last_rejections)
+        widths = [i.bits for a in admitted for i in a.update.info.values() if i.quantized]
+        if widths:
+            out["fedquant.bits-min"] = min(widths)
+            out["fedquant.bits-max"] = max(widths)
         return arrays, out
 
     def aggregate_evaluate(
