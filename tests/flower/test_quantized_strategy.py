@@ -553,3 +553,26 @@ def test_node_spec_keeps_the_servers_other_settings() -> None:
     with pytest.raises(FedquantError, match="fedquant-bits"):
         ctxt.node_config[NODE_BITS_KEY] = 2.5
         node_spec(server, ctxt)
+
+
+# --------------------------------------------------------------------------- the pin
+
+
+def test_the_installed_flower_is_in_the_supported_range() -> None:
+    """The tests run against a Flower inside the range pyproject.toml declares."""
+    import sys
+    from importlib.metadata import version
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        import tomli as tomllib
+
+    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+    extras = tomllib.loads(pyproject.read_text())["project"]["optional-dependencies"]
+    (req,) = [Requirement(r) for r in extras["flower"] if Requirement(r).name == "flwr"]
+    assert req.specifier.contains(version("flwr")), (str(req), version("flwr"))
+    assert not req.specifier.contains("2.0"), "the range must end before an untested release"

@@ -27,7 +27,7 @@ try:
     import flwr  # noqa: F401
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError(
-        "fedquant.flower needs Flower: pip install 'fedquant[flower]' (flwr>=1.42,<2)"
+        "fedquant.flower needs Flower: pip install 'fedquant[flower]' (flwr>=1.42,<1.43)"
     ) from e
 
 from fedquant.flower.mod import NODE_BITS_KEY, fedquant_mod
