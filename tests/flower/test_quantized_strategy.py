@@ -50,6 +50,7 @@ from .conftest import (
     metadata,
     model_state,
     payload_metrics,
+    simulator_broadcast,
 )
 
 SPEC = QuantSpec.from_strings(bits="2")
@@ -263,6 +264,8 @@ def hostile_replies() -> dict[str, Message]:
     wrong_mse[MSE_PREFIX + "fc.weight"] = 1e-9
     other_keys = payload_metrics(payload, **{"accuracy": 1.0, "num-examples": 1})
     no_weight = payload_metrics(payload, **{"train-loss": 1.0})
+    zero_weight = payload_metrics(payload, **{"train-loss": 1.0, "num-examples": 0})
+    as_list = payload_metrics(payload, **{"train-loss": [1.0, 2.0], "num-examples": 1})
     plain = MetricRecord({"train-loss": 1.0, "num-examples": 1})
     return {
         "plain float record with NaN": reply(
@@ -279,6 +282,12 @@ def hostile_replies() -> dict[str, Message]:
         ),
         "no weight key": reply(
             RecordDict({"arrays": payload_record(payload), "metrics": no_weight}), 205
+        ),
+        "zero weight": reply(
+            RecordDict({"arrays": payload_record(payload), "metrics": zero_weight}), 208
+        ),
+        "a list where the others send a number": reply(
+            RecordDict({"arrays": payload_record(payload), "metrics": as_list}), 209
         ),
         "two ArrayRecords": reply(
             RecordDict(
@@ -300,6 +309,8 @@ REASONS = {
     "altered MSE": "but the payload says",
     "other metric keys": "MetricRecord keys differ from the other replies'",
     "no weight key": "has no 'num-examples'",
+    "zero weight": "'num-examples' is 0; expected one number > 0",
+    "a list where the others send a number": "entries ['train-loss'] are lists of another length",
     "two ArrayRecords": "2 ArrayRecord(s)",
     "error reply": "client crashed",
 }
@@ -473,12 +484,7 @@ def test_configure_train_keeps_the_strategys_messages_and_state(name: str, in_ru
     if name == "FedProx":
         assert config["proximal-mu"] == 0.1  # the wrapped strategy's own entries stay
     sent = payload_from_record(msgs[0].content["arrays"])
-    assert sent == codec.encode(
-        state,
-        QuantSpec.from_strings(bits="8"),
-        seed=seed_sequence(3, Purpose.DOWNLINK, 4),
-        meta={"round": 4},
-    )
+    assert sent == simulator_broadcast(state, "8", seed=3, r=4)
     # FedOpt/FedAvgM remember the float model they sent, not the payload
     current = getattr(strategy.strategy, "current_arrays", None)
     if current is not None:

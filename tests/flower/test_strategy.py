@@ -35,6 +35,7 @@ from .conftest import (
     metadata,
     model_state,
     payload_metrics,
+    simulator_broadcast,
 )
 
 RULES = ("inverse-mse", "fedavg", "mean")
@@ -250,12 +251,7 @@ def test_quantized_broadcast_is_the_simulators_downlink(in_run: None) -> None:
         strategy.configure_train(2, record_from_numpy(state), ConfigRecord(), FakeGrid(NODES))
     )
     sent = payload_from_record(msgs[0].content["arrays"])
-    assert sent == codec.encode(
-        state,
-        QuantSpec.from_strings(bits="8"),
-        seed=seed_sequence(4, Purpose.DOWNLINK, 2),
-        meta={"round": 2},
-    )
+    assert sent == simulator_broadcast(state, "8", seed=4, r=2)
     # evaluation after round r sends exactly what training in round r + 1 will
     ev = list(
         strategy.configure_evaluate(2, record_from_numpy(state), ConfigRecord(), FakeGrid(NODES))

@@ -93,6 +93,7 @@ from fedquant.flower.records import (
 from fedquant.flower.replies import (
     Rejection,
     common_metric_keys,
+    metric_signature,
     mse_mismatch,
     node_of,
     record_keys,
@@ -413,9 +414,9 @@ class QuantizedStrategy(Strategy):
             return adm.reason
         if self.uplink.rule is AggregationRule.FEDAVG:
             n = adm.update.meta.get("num_examples")
-            if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
                 return (
-                    f"fedavg needs 'num_examples' (an int >= 0) in the payload metadata, got {n!r}"
+                    f"fedavg needs 'num_examples' (an int > 0) in the payload metadata, got {n!r}"
                 )
         metrics = msg.content.metric_records[metric_key]
         reason = mse_mismatch(metrics, adm.update, MSE_PREFIX) or weight_problem(
@@ -447,7 +448,9 @@ class QuantizedStrategy(Strategy):
                 rejected.append(Rejection(node_of(msg), outcome))
             else:
                 admitted.append(outcome)
-        kept, odd = common_metric_keys([(node_of(a.msg), frozenset(a.metrics)) for a in admitted])
+        kept, odd = common_metric_keys(
+            [(node_of(a.msg), metric_signature(a.metrics)) for a in admitted]
+        )
         rejected.extend(odd)
         self._reject("aggregate_train", rejected)
         self._last_rejections = rejected
@@ -582,7 +585,7 @@ class QuantizedStrategy(Strategy):
                 rejected.append(Rejection(node_of(msg), reason))
         kept, odd = common_metric_keys(
             [
-                (node_of(m), frozenset(next(iter(m.content.metric_records.values()))))
+                (node_of(m), metric_signature(next(iter(m.content.metric_records.values()))))
                 for m in candidates
             ]
         )

@@ -25,6 +25,7 @@ from fedquant.quant.codec import DecodedUpdate
 __all__ = [
     "Rejection",
     "common_metric_keys",
+    "metric_signature",
     "mse_mismatch",
     "record_keys",
     "split_errors",
@@ -117,41 +118,62 @@ def mse_mismatch(metrics: MetricRecord, update: DecodedUpdate, prefix: str) -> s
 
 
 def weight_problem(metrics: Mapping[str, object], key: str) -> str | None:
-    """Why ``metrics[key]`` cannot weight a reply (missing, a list, not finite, < 0), or None."""
+    """Why ``metrics[key]`` cannot weight a reply, or None.
+
+    It must be one finite number > 0: a weight of 0 adds nothing, and replies
+    whose weights are all 0 would make Flower's weighted means divide by zero.
+    """
     if key not in metrics:
         return f"its MetricRecord has no {key!r}, which the strategy weights by"
     value = metrics[key]
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return f"its MetricRecord's {key!r} is {value!r}; expected one number >= 0"
-    if not math.isfinite(value) or value < 0:
-        return f"its MetricRecord's {key!r} is {value!r}; expected one number >= 0"
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        return f"its MetricRecord's {key!r} is {value!r}; expected one number > 0"
     return None
 
 
-def common_metric_keys(
-    candidates: Sequence[tuple[int, frozenset[str]]],
-) -> tuple[list[int], list[Rejection]]:
-    """Keep the replies whose MetricRecord has the most common key set.
+def metric_signature(metrics: Mapping[str, object]) -> frozenset[tuple[str, int | None]]:
+    """The keys of a MetricRecord with the length of each list value (None for a number).
 
-    ``candidates`` are ``(node, keys)`` in reply order. Ties go to the key set
-    seen first. Returns the positions kept (in order) and the rejections.
+    Flower averages metrics key by key, list entries element by element:
+    replies must agree on this signature.
+    """
+    return frozenset((k, len(v) if isinstance(v, list) else None) for k, v in metrics.items())
+
+
+def common_metric_keys(
+    candidates: Sequence[tuple[int, frozenset[tuple[str, int | None]]]],
+) -> tuple[list[int], list[Rejection]]:
+    """Keep the replies whose MetricRecord has the most common :func:`metric_signature`.
+
+    ``candidates`` are ``(node, signature)`` in reply order. Ties go to the
+    signature seen first. Returns the positions kept (in order) and the
+    rejections.
     """
     if not candidates:
         return [], []
-    counts = Counter(keys for _, keys in candidates)
+    counts = Counter(sig for _, sig in candidates)
     best = max(counts.values())
-    reference = next(keys for _, keys in candidates if counts[keys] == best)
+    reference = next(sig for _, sig in candidates if counts[sig] == best)
+    ref_keys = {k for k, _ in reference}
     kept: list[int] = []
     rejected: list[Rejection] = []
-    for i, (node, keys) in enumerate(candidates):
-        if keys == reference:
+    for i, (node, sig) in enumerate(candidates):
+        if sig == reference:
             kept.append(i)
             continue
-        rejected.append(
-            Rejection(
-                node,
+        keys = {k for k, _ in sig}
+        if keys != ref_keys:
+            reason = (
                 f"its MetricRecord keys differ from the other replies' (missing "
-                f"{sorted(reference - keys)}, unexpected {sorted(keys - reference)})",
+                f"{sorted(ref_keys - keys)}, unexpected {sorted(keys - ref_keys)})"
             )
-        )
+        else:
+            odd = sorted(k for k, n in sig - reference)
+            reason = f"its MetricRecord entries {odd} are lists of another length than the others'"
+        rejected.append(Rejection(node, reason))
     return kept, rejected
