@@ -242,6 +242,30 @@ def test_fedadam_steps_from_the_inverse_mse_aggregate(rounds: int, in_run: None)
         assert not np.allclose(got["fc.weight"], agg["fc.weight"], atol=1e-4)
 
 
+@pytest.mark.parametrize("aggregation", ["inverse-mse", "strategy"])
+def test_the_strategys_metric_function_runs_once_over_the_clients(
+    aggregation: str, in_run: None
+) -> None:
+    """A custom train_metrics_aggr_fn sees the admitted clients' records, once."""
+    calls: list[int] = []
+
+    def count(contents: list[RecordDict], key: str) -> MetricRecord:
+        calls.append(len(contents))
+        losses = [float(next(iter(c.metric_records.values()))["train-loss"]) for c in contents]
+        return MetricRecord({"clients": len(contents), "worst-loss": max(losses)})
+
+    strategy = QuantizedStrategy(
+        FedAdam(train_metrics_aggr_fn=count), SPEC, aggregation=aggregation
+    )
+    strategy.configure_train(
+        ROUND, record_from_numpy(start_state()), ConfigRecord(), FakeGrid(NODES)
+    )
+    _, metrics = strategy.aggregate_train(ROUND, good_replies())
+    assert metrics is not None
+    assert metrics["clients"] == 3 and metrics["worst-loss"] == 2.5
+    assert 3 in calls
+
+
 def test_robust_flower_strategy_with_a_fedquant_rule_warns(
     in_run: None, caplog: pytest.LogCaptureFixture
 ) -> None:

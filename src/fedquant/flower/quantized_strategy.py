@@ -33,12 +33,13 @@ Who does what in a round:
       other rule :func:`fedquant.fl.aggregation.aggregate_payloads` knows):
       the aggregate is the simulator's, computed by ``aggregate_payloads`` from
       the payloads. The wrapped strategy receives that aggregate as a single
-      reply (weight: the sum of the clients' weights) whose MetricRecord holds
-      the clients' metrics already aggregated by the strategy's own
-      ``train_metrics_aggr_fn``. Its weighted average of one reply is the
-      aggregate itself, so FedAvg and FedProx return it unchanged, and
-      FedAdam, FedYogi, FedAdagrad and FedAvgM take their optimizer step from
-      it (``delta = aggregate - current model``).
+      reply (weight: the sum of the clients' weights; metrics: the clients'
+      weighted means). Its weighted average of one reply is the aggregate
+      itself, so FedAvg and FedProx return it unchanged, and FedAdam, FedYogi,
+      FedAdagrad and FedAvgM take their optimizer step from it (``delta =
+      aggregate - current model``). The train metrics reported are the
+      strategy's own ``train_metrics_aggr_fn`` applied once to the admitted
+      clients' MetricRecords.
 
     The result keeps the model's dtypes (FedOpt's arithmetic returns float64;
     integer tensors such as BatchNorm counters come back rounded).
@@ -510,10 +511,12 @@ class QuantizedStrategy(Strategy):
             **self.aggregation_options,
         )
         weight_key = self._weight_key
-        aggr = getattr(self.strategy, "train_metrics_aggr_fn", None) or aggregate_metricrecords
         contents = [RecordDict({a.metric_key: a.metrics}) for a in admitted]
-        metrics = MetricRecord(dict(aggr(contents, weight_key)))
-        total = 0.0  # screened: every weight is one finite number >= 0
+        # the one reply's metrics: the clients' weighted means, with the clients' keys, so
+        # that the strategy's own metric function accepts them (its result is not reported:
+        # aggregate_train reports that function applied once to the clients' records)
+        metrics = aggregate_metricrecords(contents, weight_key)
+        total = 0.0  # screened: every weight is one finite number > 0
         for a in admitted:
             total += float(cast(float, a.metrics[weight_key]))
         metrics[weight_key] = total
@@ -522,6 +525,13 @@ class QuantizedStrategy(Strategy):
             {first.array_key: record_from_numpy(result.tensors), first.metric_key: metrics}
         )
         return [first.msg]
+
+    def _client_metrics(self, admitted: list[_Admitted]) -> MetricRecord:
+        """The strategy's train-metric function (Flower's weighted mean if it has none),
+        applied once to the admitted clients' MetricRecords."""
+        aggr = getattr(self.strategy, "train_metrics_aggr_fn", None) or aggregate_metricrecords
+        contents = [RecordDict({a.metric_key: a.metrics}) for a in admitted]
+        return MetricRecord(dict(aggr(contents, self._weight_key)))
 
     def aggregate_train(
         self,
@@ -540,6 +550,7 @@ class QuantizedStrategy(Strategy):
             return None, None
         self._silent = 0
         uplink_bytes = sum(len(a.payload) for a in admitted)
+        client_metrics = None if self.uplink.rule is None else self._client_metrics(admitted)
         inner = self._inner_replies(server_round, admitted)
         try:
             arrays, metrics = self.strategy.aggregate_train(server_round, inner)
@@ -553,6 +564,8 @@ class QuantizedStrategy(Strategy):
             return None, None
         if arrays is not None:
             arrays = self._to_model_dtypes(arrays)
+        if client_metrics is not None:  # the strategy saw one reply: report the clients'
+            metrics = client_metrics
         out = MetricRecord() if metrics is None else MetricRecord(dict(metrics))
         out["fedquant.uplink-bytes"] = int(uplink_bytes)
         out["fedquant.downlink-bytes"] = int(self._downlink_bytes)
