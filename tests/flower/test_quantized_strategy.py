@@ -291,28 +291,20 @@ def hostile_replies() -> dict[str, Message]:
     zero_weight = payload_metrics(payload, **{"train-loss": 1.0, "num-examples": 0})
     as_list = payload_metrics(payload, **{"train-loss": [1.0, 2.0], "num-examples": 1})
     plain = MetricRecord({"train-loss": 1.0, "num-examples": 1})
+
+    def with_payload(metrics: MetricRecord, node: int) -> Message:
+        return reply(RecordDict({"arrays": payload_record(payload), "metrics": metrics}), node)
+
     return {
         "plain float record with NaN": reply(
             RecordDict({"arrays": record_from_numpy(nan_state), "metrics": plain}), 201
         ),
-        "no fedquant metric keys": reply(
-            RecordDict({"arrays": payload_record(payload), "metrics": no_mse}), 202
-        ),
-        "altered MSE": reply(
-            RecordDict({"arrays": payload_record(payload), "metrics": wrong_mse}), 203
-        ),
-        "other metric keys": reply(
-            RecordDict({"arrays": payload_record(payload), "metrics": other_keys}), 204
-        ),
-        "no weight key": reply(
-            RecordDict({"arrays": payload_record(payload), "metrics": no_weight}), 205
-        ),
-        "zero weight": reply(
-            RecordDict({"arrays": payload_record(payload), "metrics": zero_weight}), 208
-        ),
-        "a list where the others send a number": reply(
-            RecordDict({"arrays": payload_record(payload), "metrics": as_list}), 209
-        ),
+        "no fedquant metric keys": with_payload(no_mse, 202),
+        "altered MSE": with_payload(wrong_mse, 203),
+        "other metric keys": with_payload(other_keys, 204),
+        "no weight key": with_payload(no_weight, 205),
+        "zero weight": with_payload(zero_weight, 208),
+        "a list where the others send a number": with_payload(as_list, 209),
         "two ArrayRecords": reply(
             RecordDict(
                 {
