@@ -533,6 +533,18 @@ def test_committed_report_regenerates_from_its_raw_data(tmp_path: Path) -> None:
         (out / p.name).symlink_to(p)
     md = report.write_report(load_grid(GRID), "small", out, figures=False).read_text()
     assert _unstamped(md) == _unstamped((committed / "README.md").read_text())
+    # the seed-level data and the seeds an inconclusive comparison needs, recomputed here
+    from fedquant.reproduce.stats import Hypothesis, seeds_to_resolve
+
+    row = next(line for line in md.splitlines() if "| 2 bits | `bits2` − `fp32-fedavg`" in line)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    per_seed = [float(v) for v in cells[4].split(", ")]
+    mean = sum(per_seed) / 3
+    sd = (sum((v - mean) ** 2 for v in per_seed) / 2) ** 0.5
+    assert cells[6] == "inconclusive"
+    # 33 counted comparisons, two hypotheses each: Holm's strictest level is 0.05 / 66
+    need = seeds_to_resolve(mean, sd, Hypothesis("equivalence", 1.0), 0.05 / 66)
+    assert need is not None and abs(int(cells[7]) - need) <= 1  # per-seed values are rounded
 
 
 def test_plan_prices_a_scale_and_its_half_widths(capsys: pytest.CaptureFixture[str]) -> None:

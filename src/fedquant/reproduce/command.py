@@ -12,6 +12,11 @@ Rerunning the same command skips finished runs and resumes interrupted ones
 several such commands may share a grid (a lock file per run). The report alone::
 
     fedquant reproduce --scale small --report-only
+
+Before running a bigger scale, its estimated CPU time and the interval
+half-widths its seeds buy, from the finished small scale::
+
+    fedquant reproduce --scale medium --plan --jobs 2
 """
 
 from __future__ import annotations
@@ -75,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--scale",
         default="small",
         help="a [scales.*] table of the grid: small (<= 60 min on 2 cores with --jobs 2), "
-        "paper (the paper's settings; hours), tiny (a smoke test) (default: small)",
+        "medium (30 clients, 40 rounds, 5 seeds; see --plan), paper (the paper's settings; "
+        "days on a CPU), tiny (a smoke test) (default: small)",
     )
     p.add_argument(
         "--grid", metavar="FILE", help="the grid file (default: experiments/paper-claims.toml)"
