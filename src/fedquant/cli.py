@@ -92,80 +92,107 @@ def _resolve_config(args: argparse.Namespace) -> Any:
     from fedquant.fl.results import read_toml
 
     values: dict[str, Any] = {}
-    if args.config:
+    if args.config == "":
+        raise ConfigError("--config", "is empty; expected the path of a TOML file")
+    if args.config is not None:
         values.update(
-            RunConfig.from_mapping(read_toml(Path(args.config)), source=args.config).to_dict()
+            RunConfig.from_mapping(
+                read_toml(Path(args.config), option="--config"), source=args.config
+            ).to_dict()
         )
     given = {n: getattr(args, n) for n in FIELDS if getattr(args, n) is not None}
     for n, v in given.items():
         values[n] = v if isinstance(v, bool) else _convert(n, v)
     try:
-        return RunConfig(**values), given
+        cfg = RunConfig(**values)
     except ConfigError as e:
         opt = e.option
         if opt in given:  # name the flag the user typed
             raise ConfigError("--" + opt.replace("_", "-"), str(e).split(": ", 1)[1]) from None
         raise
+    # stored resolved, so the run's config.toml means the same from any directory
+    paths = {
+        n: str(Path(getattr(cfg, n)).expanduser().resolve())
+        for n in ("data_root", "cache_dir")
+        if getattr(cfg, n)
+    }
+    return cfg.with_(**paths), given
+
+
+def _start_info(sim: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(meta.json extras, clients.json) of a run about to start."""
+    meta = {
+        "dataset": {
+            "name": sim.dataset.name,
+            "train": int(sim.dataset.train_y.size),
+            "test": int(sim.dataset.test_y.size),
+            "classes": list(sim.dataset.classes),
+        },
+        "float32_model_bytes": sim.reference.float32_nbytes,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    clients = {"label_counts": sim.label_counts.tolist(), "sizes": [int(p.size) for p in sim.parts]}
+    return meta, clients
+
+
+def _open_resume(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """(results dir, simulation, state) of the run ``--resume DIR`` continues."""
+    from fedquant.fl.results import ResultsDir
+    from fedquant.fl.simulation import RunState, Simulation
+
+    if not args.resume:
+        raise ConfigError("--resume", "is empty; expected a results directory of fedquant run")
+    rd = ResultsDir(Path(args.resume), option="--resume")
+    given = [
+        n
+        for n in vars(args)
+        if n not in ("cmd", "func", "resume", "quiet", "config") and getattr(args, n) is not None
+    ]
+    if given or args.config is not None:
+        raise ConfigError(
+            "--resume",
+            "takes the configuration from DIR/config.toml; do not combine it with other options",
+        )
+    if not (rd.path / "config.toml").is_file():
+        raise ConfigError(
+            "--resume", f"{str(rd.path)!r} is not a fedquant results directory (no config.toml)"
+        )
+    rd.remove_stale_temps()
+    cfg = rd.read_config()
+    ck = rd.read_checkpoint()
+    if ck is not None:  # an edited config.toml is refused before any data is loaded
+        rd.check_checkpoint(ck)
+    sim = Simulation(cfg)
+    if ck is None:  # killed before round 1 ended: start over, with start files that match
+        meta, clients = _start_info(sim)
+        rd.write_start(cfg, meta, clients)
+        return rd, sim, sim.new_state()
+    rd.check_checkpoint(ck, sim.initial_state)
+    state = RunState(
+        round=ck.round, global_state=ck.global_state, metrics=ck.metrics, residuals=ck.residuals
+    )
+    return rd, sim, state
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from fedquant.fl.results import ResultsDir
     from fedquant.fl.simulation import TIMING_KEYS, RunState, Simulation, final_accuracy
 
-    if args.resume:
-        rd = ResultsDir(Path(args.resume))
-        given = [
-            n
-            for n in vars(args)
-            if n not in ("cmd", "func", "resume", "quiet", "config")
-            and getattr(args, n) is not None
-        ]
-        if given or args.config:
-            raise ConfigError(
-                "--resume",
-                "takes the configuration from DIR/config.toml; do not combine it with other options",
-            )
-        if not (rd.path / "config.toml").exists():
-            raise ConfigError(
-                "--resume", f"{str(rd.path)!r} is not a fedquant results directory (no config.toml)"
-            )
-        cfg = rd.read_config()
-        sim = Simulation(cfg)
-        ck = rd.read_checkpoint()
-        state = (
-            sim.new_state()
-            if ck is None
-            else RunState(
-                round=ck.round,
-                global_state=ck.global_state,
-                metrics=ck.metrics,
-                residuals=ck.residuals,
-            )
-        )
+    if args.resume is not None:
+        rd, sim, state = _open_resume(args)
+        cfg = sim.cfg
+        summary_path = rd.path / "summary.json"
+        if state.round >= cfg.rounds and summary_path.is_file():
+            print(f"this run is complete ({state.round} rounds); nothing to do: {rd.path}")
+            return 0
     else:
         cfg, _ = _resolve_config(args)
         sim = Simulation(cfg)
-        rd = ResultsDir.create(cfg.out, cfg)
+        meta, clients = _start_info(sim)
+        rd = ResultsDir.create(cfg.out, cfg, meta, clients, option="--out")
         state = sim.new_state()
-        rd.write_start(
-            cfg,
-            {
-                "dataset": {
-                    "name": sim.dataset.name,
-                    "train": int(sim.dataset.train_y.size),
-                    "test": int(sim.dataset.test_y.size),
-                    "classes": list(sim.dataset.classes),
-                },
-                "float32_model_bytes": sim.reference.float32_nbytes,
-                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            },
-        )
-        from fedquant.fl.results import write_json
-
-        write_json(
-            rd.path / "clients.json",
-            {"label_counts": sim.label_counts.tolist(), "sizes": [int(p.size) for p in sim.parts]},
-        )
+    #: time spent on the rounds restored from a checkpoint (earlier processes)
+    earlier = sum(float(r.get("seconds_round", 0.0)) for r in state.metrics)
 
     if not args.quiet:
         _print_plan(sim.uplink, sim.initial_state)
@@ -210,7 +237,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         if progress is not None:
             progress.stop()
-    wall = time.perf_counter() - start
+    wall = earlier + time.perf_counter() - start
     m = state.metrics
     timing = {k: float(sum(r.get(k, 0.0) for r in m)) for k in TIMING_KEYS}
     last_up = next((r for r in reversed(m) if r["uplink_bytes"]), m[-1])

@@ -77,7 +77,7 @@ from typing import Any
 
 import numpy as np
 
-from fedquant.errors import DecodeError, InvalidInputError
+from fedquant.errors import ConfigError, DecodeError, FedquantError, InvalidInputError
 from fedquant.fl.aggregation import aggregate_payloads
 from fedquant.quant import codec
 
@@ -1474,6 +1474,23 @@ def run_fuzz(
     return report
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    """Refuse option values that would make a run meaningless (one-line ConfigError)."""
+    if args.runs < 0:
+        raise ConfigError("--runs", f"{args.runs} is negative; expected a number of inputs >= 0")
+    for flag, value in (("--max-seconds", args.max_seconds), ("--watchdog", args.watchdog)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ConfigError(flag, f"{value} is not valid; expected a number of seconds > 0")
+    if (
+        args.corpus is not None
+        and (not args.corpus or os.path.exists(args.corpus))
+        and not (os.path.isdir(args.corpus))
+    ):
+        raise ConfigError(
+            "--corpus", f"{args.corpus!r} is not a directory; expected a directory of *.bin inputs"
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m fedquant.fuzz``: run the fuzzer, print a summary, 1 on any failure."""
     p = argparse.ArgumentParser(prog="python -m fedquant.fuzz", description=__doc__.split("\n")[0])
@@ -1499,6 +1516,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="report numpy FP errors and known issues in aggregate as warnings, not failures",
     )
     args = p.parse_args(argv)
+    try:
+        _check_args(args)
+    except FedquantError as e:
+        print(f"fuzz: error: {e}", file=sys.stderr)
+        return 2
     targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
     last = [time.perf_counter()]
 

@@ -9,6 +9,7 @@ simulator holds one working model for all clients, not one per client.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from fedquant.errors import InvalidInputError
+from fedquant.errors import InvalidInputError, NonFiniteError
 from fedquant.quant.allocation import plan_tensors
 from fedquant.quant.codec import EncodeResult, encode_with_stats
 from fedquant.quant.quantizer import fake_quantize
@@ -105,6 +106,16 @@ def train_local(
     With ``cfg.qat`` the layers ``qat_spec`` quantizes are fake-quantized in the
     forward pass (straight-through estimator); the float weights are what
     remains in the model afterwards.
+
+    A mini-batch of one example is skipped: BatchNorm's batch statistics are
+    undefined for it (the batch size is never reached when ``n % batch_size ==
+    1``, and a client with a single example leaves the model as it got it).
+
+    Raises
+    ------
+    NonFiniteError
+        If training diverges (a NaN/Inf loss, or NaN/Inf weights afterwards);
+        the message names the learning rate.
     """
     start = time.perf_counter()
     n = int(x.shape[0])
@@ -125,22 +136,44 @@ def train_local(
             total, seen = 0.0, 0
             for b in range(0, n, cfg.batch_size):
                 idx = order[b : b + cfg.batch_size]
-                if idx.numel() < 2 and n >= 2:
-                    continue  # BatchNorm cannot train on a batch of one
+                if idx.numel() < 2:
+                    continue  # BatchNorm cannot train on a batch of one (see the docstring)
                 xb, yb = x[idx].to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
                 opt.zero_grad(set_to_none=True)
                 loss = F.cross_entropy(model(xb), yb)
                 loss.backward()
                 opt.step()
-                total += float(loss.detach()) * idx.numel()
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise diverged(cfg, f"training loss {value}")
+                total += value * idx.numel()
                 seen += idx.numel()
             last = total / max(seen, 1)
+        check_finite_state(model.state_dict(), cfg)
     finally:
         for module, pname, param_order in attached:
             parametrize.remove_parametrizations(module, pname, leave_parametrized=False)
             # removal re-registers the parameter last; restore the state-dict order
             module._parameters = {k: module._parameters[k] for k in param_order}
     return TrainStats(loss=last, num_examples=n, seconds=time.perf_counter() - start)
+
+
+def diverged(cfg: TrainConfig, what: str) -> NonFiniteError:
+    """The error of a local training run that diverged (``what`` says how it showed)."""
+    return NonFiniteError(
+        f"local training diverged ({what}): the learning rate lr={cfg.lr:g} is likely too "
+        f"large for this model and data (momentum {cfg.momentum:g}); expected a smaller --lr"
+    )
+
+
+@torch.no_grad()
+def check_finite_state(state: Mapping[str, torch.Tensor], cfg: TrainConfig) -> None:
+    """Raise :func:`diverged` if a floating tensor of a trained ``state`` holds NaN/Inf."""
+    bad = [
+        k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())
+    ]
+    if bad:
+        raise diverged(cfg, f"NaN/Inf in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}")
 
 
 @torch.no_grad()

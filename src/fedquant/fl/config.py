@@ -383,3 +383,32 @@ if set(FIELDS) != _defaults:  # pragma: no cover - a developer error caught at i
 def default_of(name: str) -> Any:
     f = next(f for f in fields(RunConfig) if f.name == name)
     return None if f.default is MISSING else f.default
+
+
+#: fields that say where or how fast a run executes, not what it computes: ``--resume``
+#: accepts a change of these (a moved data set, another device, more threads)
+OPERATIONAL_FIELDS = frozenset(
+    {"out", "data_root", "cache_dir", "device", "threads", "batched_clients"}
+)
+
+
+def config_differences(recorded: Mapping[str, Any], cfg: RunConfig) -> list[str]:
+    """The fields of ``cfg`` that differ from ``recorded`` and change a run's results.
+
+    ``recorded`` is a configuration as :meth:`RunConfig.to_dict` gave it (a key it
+    lacks counts as that field's default). :data:`OPERATIONAL_FIELDS` and
+    ``rounds`` (which a resumed run may raise to continue) are not compared.
+
+    Returns
+    -------
+    list of str
+        ``"name (recorded -> now)"`` for each differing field, in field order.
+    """
+    out = []
+    for name, value in cfg.to_dict().items():
+        if name in OPERATIONAL_FIELDS or name == "rounds":
+            continue
+        old = recorded.get(name, default_of(name))
+        if old != value:
+            out.append(f"{name} ({old!r} -> {value!r})")
+    return out

@@ -90,7 +90,18 @@ def make_model(cfg: RunConfig, in_shape: tuple[int, int, int], num_classes: int)
             factory = getattr(importlib.import_module(mod_name), attr)
         except (ImportError, AttributeError) as e:
             raise ConfigError("model", f"cannot load {cfg.model!r}: {e}") from e
-        model = factory(in_shape, num_classes)
+        if not callable(factory):
+            raise ConfigError(
+                "model",
+                f"{cfg.model!r} is a {type(factory).__name__}, not a factory; expected "
+                "'package.module:factory' with factory(in_shape, num_classes) -> nn.Module",
+            )
+        try:
+            model = factory(in_shape, num_classes)
+        except Exception as e:  # the user's code: one line naming it, not a traceback
+            raise ConfigError(
+                "model", f"{cfg.model!r}({in_shape}, {num_classes}) failed: {type(e).__name__}: {e}"
+            ) from e
         if not isinstance(model, nn.Module):
             raise ConfigError(
                 "model", f"{cfg.model!r} returned {type(model).__name__}, not a torch.nn.Module"
