@@ -245,6 +245,7 @@ def test_fedprox_term_and_pull() -> None:
 # ----------------------------------------------------------------- heterogeneous widths
 
 
+@pytest.mark.slow
 def test_client_bits_assignment_and_payloads(small: ImageDataset) -> None:
     cfg = RunConfig(num_clients=10, rounds=1, client_bits="2:0.5,4:0.3,8:0.2", seed=3)
     sim = Simulation(cfg, dataset=small)
@@ -280,6 +281,7 @@ def test_client_bits_config_errors() -> None:
 # ----------------------------------------------------------------- server optimizer
 
 
+@pytest.mark.slow
 def test_server_optimizer_state_resumes_exactly(small: ImageDataset, tmp_path: Path) -> None:
     cfg = RunConfig(
         num_clients=3,
@@ -333,3 +335,23 @@ def test_server_optimizer_only_steps_parameters(small: ImageDataset) -> None:
     assert "conv1.weight" in names
     assert not any("running" in n or "num_batches" in n for n in names)
     assert names == {n for n, _ in sim.model.named_parameters()}
+
+
+def tokens_workload(cfg: RunConfig) -> tuple[FederatedData, Task]:
+    """A workload loader as a ``--dataset`` plug-in registers it."""
+    data = FederatedData([token_data(40, i) for i in range(cfg.num_clients)], token_data(40, 99))
+    return data, image_classification_task()
+
+
+def test_registered_workload_is_loaded_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedquant.fl import simulation
+
+    monkeypatch.setitem(simulation.WORKLOADS, "mnist", f"{__name__}:tokens_workload")
+    sim = Simulation(
+        RunConfig(dataset="mnist", num_clients=2, rounds=1, bits="8"), model=TokenModel()
+    )
+    assert sim.data.sizes == [40, 40] and sim.dataset is None
+    assert sim.describe_data()["task"] == "classification"
+    monkeypatch.setitem(simulation.WORKLOADS, "mnist", f"{__name__}:no_such_loader")
+    with pytest.raises(ConfigError, match="dataset: cannot load the workload"):
+        Simulation(RunConfig(dataset="mnist", num_clients=2), model=TokenModel())

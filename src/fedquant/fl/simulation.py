@@ -132,9 +132,23 @@ class RunState:
 #: a custom workload: ``cfg -> (FederatedData, Task)`` (see :data:`WORKLOADS`)
 WorkloadLoader = Callable[[RunConfig], tuple[FederatedData, Task]]
 
-#: data set name -> loader of a non-image workload; ``Simulation(cfg)`` uses the loader
-#: when ``cfg.dataset`` is one of these names (the name must also be accepted by the config)
-WORKLOADS: dict[str, WorkloadLoader] = {}
+#: data set name -> loader of a non-image workload, or ``"package.module:function"``
+#: naming one (imported when first used). ``Simulation(cfg)`` uses the loader when
+#: ``cfg.dataset`` is one of these names (the config's ``DATASETS`` must accept the name).
+WORKLOADS: dict[str, WorkloadLoader | str] = {}
+
+
+def workload_loader(name: str) -> WorkloadLoader:
+    """The loader :data:`WORKLOADS` registers for ``name`` (importing it if given by name)."""
+    entry = WORKLOADS[name]
+    if isinstance(entry, str):
+        mod_name, _, attr = entry.partition(":")
+        try:
+            entry = getattr(importlib.import_module(mod_name), attr)
+        except (ImportError, AttributeError) as e:
+            raise ConfigError("dataset", f"cannot load the workload {entry!r}: {e}") from e
+        WORKLOADS[name] = entry
+    return entry
 
 
 class Simulation:
@@ -183,7 +197,7 @@ class Simulation:
         #: the image data set (``None`` for a custom workload)
         self.dataset: Dataset | None = None
         if data is None and dataset is None and cfg.dataset in WORKLOADS:
-            data, loaded_task = WORKLOADS[cfg.dataset](cfg)
+            data, loaded_task = workload_loader(cfg.dataset)(cfg)
             self.task = task if task is not None else loaded_task
         if data is None:
             self.dataset = (
