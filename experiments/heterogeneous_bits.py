@@ -26,9 +26,13 @@ from fedquant.fl.simulation import Simulation, final_accuracy
 
 CONFIGS: list[tuple[str, dict[str, Any]]] = [
     ("uniform 5 bits", {"bits": "5"}),
-    ("2:0.5,8:0.5 inverse-mse", {"client_bits": "2:0.5,8:0.5"}),
-    ("2:0.5,8:0.5 inverse-mse, mse_floor 1", {"client_bits": "2:0.5,8:0.5", "mse_floor": 1.0}),
+    ("2:0.5,8:0.5 inverse-mse", {"client_bits": "2:0.5,8:0.5", "mse_spread": "off"}),
+    (
+        "2:0.5,8:0.5 inverse-mse, mse_floor 1",
+        {"client_bits": "2:0.5,8:0.5", "mse_spread": "off", "mse_floor": 1.0},
+    ),
     ("2:0.5,8:0.5 mean", {"client_bits": "2:0.5,8:0.5", "aggregation": "mean"}),
+    ("2:0.5,8:0.5 inverse-mse + spread (default)", {"client_bits": "2:0.5,8:0.5"}),
 ]
 SCENARIOS: list[tuple[str, dict[str, Any]]] = [
     ("iid", {"partition": "iid"}),
@@ -43,6 +47,7 @@ def main() -> None:
     p.add_argument("--test", type=int, default=500, help="test images used")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--only", default="", help="run only the configurations naming this")
     args = p.parse_args()
     full = load_dataset("mnist-embedded")
     data = Dataset(
@@ -56,6 +61,8 @@ def main() -> None:
     rows = []
     for scen, scen_kw in SCENARIOS:
         for name, kw in CONFIGS:
+            if args.only not in name:
+                continue
             cfg = RunConfig(rounds=args.rounds, seed=args.seed, threads=1, **scen_kw, **kw)
             t0 = time.perf_counter()
             state = Simulation(cfg, dataset=data).run()

@@ -60,6 +60,9 @@ def test_config_file_takes_the_new_keys(tmp_path: Path) -> None:
     assert (rc.server_optimizer, rc.server_tau, rc.server_lr) == ("fedyogi", 0.01, None)
     assert rc.server_optimizer_obj().lr == 0.01  # Flower's FedYogi default
     assert rc.client_widths() == ((2, 0.25), (8, 0.75))
+    assert rc.uses_spread  # auto: on with client_bits
+    assert not rc.with_(mse_spread="off").uses_spread
+    assert not RunConfig().uses_spread and RunConfig(mse_spread="on").uses_spread
 
 
 @pytest.mark.parametrize(
@@ -94,6 +97,10 @@ def test_config_file_takes_the_new_keys(tmp_path: Path) -> None:
             ["--client-bits", "2:0.5,4:0.6"],
             "--client-bits: '2:0.5,4:0.6' is not valid: the fractions in '2:0.5,4:0.6' sum to 1.1, "
             "expected 1",
+        ),
+        (
+            ["--mse-spread", "maybe"],
+            "--mse-spread: 'maybe' is not valid; expected one of: auto, on, off",
         ),
         (
             ["--client-bits", "16:1"],

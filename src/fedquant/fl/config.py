@@ -68,6 +68,7 @@ class RunConfig:
     server_beta2: float | None = None
     server_tau: float | None = None
     client_bits: str = ""
+    mse_spread: str = "auto"
     # uplink quantization
     bits: str = "4-2-2-4"
     rules: str = ""
@@ -160,6 +161,11 @@ class RunConfig:
     def client_widths(self) -> tuple[tuple[int, float], ...]:
         """``client_bits`` parsed: ``((bits, fraction of clients), ...)``; empty when unset."""
         return parse_client_bits(self.client_bits)
+
+    @property
+    def uses_spread(self) -> bool:
+        """Whether inverse-MSE adds the clients' spread (``mse_spread``)."""
+        return self.mse_spread == "on" or (self.mse_spread == "auto" and bool(self.client_bits))
 
     def server_optimizer_obj(self) -> Any:
         """The :class:`~fedquant.fl.server_opt.ServerOptimizer` of ``server_*``."""
@@ -413,6 +419,13 @@ FIELDS: dict[str, Field] = {
         "assignment); empty = every client uses --bits",
         str,
         check_fn=_client_bits_check,
+    ),
+    "mse_spread": Field(
+        "inverse-mse: weigh clients by 1 / (MSE + s^2), s^2 the clients' disagreement "
+        "estimated from their decoded tensors (one more decoding pass), instead of 1 / MSE; "
+        "auto = on with --client-bits",
+        str,
+        ("auto", "on", "off"),
     ),
     "bits": Field(
         "uplink bits: one width for all weight tensors ('8') or one per weight tensor in order "

@@ -608,6 +608,7 @@ class Simulation:
                 mse_floor_rel=cfg.mse_floor,
                 inspected=inspected,
                 shared_key=key,
+                spread=cfg.uses_spread,
             )
             new_global = (
                 apply_delta(state.global_state, agg.tensors, payload_delta_names(agg.infos))
