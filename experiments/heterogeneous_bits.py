@@ -1,7 +1,7 @@
 """Heterogeneous uplink widths: accuracy vs uniform widths at equal total bytes.
 
 Runs the simulator on the first ``--train`` / ``--test`` images of the embedded
-MNIST subset (10 clients, the paper's CNN, one torch thread) for each
+MNIST subset (10 clients, the paper's CNN, batch 16, one torch thread) for each
 configuration below, IID and Dirichlet(0.3) label skew, and writes a JSON file
 and a Markdown table (final test accuracy, total uplink bytes).
 
@@ -44,6 +44,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--train", type=int, default=1000, help="training images used")
+    p.add_argument("--batch-size", type=int, default=16, help="local mini-batch size")
     p.add_argument("--test", type=int, default=500, help="test images used")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True)
@@ -63,7 +64,14 @@ def main() -> None:
         for name, kw in CONFIGS:
             if args.only not in name:
                 continue
-            cfg = RunConfig(rounds=args.rounds, seed=args.seed, threads=1, **scen_kw, **kw)
+            cfg = RunConfig(
+                rounds=args.rounds,
+                seed=args.seed,
+                batch_size=args.batch_size,
+                threads=1,
+                **scen_kw,
+                **kw,
+            )
             t0 = time.perf_counter()
             state = Simulation(cfg, dataset=data).run()
             m = state.metrics

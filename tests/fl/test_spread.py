@@ -40,6 +40,9 @@ def test_two_and_eight_bit_clients() -> None:
     w_plain = aggregate_payloads(same, "inverse-mse", mse_floor_rel=0.0).weights["w"]
     w_same = aggregate_payloads(same, "inverse-mse", mse_floor_rel=0.0, spread=True).weights["w"]
     assert w_plain[0] < 1e-3 and w_same[0] < 0.02
+    # with the default relative floor (1 % of the median MSE): about [0.005, 0.995]
+    floored = aggregate_payloads(same, "inverse-mse").weights["w"]
+    assert floored[0] == pytest.approx(0.005, abs=2e-4)
     # clients whose models differ far more than 2-bit quantization perturbs them: near equal
     other = base + rng.normal(0, 0.2, base.size).astype(np.float32)
     apart = [_payload(other, 2, 1), _payload(base, 8, 2)]
