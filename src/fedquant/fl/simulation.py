@@ -99,6 +99,18 @@ def train_config(cfg: RunConfig, round_: int = 1) -> TrainConfig:
     )
 
 
+def client_parts(cfg: RunConfig, labels: np.ndarray) -> list[np.ndarray]:
+    """``cfg``'s partition of samples with ``labels`` among its clients (seeded)."""
+    return partition(
+        labels,
+        cfg.num_clients,
+        cfg.partition,
+        alpha=cfg.alpha,
+        shards_per_client=cfg.shards_per_client,
+        seed=seeding.int_seed(cfg.seed, Purpose.PARTITION),
+    )
+
+
 def make_model(cfg: RunConfig, in_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """The configured model: a registered name or ``"package.module:factory"``."""
     if ":" in cfg.model:
@@ -272,14 +284,7 @@ class Simulation:
         """An image data set normalized, partitioned by ``cfg``, as tensor slices per client."""
         cfg = self.cfg
         tensors = to_tensors(dataset)
-        parts = partition(
-            dataset.train_y,
-            cfg.num_clients,
-            cfg.partition,
-            alpha=cfg.alpha,
-            shards_per_client=cfg.shards_per_client,
-            seed=seeding.int_seed(cfg.seed, Purpose.PARTITION),
-        )
+        parts = client_parts(cfg, dataset.train_y)
         # the train split in client order: a client's examples are a slice of it (a
         # view), not rows gathered again every round
         offsets = np.cumsum([0, *(p.size for p in parts)])

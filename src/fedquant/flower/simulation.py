@@ -65,24 +65,15 @@ def _client_setup(run_json: str) -> tuple[Any, Any, list[np.ndarray], Any, Any]:
     Returns ``(cfg, tensors, parts, model, train_cfg)`` with the simulator's
     partition and model.
     """
-    from fedquant.fl import seeding
     from fedquant.fl.data import load_dataset, to_tensors
-    from fedquant.fl.partition import partition
-    from fedquant.fl.simulation import make_model, train_config
+    from fedquant.fl.simulation import client_parts, make_model, train_config
 
     spec = json.loads(run_json)
     cfg = RunConfig.from_mapping(spec["config"])
     data = small_dataset(
         load_dataset(cfg.dataset, cfg.data_root, cfg.cache_dir), spec["n_train"], spec["n_test"]
     )
-    parts = partition(
-        data.train_y,
-        cfg.num_clients,
-        cfg.partition,
-        alpha=cfg.alpha,
-        shards_per_client=cfg.shards_per_client,
-        seed=seeding.int_seed(cfg.seed, seeding.Purpose.PARTITION),
-    )
+    parts = client_parts(cfg, data.train_y)
     model = make_model(cfg, data.input_shape, data.num_classes)
     train_cfg = train_config(cfg)
     return cfg, to_tensors(data), parts, model, train_cfg
