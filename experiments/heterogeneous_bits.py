@@ -27,10 +27,6 @@ from fedquant.fl.simulation import Simulation, final_accuracy
 CONFIGS: list[tuple[str, dict[str, Any]]] = [
     ("uniform 5 bits", {"bits": "5"}),
     ("2:0.5,8:0.5 inverse-mse", {"client_bits": "2:0.5,8:0.5", "mse_spread": "off"}),
-    (
-        "2:0.5,8:0.5 inverse-mse, mse_floor 1",
-        {"client_bits": "2:0.5,8:0.5", "mse_spread": "off", "mse_floor": 1.0},
-    ),
     ("2:0.5,8:0.5 mean", {"client_bits": "2:0.5,8:0.5", "aggregation": "mean"}),
     ("2:0.5,8:0.5 inverse-mse + spread (default)", {"client_bits": "2:0.5,8:0.5"}),
 ]

@@ -124,6 +124,7 @@ def test_natural_partition_custom_loss_and_metric(tmp_path: Path) -> None:
     assert rows[-1]["test_loss"] < rows[0]["test_loss"]
     assert res.summary["final_loss"] == rows[-1]["test_loss"]
     assert res.summary["best_loss"] == min(r["test_loss"] for r in rows)
+    assert "-pairs-b8-fedavg-s0" in res.path.name
     for name in ("config.toml", "meta.json", "clients.json", "summary.json", "loss_vs_round.png"):
         assert (res.path / name).is_file(), name
     assert '"sizes": [\n    50,\n    100,\n    150\n  ]' in (res.path / "clients.json").read_text()

@@ -167,10 +167,15 @@ class ResultsDir:
         return lines
 
     @classmethod
-    def create(cls, out: str, cfg: RunConfig) -> ResultsDir:
+    def create(cls, out: str, cfg: RunConfig, data_name: str | None = None) -> ResultsDir:
+        """A new directory under ``out`` named after the time, data (default
+        ``cfg.dataset``), bits, aggregation and seed."""
         stamp = time.strftime("%Y%m%d-%H%M%S")
         bits = cfg.bits.replace(":", "")  # 'auto:2.03' -> 'auto2.03' (no ':' in paths)
-        base = Path(out) / f"{stamp}-{cfg.dataset}-b{bits}-{cfg.aggregation}-s{cfg.seed}"
+        if cfg.client_bits:
+            bits = "mixed"
+        name = "".join(c if c.isalnum() or c in "-_." else "_" for c in (data_name or cfg.dataset))
+        base = Path(out) / f"{stamp}-{name}-b{bits}-{cfg.aggregation}-s{cfg.seed}"
         path, i = base, 1
         while path.exists():
             i += 1

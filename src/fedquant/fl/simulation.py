@@ -744,7 +744,8 @@ def create_results_dir(sim: Simulation, out: str | Path | None = None) -> Result
     """A new results directory under ``out`` (default ``cfg.out``) with the run's
     ``config.toml``, ``meta.json`` and ``clients.json``."""
     cfg = sim.cfg
-    rd = ResultsDir.create(str(out if out is not None else cfg.out), cfg)
+    name = None if sim.dataset is not None else sim.data.name  # a custom workload's name
+    rd = ResultsDir.create(str(out if out is not None else cfg.out), cfg, name)
     rd.write_start(
         cfg,
         {

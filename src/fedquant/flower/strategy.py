@@ -75,6 +75,10 @@ class QuantizedFedAvg(FedAvg):
         Cap on any client's weight for any tensor (``cap_weights``).
     mse_floor_rel : float, default 1e-2
         Relative MSE floor of ``inverse-mse`` (:mod:`fedquant.fl.aggregation`).
+    spread : bool, default False
+        ``inverse-mse`` weighs clients by ``1 / (MSE + s^2)``, ``s^2`` the
+        clients' spread (for clients at different widths; see
+        :func:`~fedquant.fl.aggregation.client_spread`).
     **fedavg_kwargs
         Passed to :class:`flwr.serverapp.strategy.FedAvg` (``fraction_train``,
         ``min_available_nodes``, ``train_metrics_aggr_fn``, ...).
@@ -102,6 +106,7 @@ class QuantizedFedAvg(FedAvg):
         seed: int = 0,
         max_weight: float | None = None,
         mse_floor_rel: float = MSE_FLOOR_REL,
+        spread: bool = False,
         **fedavg_kwargs: Any,
     ) -> None:
         super().__init__(**fedavg_kwargs)
@@ -111,6 +116,7 @@ class QuantizedFedAvg(FedAvg):
         self.downlink = None if downlink is None else _as_spec(downlink)
         self.max_weight = max_weight
         self.mse_floor_rel = mse_floor_rel
+        self.spread = spread
         self._reference: Reference | None = None
         self._downlink_bytes = 0
 
@@ -254,6 +260,7 @@ class QuantizedFedAvg(FedAvg):
             mse_floor_rel=self.mse_floor_rel,
             inspected=inspected,
             shared_key=key,
+            spread=self.spread,
         )
         metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
         metrics["fedquant.uplink-bytes"] = int(result.nbytes)
