@@ -1,9 +1,9 @@
 """A federated client: local training (optionally quantization-aware) and its upload.
 
 Optimizer state between rounds: none is kept. Each round a client starts from
-the global model it receives and a fresh SGD optimizer (momentum buffers start
-at zero), the standard for stateless cross-device clients and what the paper's
-reference code does. Clients therefore need no memory between rounds, and the
+the global model it receives and a fresh optimizer (SGD momentum buffers and
+Adam moments start at zero), the standard for stateless cross-device clients
+and what the paper's reference code does. Clients therefore need no memory between rounds, and the
 simulator holds one working model for all clients, not one per client.
 """
 

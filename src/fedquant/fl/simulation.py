@@ -6,8 +6,10 @@ One round (:meth:`Simulation.run_round`):
    encodes the global model once for the broadcast (float32, or quantized with
    the downlink spec); downlink traffic = payload length x sampled clients;
 2. each client loads the broadcast into the one shared working model, trains
-   locally (:func:`fedquant.fl.client.train_local`), and encodes its full state
-   with the uplink spec (:func:`fedquant.quant.codec.encode_with_stats`);
+   locally on its data for the run's :class:`~fedquant.fl.task.Task`
+   (:func:`fedquant.fl.client.train_local`; the image classifier by default),
+   and encodes its full state with the uplink spec, or its own width under
+   ``client_bits`` (:func:`fedquant.quant.codec.encode_with_stats`);
    uplink traffic = the payload lengths. Clients may fail (``failure_rate``).
    With ``batched_clients=K`` the clients that do not fail are trained K at a
    time as one stacked model (:func:`fedquant.fl.batched.train_batched`, same
@@ -17,8 +19,13 @@ One round (:meth:`Simulation.run_round`):
    residuals are :attr:`RunState.residuals`, checkpointed with the model);
 3. the server admits each payload (:mod:`fedquant.fl.ingest`), aggregates the
    admitted ones (:func:`fedquant.fl.aggregation.aggregate_payloads`) if at
-   least ``min_clients`` arrived (adding aggregated deltas to its model), and
-   evaluates every ``eval_every`` rounds.
+   least ``min_clients`` arrived (adding aggregated deltas to its model), steps
+   its model with the server optimizer if one is set (:mod:`fedquant.fl.server_opt`;
+   its state is :attr:`RunState.server_opt`, checkpointed too), and evaluates
+   every ``eval_every`` rounds with the task's ``evaluate``.
+
+:func:`run_to_dir` runs a simulation and writes the results directory exactly
+as ``fedquant run`` does (the CLI calls it).
 
 Only orchestration and bookkeeping live here; the math is in
 :mod:`fedquant.quant` and :mod:`fedquant.fl.aggregation`. All randomness is
