@@ -104,7 +104,7 @@ def test_config_file_takes_the_new_keys(tmp_path: Path) -> None:
         ),
         (
             ["--client-bits", "16:1"],
-            "--client-bits: '16:1' is not valid: '16:1' is not BITS:FRACTION",
+            "--client-bits: '16:1' is not BITS:FRACTION with BITS in 1..8",
         ),
         (
             ["--client-bits", "2:1", "--bits", "auto:2"],

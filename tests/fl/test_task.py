@@ -230,7 +230,7 @@ def test_fedprox_term_and_pull() -> None:
     anchor = {k: v.detach().clone() for k, v in model.named_parameters()}
     with torch.no_grad():
         model.out.bias.add_(2.0)  # 16 entries moved by 2: ||w - a||^2 = 64
-    assert float(proximal_term(model, anchor, 0.5)) == pytest.approx(0.25 * 64)
+    assert float(proximal_term(model, anchor, 0.5).detach()) == pytest.approx(0.25 * 64)
 
     def drift(mu: float) -> float:
         torch.manual_seed(0)
