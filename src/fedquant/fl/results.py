@@ -58,6 +58,7 @@ __all__ = [
 CHECKPOINT = "checkpoint.npz"
 _STATE_PREFIX = "state/"
 _RESIDUAL_PREFIX = "residual/"
+_SERVER_OPT_PREFIX = "server_opt/"
 
 
 class Checkpoint(NamedTuple):
@@ -68,6 +69,8 @@ class Checkpoint(NamedTuple):
     metrics: list[dict[str, Any]]
     #: error feedback: client id -> residual per tensor (empty without it)
     residuals: dict[int, dict[str, np.ndarray]]
+    #: the server optimizer's state (empty without one)
+    server_opt: dict[str, np.ndarray]
     #: the run's configuration (``RunConfig.to_dict()``); None in older checkpoints
     config: dict[str, Any] | None = None
 
@@ -226,8 +229,12 @@ class ResultsDir:
         clients: Mapping[str, Any] | None = None,
         *,
         option: str = "out",
+        data_name: str | None = None,
     ) -> ResultsDir:
-        """Create ``<out>/<stamp>-<dataset>-b<bits>-<aggregation>-s<seed>[-i]/`` with its start files.
+        """Create ``<out>/<stamp>-<data>-b<bits>-<aggregation>-s<seed>[-i]/`` with its start files.
+
+        ``<data>`` is ``data_name`` (default ``cfg.dataset``); ``<bits>`` is
+        ``mixed`` when clients use different widths (``cfg.client_bits``).
 
         ``config.toml``, ``meta.json`` (``extra`` added to it) and, if given,
         ``clients.json`` are written into a hidden staging folder that is then
@@ -236,8 +243,11 @@ class ResultsDir:
         """
         stamp = time.strftime("%Y%m%d-%H%M%S")
         bits = cfg.bits.replace(":", "")  # 'auto:2.03' -> 'auto2.03' (no ':' in paths)
+        if cfg.client_bits:
+            bits = "mixed"
+        name = "".join(c if c.isalnum() or c in "-_." else "_" for c in (data_name or cfg.dataset))
         out_dir = Path(out)
-        base = out_dir / f"{stamp}-{cfg.dataset}-b{bits}-{cfg.aggregation}-s{cfg.seed}"
+        base = out_dir / f"{stamp}-{name}-b{bits}-{cfg.aggregation}-s{cfg.seed}"
         staging = cls(out_dir / f"{_STAGING_PREFIX}{base.name}-{os.getpid()}", option=option)
         if out_dir.exists() and not out_dir.is_dir():
             raise ConfigError(option, f"{str(out_dir)!r} is a file, not a directory")
@@ -301,17 +311,21 @@ class ResultsDir:
         metrics: list[dict[str, Any]],
         *,
         residuals: Mapping[int, Mapping[str, np.ndarray]] | None = None,
+        server_opt: Mapping[str, np.ndarray] | None = None,
     ) -> None:
         """Checkpoint first, then the metrics file: both atomic.
 
-        ``residuals`` (error feedback, client id -> tensors) are stored too, and
-        so is :attr:`config` (what ``--resume`` compares ``config.toml`` with).
+        ``residuals`` (error feedback, client id -> tensors) and the server
+        optimizer's state ``server_opt`` are stored too, and so is :attr:`config`
+        (what ``--resume`` compares ``config.toml`` with).
         """
         buf = io.BytesIO()
         arrays = {f"{_STATE_PREFIX}{k}": np.asarray(v) for k, v in global_state.items()}
         for client, tensors in (residuals or {}).items():
             for k, v in tensors.items():
                 arrays[f"{_RESIDUAL_PREFIX}{int(client)}/{k}"] = np.asarray(v)
+        for k, v in (server_opt or {}).items():
+            arrays[f"{_SERVER_OPT_PREFIX}{k}"] = np.asarray(v)
         lines = self._row_lines(metrics)
         # = json.dumps({"round": round_, "metrics": metrics, ...}) from the rows' own JSON
         config = "" if self.config is None else f', "config": {json.dumps(self.config.to_dict())}'
@@ -356,6 +370,11 @@ class ResultsDir:
                     if k.startswith(_RESIDUAL_PREFIX):
                         client, _, name = k[len(_RESIDUAL_PREFIX) :].partition("/")
                         residuals.setdefault(int(client), {})[name] = z[k]
+                server_opt = {
+                    k[len(_SERVER_OPT_PREFIX) :]: z[k]
+                    for k in z.files
+                    if k.startswith(_SERVER_OPT_PREFIX)
+                }
             round_, metrics = meta["round"], meta["metrics"]
             config = meta.get("config")
             if not isinstance(round_, int) or round_ < 0 or not isinstance(metrics, list):
@@ -370,7 +389,7 @@ class ResultsDir:
                 f"checkpoint {str(p)!r} is unreadable ({why}); delete it to restart the run "
                 "from round 0"
             ) from e
-        return Checkpoint(round_, state, metrics, residuals, config)
+        return Checkpoint(round_, state, metrics, residuals, server_opt, config)
 
     def check_checkpoint(
         self, ck: Checkpoint, template: Mapping[str, np.ndarray] | None = None
@@ -448,23 +467,28 @@ class ResultsDir:
         with self._writing(self.path / "summary.json"):
             write_json(self.path / "summary.json", summary)
 
-    def write_plots(self, metrics: list[dict[str, Any]], title: str) -> list[Path]:
+    def write_plots(
+        self, metrics: list[dict[str, Any]], title: str, metric: str = "accuracy"
+    ) -> list[Path]:
+        """``<metric>_vs_round.png`` and ``<metric>_vs_uplink.png`` (accuracy in percent)."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        rows = [m for m in metrics if m.get("test_accuracy") is not None]
+        key = f"test_{metric}"
+        rows = [m for m in metrics if m.get(key) is not None]
         if not rows:
             return []
         rounds = [m["round"] for m in rows]
-        acc = [100 * m["test_accuracy"] for m in rows]
+        scale = 100 if metric == "accuracy" else 1
+        acc = [scale * m[key] for m in rows]
         mb = [m["cum_uplink_bytes"] / 1e6 for m in rows]
         paths = []
         for name, xs, xlabel in (
-            ("accuracy_vs_round.png", rounds, "round"),
+            (f"{metric}_vs_round.png", rounds, "round"),
             (
-                "accuracy_vs_uplink.png",
+                f"{metric}_vs_uplink.png",
                 mb,
                 "cumulative uplink traffic (MB, measured payload bytes)",
             ),
@@ -472,7 +496,7 @@ class ResultsDir:
             fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
             ax.plot(xs, acc, marker="o", ms=3)
             ax.set_xlabel(xlabel)
-            ax.set_ylabel("test accuracy (%)")
+            ax.set_ylabel("test accuracy (%)" if metric == "accuracy" else f"test {metric}")
             ax.set_title(title, fontsize=9)
             ax.grid(alpha=0.3)
             fig.tight_layout()
