@@ -265,20 +265,30 @@ def _quantize_rows(
     key: np.uint64,
     *,
     wide: bool = False,
+    out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, float]:
+    """Packed codes of the C-contiguous 2-D ``rows`` (one scale per row) and the sum of
+    squared errors; the codes are written into ``out`` (uint8, exactly the packed size)
+    when given."""
     inv, step = _coefficients(scales, bits)
     if wide:
         inv, step = inv.astype(np.float64), step.astype(np.float64)
-    stochastic = rnd is Rounding.STOCHASTIC
-    packed = np.empty(packed_size(rows.size, bits), dtype=np.uint8)
-    if rows.shape[0] == 1:
-        flat = rows.reshape(-1)
-        err = kernels.quantize_pack_flat(flat, inv[0], step[0], bits, stochastic, key, packed)
-        return packed, float(err)
-    codes = np.empty(rows.size, dtype=np.uint8)
-    errs = kernels.quantize_rows(rows, inv, step, bits, stochastic, key, codes)
-    kernels.pack(codes, bits, packed)
-    return packed, float(errs.sum())
+    step64 = 2.0 * scales.astype(np.float64).reshape(-1) / num_steps(bits)
+    packed = np.empty(packed_size(rows.size, bits), dtype=np.uint8) if out is None else out
+    if rows.size == 0:
+        return packed, 0.0
+    err = kernels.quantize_pack(
+        rows.reshape(-1),
+        rows.shape[1],
+        inv,
+        step,
+        step64,
+        bits,
+        rnd is Rounding.STOCHASTIC,
+        key,
+        packed,
+    )
+    return packed, float(err)
 
 
 def level_table(scales: np.ndarray, bits: int) -> np.ndarray:
