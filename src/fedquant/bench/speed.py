@@ -227,14 +227,17 @@ def fedquant_speed(
                     payload = encode({"w": x2}, spec, seed=key)
                     q = quantize(x, b, scale=s, rounding=rnd, seed=key)
                     inv, step = _coefficients(np.array([s], np.float32), b)
+                    step64 = np.array([2.0 * float(np.float32(s)) / ((1 << b) - 1)])
                     out = np.empty(packed_size(n, b), np.uint8)
                     values = np.empty(n, np.float32)
                     ops: dict[str, Callable[[], Any]] = {
                         "kernel(scale=s)": partial(
-                            kernels.quantize_pack_flat,
+                            kernels.quantize_pack,
                             x,
-                            inv[0],
-                            step[0],
+                            n,
+                            inv,
+                            step,
+                            step64,
                             b,
                             rnd == "stochastic",
                             np.uint64(key),
@@ -260,7 +263,31 @@ def fedquant_speed(
                     for name, op in ops.items():
                         m = measure(op, {"memcpy": memcpy}, reps=reps)
                         rows.append(_row(name, "fedquant", b, rnd, nth, n, m))
+            # a 1-D tensor travels as raw float32: one copy and a checksum
+            raw = encode({"b": x})
+            for name, op in (
+                ("encode(raw float32)", partial(encode, {"b": x})),
+                ("decode(raw float32)", partial(decode, raw)),
+            ):
+                m = measure(op, {"memcpy": memcpy}, reps=reps)
+                rows.append(_row(name, "fedquant", 32, "", nth, n, m))
+            # the peer: PyTorch's fused qint8 kernel (nearest, given scale, no clipping search)
+            m = measure(partial(torch_qint8_kernel, tx), {"memcpy": memcpy}, reps=reps)
+            rows.append(_row("quantize_per_tensor", "torch-qint8", 8, "nearest", nth, n, m))
     return rows
+
+
+def torch_qint8_kernel(tx: Any) -> Any:
+    """``torch.quantize_per_tensor(x, scale, 0, qint8)`` with a fixed scale: PyTorch's
+    fused 8-bit nearest quantizer alone (no threshold search), the bar for a plain
+    8-bit pass."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():  # deprecated in torch 2.13, still the fused CPU path
+        warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*", category=UserWarning)
+        return torch.quantize_per_tensor(tx, 4.0 / 127.0, 0, torch.qint8)
 
 
 def naive_torch_stochastic(x: Any, s: float, bits: int) -> Any:

@@ -338,6 +338,49 @@ def _pack_into(buf, m, bits, out, ob):  # pragma: no cover - compiled
                     out[ob + g * bits + b] = np.uint8((word >> np.uint64(8 * b)) & np.uint64(0xFF))
 
 
+@njit(inline="always")
+def _round_nearest(xs, codes, inv, step, half, steps_f):  # pragma: no cover - compiled
+    """Nearest-rounding codes of ``xs`` into ``codes``; returns the sum of squared errors."""
+    acc = half * 0
+    for j in range(xs.size):
+        v = xs[j]
+        t = v * inv + half
+        t = min(max(t, 0.0), steps_f)  # clipping to [-s, s], in grid units
+        k = np.floor(t + 0.5)
+        codes[j] = np.uint8(k)
+        d = v - (k - half) * step
+        acc += d * d
+    return acc
+
+
+@njit(inline="always")
+def _round_stochastic(
+    xs, codes, us, inv, step, step64, half, half64, steps_f
+):  # pragma: no cover - compiled
+    """Stochastic-rounding codes of ``xs`` with the uniforms ``us``; returns the squared error.
+
+    Rounds up with probability ``frac(t)``: ``E[code] = t`` to within ``2**-17`` of a
+    step. A value equal to a level as the decoder computes it
+    (``float32((k - L/2) * step64)``) keeps code ``k``: its grid position, computed
+    in float32 from a float32-rounded level, may miss ``k`` by a few ulps, and
+    would otherwise move one step with that small probability.
+    """
+    acc = half * 0
+    for j in range(xs.size):
+        v = xs[j]
+        t = v * inv + half
+        t = min(max(t, 0.0), steps_f)
+        f = np.floor(t)
+        k = min(f + (us[j] < (t - f)), steps_f)
+        kn = np.floor(t + 0.5)
+        if v == np.float32((kn - half64) * step64):  # on the grid: stays
+            k = kn
+        codes[j] = np.uint8(k)
+        d = v - (k - half) * step
+        acc += d * d
+    return acc
+
+
 def _quantize_pack_impl(
     x, row_len, inv, step, step64, bits, stochastic, key, out
 ):  # pragma: no cover - compiled
@@ -351,12 +394,8 @@ def _quantize_pack_impl(
     Codes of one chunk of :data:`CHUNK` elements go through a small local
     buffer, so the unpacked codes never touch main memory. With stochastic
     rounding the chunk's uniforms are drawn first into a local buffer
-    (L2-resident), then consumed by the rounding loop: two simple loops that
-    LLVM vectorizes. A value equal to a level as the decoder computes it
-    (``float32((k - L/2) * step64)``) keeps code ``k`` under both roundings: its
-    grid position, computed in float32 from a float32-rounded level, may miss
-    ``k`` by a few ulps, and stochastic rounding would otherwise move it one
-    step with that tiny probability.
+    (L2-resident), then consumed by the rounding loop: simple loops over
+    contiguous slices, one per row segment, that LLVM vectorizes.
     """
     n = x.size
     steps_f = inv[0] * 0 + ((1 << bits) - 1)
@@ -377,33 +416,20 @@ def _quantize_pack_impl(
         while a < hi:  # segments of one row each
             r = a // row_len
             b = min(hi, (r + 1) * row_len)
-            ir = inv[r]
-            sr = step[r]
-            s64 = step64[r]
-            seg = half * 0
             if stochastic:
-                for i in range(a, b):
-                    v = x[i]
-                    t = v * ir + half
-                    t = min(max(t, 0.0), steps_f)  # clipping to [-s, s], in grid units
-                    f = np.floor(t)
-                    k = min(f + (u[i - lo] < (t - f)), steps_f)  # up with probability frac(t)
-                    kn = np.floor(t + 0.5)
-                    if v == np.float32((kn - half64) * s64):  # on the grid: stays
-                        k = kn
-                    buf[i - lo] = np.uint8(k)
-                    d = v - (k - half) * sr
-                    seg += d * d
+                acc += _round_stochastic(
+                    x[a:b],
+                    buf[a - lo : b - lo],
+                    u[a - lo : b - lo],
+                    inv[r],
+                    step[r],
+                    step64[r],
+                    half,
+                    half64,
+                    steps_f,
+                )
             else:
-                for i in range(a, b):
-                    v = x[i]
-                    t = v * ir + half
-                    t = min(max(t, 0.0), steps_f)
-                    k = np.floor(t + 0.5)
-                    buf[i - lo] = np.uint8(k)
-                    d = v - (k - half) * sr
-                    seg += d * d
-            acc += seg
+                acc += _round_nearest(x[a:b], buf[a - lo : b - lo], inv[r], step[r], half, steps_f)
             a = b
         part[c] = acc
         _pack_into(buf, m, bits, out, (lo // 8) * bits)
@@ -474,6 +500,29 @@ def _unpack_dequantize_impl(packed, bits, n, lut, row_len, out):  # pragma: no c
                         out[i] = lut[i // row_len, code]
 
 
+# --------------------------------------------------------------------------- raw copy
+
+
+def _copy_finite_impl(src, dst):  # pragma: no cover - compiled
+    """Copy the float32 bit patterns ``src`` (uint32) into ``dst`` (uint32, may be
+    unaligned) and count the non-finite values (exponent bits all ones) on the way:
+    the raw-float record's copy and finiteness check in one pass."""
+    n = src.size
+    nch = (n + CHUNK - 1) // CHUNK
+    bad = np.zeros(nch, dtype=np.int64)
+    expo = np.uint32(0x7F800000)
+    for c in prange(nch):
+        lo = c * CHUNK
+        hi = min(n, lo + CHUNK)
+        b = 0
+        for i in range(lo, hi):
+            w = src[i]
+            b += np.int64((w & expo) == expo)
+            dst[i] = w
+        bad[c] = b
+    return bad.sum()
+
+
 # --------------------------------------------------------------------------- aggregation
 
 
@@ -527,5 +576,6 @@ abs_stats = _dispatcher(_abs_stats_impl, 0)
 abs_histogram = _dispatcher(_abs_histogram_impl, 0)
 quantize_pack = _dispatcher(_quantize_pack_impl, 0, fastmath=True)
 pack = _dispatcher(_pack_impl, 0)
+copy_finite = _dispatcher(_copy_finite_impl, 0)
 unpack = _dispatcher(_unpack_impl, 2)
 unpack_dequantize = _dispatcher(_unpack_dequantize_impl, 2)
