@@ -13,6 +13,7 @@ from fedquant.quant.packing import pack, unpack
 from fedquant.quant.quantizer import (
     Granularity,
     QuantizedTensor,
+    byte_table,
     dequantize,
     level_table,
     quantize,
@@ -246,3 +247,19 @@ def test_bad_input() -> None:
         quantize(x, 4, scale=[1.0, 2.0])
     with pytest.raises(InvalidInputError, match="scale must be finite"):
         quantize(x, 4, scale=float("nan"))
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("n", [1, 7, 9, 300_005])  # partial last bytes; the parallel kernel
+def test_whole_byte_dequantize_equals_the_generic_kernel(bits: int, n: int) -> None:
+    x = np.random.default_rng(n).standard_normal(n).astype(np.float32)
+    q = quantize(x, bits, scale=1.7)
+    lut = level_table(q.scales, bits)
+    generic = np.empty(n, np.float32)
+    kernels.unpack_dequantize(q.packed, bits, n, lut, n, generic)
+    fast = dequantize(q)
+    assert np.array_equal(fast, generic)
+    assert np.array_equal(fast, lut[0][q.codes])
+    serial = np.empty(n, np.float32)
+    kernels.dequantize_bytes.serial(q.packed, n, byte_table(lut[0], bits), serial)
+    assert np.array_equal(serial, fast)

@@ -407,7 +407,8 @@ def _quantize_pack_impl(
         lo = c * CHUNK
         hi = min(n, lo + CHUNK)
         m = hi - lo
-        buf = np.empty(m, np.uint8)
+        # 8-bit codes are their own packing: written in place
+        buf = out[lo:hi] if bits == 8 else np.empty(m, np.uint8)
         u = np.empty(m + 3 if stochastic else 0, np.float32)
         if stochastic:
             _uniforms_into(key, lo, m, u)
@@ -432,7 +433,8 @@ def _quantize_pack_impl(
                 acc += _round_nearest(x[a:b], buf[a - lo : b - lo], inv[r], step[r], half, steps_f)
             a = b
         part[c] = acc
-        _pack_into(buf, m, bits, out, (lo // 8) * bits)
+        if bits != 8:
+            _pack_into(buf, m, bits, out, (lo // 8) * bits)
     total = 0.0
     for c in range(nch):
         total += part[c]
@@ -498,6 +500,39 @@ def _unpack_dequantize_impl(packed, bits, n, lut, row_len, out):  # pragma: no c
                         out[i] = lut[0, code]
                     else:
                         out[i] = lut[i // row_len, code]
+
+
+def _dequantize_bytes_impl(packed, n, lutx, out):  # pragma: no cover - compiled
+    """Per-tensor unpack + lookup for widths that divide 8, a whole byte at a time:
+    ``lutx[b]`` holds the ``8 // bits`` values that byte ``b`` decodes to (from
+    :func:`fedquant.quant.quantizer.byte_table`), so a byte costs one table row."""
+    per = lutx.shape[1]
+    nch = (n + CHUNK - 1) // CHUNK
+    for c in prange(nch):
+        lo = c * CHUNK
+        hi = min(n, lo + CHUNK)
+        b0 = lo // per
+        b1 = hi // per  # whole bytes of this chunk (CHUNK is a multiple of 8)
+        if per == 1:
+            for j in range(b0, b1):
+                out[j] = lutx[packed[j], 0]
+        elif per == 2:
+            for j in range(b0, b1):
+                row = lutx[packed[j]]
+                out[2 * j] = row[0]
+                out[2 * j + 1] = row[1]
+        elif per == 4:
+            for j in range(b0, b1):
+                row = lutx[packed[j]]
+                for t in range(4):
+                    out[4 * j + t] = row[t]
+        else:
+            for j in range(b0, b1):
+                row = lutx[packed[j]]
+                for t in range(8):
+                    out[8 * j + t] = row[t]
+        for i in range(b1 * per, hi):  # the codes of a last, partial byte
+            out[i] = lutx[packed[b1], i - b1 * per]
 
 
 # --------------------------------------------------------------------------- raw copy
@@ -579,3 +614,4 @@ pack = _dispatcher(_pack_impl, 0)
 copy_finite = _dispatcher(_copy_finite_impl, 0)
 unpack = _dispatcher(_unpack_impl, 2)
 unpack_dequantize = _dispatcher(_unpack_dequantize_impl, 2)
+dequantize_bytes = _dispatcher(_dequantize_bytes_impl, 1)

@@ -307,9 +307,21 @@ def dequantize_packed(
     out = np.empty(n, dtype=np.float32)
     if n:
         lut = level_table(scales, bits)
-        row_len = max(1, n // lut.shape[0])
-        kernels.unpack_dequantize(packed, bits, n, lut, row_len, out)
+        if lut.shape[0] == 1 and 8 % bits == 0:
+            kernels.dequantize_bytes(packed, n, byte_table(lut[0], bits), out)
+        else:
+            row_len = max(1, n // lut.shape[0])
+            kernels.unpack_dequantize(packed, bits, n, lut, row_len, out)
     return out.reshape(shape)
+
+
+def byte_table(levels: np.ndarray, bits: int) -> np.ndarray:
+    """``(256, 8 // bits)`` float32: the levels of the codes packed in each byte value
+    (``bits`` divides 8; code ``t`` of a byte sits in bits ``[t*bits, (t+1)*bits)``)."""
+    per = 8 // bits
+    b = np.arange(256, dtype=np.int64)[:, None]
+    codes = (b >> (np.arange(per) * bits)) & ((1 << bits) - 1)
+    return np.ascontiguousarray(levels[codes], dtype=np.float32)
 
 
 def dequantize(q: QuantizedTensor) -> np.ndarray:
