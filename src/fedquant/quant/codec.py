@@ -78,7 +78,7 @@ import crc32c
 import numpy as np
 
 from fedquant.errors import DecodeError, InvalidInputError, NonFiniteError
-from fedquant.quant import allocation, entropy, kernels, rotation
+from fedquant.quant import allocation, device, entropy, kernels, rotation
 from fedquant.quant.clipping import _threshold_flat
 from fedquant.quant.entropy import EntropyCoding
 from fedquant.quant.grid import FLOAT_BITS, Rounding, num_steps
@@ -300,10 +300,31 @@ def _float32_size(info: TensorInfo) -> int:
 # --------------------------------------------------------------------------- encode
 
 
+class _OnDevice:
+    """A floating torch tensor left on its device (a GPU) until its record is made:
+    quantized there when the plan allows (:mod:`fedquant.quant.device`), else copied
+    to the host. Looks like a float32 array where the encoder inspects it."""
+
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, t: Any) -> None:
+        self.tensor = t.detach()
+        self.shape = tuple(int(d) for d in t.shape)
+        self.ndim = len(self.shape)
+
+    def host(self) -> np.ndarray:
+        return np.asarray(self.tensor.to("cpu").float().numpy())
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        return self.host() if dtype is None else self.host().astype(dtype)
+
+
 def _as_numpy(name: str, t: Any) -> tuple[np.ndarray, str]:
     """(array, wire dtype name) of a numpy array or torch tensor, without importing torch."""
     if hasattr(t, "detach") and hasattr(t, "numpy"):
         dtype = str(t.dtype).removeprefix("torch.")
+        if t.is_floating_point() and device.is_device_tensor(t) and dtype in _DTYPE_CODE:
+            return _OnDevice(t), dtype  # type: ignore[return-value]
         if t.is_floating_point():
             return t.detach().to("cpu").float().numpy(), dtype
         return t.detach().to("cpu").numpy(), dtype
@@ -497,6 +518,10 @@ def _encode_tensor(
     key: np.uint64,
     shared_key: int | None = None,
 ) -> _Record:
+    if isinstance(arr, _OnDevice):
+        if device_plan(plan):
+            return _encode_on_device(name, arr, dtype, plan, key)
+        arr = arr.host()
     if arr.dtype.kind == "f" and not plan.quantized:
         return _encode_raw_float(name, arr, dtype)
     shape = tuple(int(d) for d in arr.shape)
@@ -579,6 +604,40 @@ def _encode_tensor(
         name, shape, dtype, bits, gran, scales, 0.0, 0, transform, coding, block, ncodes
     )
     return _Record(head, data_len, write, info)
+
+
+def device_plan(plan: TensorPlan) -> bool:
+    """Whether a tensor on a GPU is quantized there under ``plan`` (else it is copied to
+    the host first): quantized, OCTAV threshold, no rotation, no entropy coding."""
+    return (
+        plan.quantized
+        and not plan.rotation
+        and plan.entropy is EntropyCoding.NONE
+        and plan.method in device.DEVICE_METHODS
+    )
+
+
+def _encode_on_device(
+    name: str, arr: _OnDevice, dtype: str, plan: TensorPlan, key: np.uint64
+) -> _Record:
+    """The record of a tensor quantized on its device: only codes and scales cross."""
+    t = arr.tensor.float()
+    if plan.granularity is Granularity.CHANNEL and t.ndim >= 2 and t.shape[0] > 0:
+        rows, gran = t.reshape(t.shape[0], -1), Granularity.CHANNEL
+    else:
+        rows, gran = t.reshape(1, -1), Granularity.TENSOR
+    rows = rows.contiguous()
+    where = f"encode: tensor {name!r}"
+    scales = device.octav_thresholds(rows, plan.bits, plan.rounding, plan.method, where)
+    q = device.quantize_on_device(rows, scales, plan.bits, plan.rounding, int(key))
+    head = _record_head(
+        name, _DTYPE_CODE[dtype], KIND_QUANT, plan.bits, _GRAN[gran], 0, 0, arr.shape
+    )
+    head += _U32.pack(scales.size) + np.ascontiguousarray(scales, dtype="<f4").tobytes()
+    info = TensorInfo(
+        name, arr.shape, dtype, plan.bits, gran, scales, 0.0, 0, codes=int(rows.numel())
+    )
+    return _Record(head, q.packed.size, _writer(q.packed, q.mse), info)
 
 
 def _encode_raw_float(name: str, arr: np.ndarray, dtype: str) -> _Record:

@@ -307,7 +307,8 @@ def dequantize_packed(
     out = np.empty(n, dtype=np.float32)
     if n:
         lut = level_table(scales, bits)
-        if lut.shape[0] == 1 and 8 % bits == 0:
+        # the byte table (256 rows) pays off once there are at least as many bytes
+        if lut.shape[0] == 1 and 8 % bits == 0 and packed.size >= 256:
             kernels.dequantize_bytes(packed, n, byte_table(lut[0], bits), out)
         else:
             row_len = max(1, n // lut.shape[0])
@@ -319,8 +320,8 @@ def byte_table(levels: np.ndarray, bits: int) -> np.ndarray:
     """``(256, 8 // bits)`` float32: the levels of the codes packed in each byte value
     (``bits`` divides 8; code ``t`` of a byte sits in bits ``[t*bits, (t+1)*bits)``)."""
     per = 8 // bits
-    b = np.arange(256, dtype=np.int64)[:, None]
-    codes = (b >> (np.arange(per) * bits)) & ((1 << bits) - 1)
+    b = np.arange(256, dtype=np.uint8)[:, None]
+    codes = (b >> (np.arange(per, dtype=np.uint8) * bits)) & ((1 << bits) - 1)
     return np.ascontiguousarray(levels[codes], dtype=np.float32)
 
 
