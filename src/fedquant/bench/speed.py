@@ -68,6 +68,15 @@ from fedquant.quant.quantizer import _coefficients, dequantize, level_table, qua
 from fedquant.quant.spec import QuantSpec
 
 Row = dict[str, Any]
+#: the op name of the PyTorch qint8 row of :func:`fedquant_speed`
+TORCH_QINT8_OP = "torch quantize_per_tensor (qint8)"
+#: the speed goals: (what, op, bits, rounding, ratio at 1 thread, ratio at 2+ threads);
+#: bits/rounding None = every width/rounding measured; a ratio None = no goal there
+SPEED_GOALS: tuple[tuple[str, str, int | None, str | None, float | None, float | None], ...] = (
+    ("full encode", "encode", None, None, 0.25, 0.4),
+    ("decode", "decode", None, None, 0.4, 0.4),
+    ("raw-float encode", "encode(raw float32)", 32, "", 0.5, 0.5),
+)
 #: bit widths of the speed table (issue 2)
 SPEED_BITS: tuple[int, ...] = (2, 4, 8)
 #: peers of the speed table and the bit widths they are timed at
@@ -273,7 +282,7 @@ def fedquant_speed(
                 rows.append(_row(name, "fedquant", 32, "", nth, n, m))
             # the peer: PyTorch's fused qint8 kernel (nearest, given scale, no clipping search)
             m = measure(partial(torch_qint8_kernel, tx), {"memcpy": memcpy}, reps=reps)
-            rows.append(_row("quantize_per_tensor", "torch-qint8", 8, "nearest", nth, n, m))
+            rows.append(_row(TORCH_QINT8_OP, "torch-qint8", 8, "nearest", nth, n, m))
     return rows
 
 
