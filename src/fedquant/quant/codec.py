@@ -69,6 +69,7 @@ import functools
 import json
 import math
 import struct
+import sys
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -184,6 +185,23 @@ def _bytes_api() -> tuple[Any, Any] | None:
 
 
 _BYTES_API = _bytes_api()
+#: payloads from this size on ask the kernel for huge pages, as NumPy does for its
+#: large arrays: a fresh buffer then costs a few hundred page faults, not thousands
+_HUGE_MIN = 1 << 22
+_MADV_HUGEPAGE = 14  # Linux
+
+
+def _madvise() -> Any:
+    """libc's ``madvise``, where there is one (Linux); else ``None``."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (AttributeError, OSError):
+        return None
+    fn.restype, fn.argtypes = ctypes.c_int, (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return fn
+
+
+_MADVISE = _madvise() if sys.platform.startswith("linux") else None
 
 
 def _new_payload(n: int) -> tuple[bytes | bytearray, np.ndarray]:
@@ -199,7 +217,12 @@ def _new_payload(n: int) -> tuple[bytes | bytearray, np.ndarray]:
     if _BYTES_API is not None and n > 1:  # 0- and 1-byte objects are shared singletons
         new, addr = _BYTES_API
         obj = new(None, n)
-        storage = (ctypes.c_char * n).from_address(addr(obj))
+        start = addr(obj)
+        if _MADVISE is not None and n >= _HUGE_MIN:  # advice only: failure changes nothing
+            page = 4096
+            lo = -(-start // page) * page
+            _MADVISE(lo, (start + n - lo) // page * page, _MADV_HUGEPAGE)
+        storage = (ctypes.c_char * n).from_address(start)
         view = np.frombuffer(storage, dtype=np.uint8)  # type: ignore[call-overload]
         return obj, view
     arr = bytearray(n)
@@ -640,6 +663,14 @@ def _encode_on_device(
     return _Record(head, q.packed.size, _writer(q.packed, q.mse), info)
 
 
+def _copy_checked(flat: np.ndarray, out: np.ndarray) -> int:
+    """Copy float32 ``flat`` into the bytes ``out`` (any alignment); returns the number
+    of NaN/Inf values (counted on the bit patterns, a read-only pass)."""
+    bad = int(kernels.count_nonfinite(flat.view(np.uint32))) if flat.size else 0
+    out[:] = flat.view(np.uint8)
+    return bad
+
+
 def _encode_raw_float(name: str, arr: np.ndarray, dtype: str) -> _Record:
     """The record of a floating tensor that travels raw as float32 (biases, BatchNorm):
     copied into the payload and checked for NaN/Inf in one pass."""
@@ -647,7 +678,7 @@ def _encode_raw_float(name: str, arr: np.ndarray, dtype: str) -> _Record:
     shape = tuple(int(d) for d in arr.shape)
 
     def write(out: np.ndarray) -> float:
-        bad = kernels.copy_finite(flat.view(np.uint32), out.view(np.uint32))
+        bad = _copy_checked(flat, out)
         if bad:
             raise NonFiniteError(
                 f"encode: tensor {name!r}: input holds {bad} NaN/Inf value(s); "
@@ -1042,7 +1073,7 @@ def _decode_record(
         if spare and data[-1] >> (8 - spare):
             raise DecodeError(f"decode: {where}: padding bits of the last byte are not zero")
     elif kind == KIND_FLOAT:
-        if not np.isfinite(np.frombuffer(data, dtype="<f4")).all():
+        if kernels.count_nonfinite(np.frombuffer(data, dtype="<u4")):
             raise DecodeError(f"decode: {where}: float32 data holds NaN/Inf")
     elif dtype == "bool" and (np.frombuffer(data, dtype=np.uint8) > 1).any():
         raise DecodeError(f"decode: {where}: bool data holds values other than 0/1")

@@ -535,26 +535,26 @@ def _dequantize_bytes_impl(packed, n, lutx, out):  # pragma: no cover - compiled
             out[i] = lutx[packed[b1], i - b1 * per]
 
 
-# --------------------------------------------------------------------------- raw copy
+# --------------------------------------------------------------------------- raw floats
 
 
-def _copy_finite_impl(src, dst):  # pragma: no cover - compiled
-    """Copy the float32 bit patterns ``src`` (uint32) into ``dst`` (uint32, may be
-    unaligned) and count the non-finite values (exponent bits all ones) on the way:
-    the raw-float record's copy and finiteness check in one pass."""
-    n = src.size
+@njit(inline="always")
+def _nonfinite(bits):  # pragma: no cover - compiled
+    expo = np.uint32(0x7F800000)
+    b = 0
+    for i in range(bits.size):
+        if (bits[i] & expo) == expo:
+            b += 1
+    return b
+
+
+def _count_nonfinite_impl(bits):  # pragma: no cover - compiled
+    """Number of float32 bit patterns ``bits`` (uint32) that are NaN/Inf."""
+    n = bits.size
     nch = (n + CHUNK - 1) // CHUNK
     bad = np.zeros(nch, dtype=np.int64)
-    expo = np.uint32(0x7F800000)
     for c in prange(nch):
-        lo = c * CHUNK
-        hi = min(n, lo + CHUNK)
-        b = 0
-        for i in range(lo, hi):
-            w = src[i]
-            b += np.int64((w & expo) == expo)
-            dst[i] = w
-        bad[c] = b
+        bad[c] = _nonfinite(bits[c * CHUNK : min(n, (c + 1) * CHUNK)])
     return bad.sum()
 
 
@@ -611,7 +611,7 @@ abs_stats = _dispatcher(_abs_stats_impl, 0)
 abs_histogram = _dispatcher(_abs_histogram_impl, 0)
 quantize_pack = _dispatcher(_quantize_pack_impl, 0, fastmath=True)
 pack = _dispatcher(_pack_impl, 0)
-copy_finite = _dispatcher(_copy_finite_impl, 0)
+count_nonfinite = _dispatcher(_count_nonfinite_impl, 0)
 unpack = _dispatcher(_unpack_impl, 2)
 unpack_dequantize = _dispatcher(_unpack_dequantize_impl, 2)
 dequantize_bytes = _dispatcher(_dequantize_bytes_impl, 1)
