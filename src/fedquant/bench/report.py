@@ -320,6 +320,13 @@ def _speed_md(sec: Mapping[str, Any]) -> list[str]:
             )
         )
         out.append("")
+    if not sec.get("device"):
+        out += [
+            "No GPU rows: none was timed in this run (`--device cuda` adds the torch "
+            "quantizer and fedquant's device path, `fedquant.quant.device`, against "
+            "`Tensor.copy_` on the GPU).",
+            "",
+        ]
     if sec.get("device"):
         dev = sec["device"]
         out.append(

@@ -43,7 +43,8 @@ What is timed (fedquant, CPU, numba kernels)
 
 Peers are timed the same way (encode and decode, :mod:`fedquant.bench.peers`).
 With ``device="cuda"`` (or any torch device) :func:`torch_speed` times a torch
-implementation of the same quantizer -- fedquant's kernels are CPU code -- against
+implementation of the same quantizer and fedquant's ``encode`` of a tensor on that
+device (on a GPU, :mod:`fedquant.quant.device` quantizes it there) against
 ``Tensor.copy_`` on that device.
 """
 
@@ -450,6 +451,16 @@ def torch_speed(
                 sync=sync,
             )
             rows.append(_row("dequantize", "torch", b, rnd, 0, n, m, device=name))
+            # fedquant's own encode of a tensor on the device: on a GPU it takes the
+            # device path (fedquant.quant.device), only codes and scales cross
+            spec = QuantSpec(default_bits=b, rounding=Rounding(rnd))
+            m = measure(
+                partial(encode, {"w": x.reshape(1, -1)}, spec, seed=1234),
+                {"memcpy": memcpy},
+                reps=reps,
+                sync=sync,
+            )
+            rows.append(_row("encode", "fedquant", b, rnd, 0, n, m, device=name))
     return rows
 
 
