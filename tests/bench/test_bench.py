@@ -477,6 +477,8 @@ def test_speed_goals_table_says_met_or_the_ratio() -> None:
     def row(op: str, bits: int, rnd: str, threads: int, ratio: float) -> dict[str, object]:
         return {"op": op, "bits": bits, "rounding": rnd, "threads": threads, "ratio_memcpy": ratio}
 
+    cpu = {"op": "decode", "bits": 4, "rounding": "nearest", "threads": 1, "ratio_memcpy": 0.3}
+
     fq = [
         row("encode", 8, "nearest", 1, 0.3),
         row("encode", 8, "nearest", 2, 0.35),
@@ -484,12 +486,14 @@ def test_speed_goals_table_says_met_or_the_ratio() -> None:
         row("encode(raw float32)", 32, "", 1, 0.2),
         row(speed.TORCH_QINT8_OP, 8, "nearest", 1, 0.6),
         row(speed.TORCH_QINT8_OP, 8, "nearest", 2, 0.3),
+        {**cpu, "cpu_ratio_memcpy": 0.45},
     ]
     text = "\n".join(report._speed_goals_md(fq))
     assert "| full encode, 8 bits nearest | >= 0.25 / >= 0.4 | 0.3 met | 0.35 not met |" in text
     assert "| decode, 8 bits nearest | >= 0.4 / >= 0.4 | 0.41 met | - |" in text
     assert "| raw-float encode, 32 bits | >= 0.5 / >= 0.5 | 0.2 not met | - |" in text
     assert "0.5x qint8 not met" in text and "1.17x qint8 met" in text
+    assert "| decode, 4 bits nearest | >= 0.4 / >= 0.4 | 0.3 not met (cpu 0.45) | - |" in text
 
 
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
