@@ -63,6 +63,7 @@ from fedquant.bench import peers
 from fedquant.quant import kernels
 from fedquant.quant.clipping import threshold
 from fedquant.quant.codec import decode, encode
+from fedquant.quant.device import pack_torch
 from fedquant.quant.grid import Rounding, noise_coefficient
 from fedquant.quant.packing import packed_size
 from fedquant.quant.quantizer import _coefficients, dequantize, level_table, quantize
@@ -367,16 +368,7 @@ def torch_quantize_pack(x: Any, s: float, bits: int, stochastic: bool, generator
         t.clamp_(max=float(steps))
     else:
         t.add_(0.5).floor_()
-    codes = t.to(torch.uint8)
-    per = 8 // bits
-    pad = (-codes.numel()) % per
-    if pad:
-        codes = torch.cat((codes, codes.new_zeros(pad)))
-    c = codes.view(-1, per)
-    out = c[:, 0].clone()
-    for j in range(1, per):
-        out |= c[:, j] << (bits * j)
-    return out
+    return pack_torch(t.to(torch.uint8).reshape(-1), bits)
 
 
 def torch_dequantize(packed: Any, s: float, bits: int, n: int) -> Any:

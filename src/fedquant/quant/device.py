@@ -214,15 +214,23 @@ def quantize_on_device(
     sq = float(((rows.to(torch.float64) - levels.to(torch.float64)) ** 2).sum()) if n else 0.0
     codes = k.to(torch.uint8).reshape(-1)
     if 8 % bits == 0 and n:
-        per = 8 // bits
-        pad = (-n) % per
-        if pad:
-            codes = torch.cat((codes, codes.new_zeros(pad)))
-        c = codes.reshape(-1, per)
-        packed_t = c[:, 0].clone()
-        for j in range(1, per):
-            packed_t |= c[:, j] << (bits * j)
-        packed = packed_t.cpu().numpy()
+        packed = pack_torch(codes, bits).cpu().numpy()
     else:  # widths that do not divide 8: the codes cross, packed on the host
         packed = pack(codes.cpu().numpy(), bits)
     return DeviceQuantized(packed, scales, sq / n if n else 0.0)
+
+
+def pack_torch(codes: Any, bits: int) -> Any:
+    """Pack a flat uint8 tensor of codes where it lives, for ``bits`` that divide 8: the
+    layout of :mod:`fedquant.quant.packing` (LSB first, the last byte zero-padded)."""
+    import torch
+
+    per = 8 // bits
+    pad = (-codes.numel()) % per
+    if pad:
+        codes = torch.cat((codes, codes.new_zeros(pad)))
+    c = codes.reshape(-1, per)
+    out = c[:, 0].clone()
+    for j in range(1, per):
+        out |= c[:, j] << (bits * j)
+    return out
