@@ -15,6 +15,7 @@ from fedquant.quant.quantizer import (
     QuantizedTensor,
     byte_table,
     dequantize,
+    dequantize_packed,
     level_table,
     quantize,
 )
@@ -263,3 +264,12 @@ def test_whole_byte_dequantize_equals_the_generic_kernel(bits: int, n: int) -> N
     serial = np.empty(n, np.float32)
     kernels.dequantize_bytes.serial(q.packed, n, byte_table(lut[0], bits), serial)
     assert np.array_equal(serial, fast)
+
+
+@pytest.mark.parametrize("scale", [1e-38, 1e-3, 0.7, 3.0, 1e30, 3.4e38])
+def test_8_bit_arithmetic_dequantize_equals_the_level_table(scale: float) -> None:
+    codes = np.tile(np.arange(256, dtype=np.uint8), 1200)  # 307,200: the parallel kernel too
+    s = np.array([scale], np.float32)
+    got = dequantize_packed(codes, codes.shape, 8, s)
+    assert np.array_equal(got, level_table(s, 8)[0][codes])
+    assert got[255] == s[0] and got[0] == -s[0]
