@@ -251,7 +251,7 @@ def test_bad_input() -> None:
 
 
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
-@pytest.mark.parametrize("n", [1, 7, 9, 2049, 300_005])  # partial bytes; parallel kernel
+@pytest.mark.parametrize("n", [1, 7, 9, 2049, 131_073, 300_005])  # partial bytes; parallel
 def test_whole_byte_dequantize_equals_the_generic_kernel(bits: int, n: int) -> None:
     x = np.random.default_rng(n).standard_normal(n).astype(np.float32)
     q = quantize(x, bits, scale=1.7)

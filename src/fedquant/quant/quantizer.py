@@ -30,6 +30,8 @@ from fedquant.quant.clipping import ThresholdMethod, _threshold_flat, parse_meth
 from fedquant.quant.grid import Rounding, check_bits, num_steps, parse_rounding
 from fedquant.quant.packing import packed_size, unpack
 
+#: packed bytes from which per-tensor codes are decoded a whole byte at a time
+_BYTE_TABLE_MIN = 1 << 14
 #: scales inside this range use float32 arithmetic; outside it, float64 (no overflow).
 _F32_SAFE = (1e-30, 1e30)
 
@@ -311,8 +313,9 @@ def dequantize_packed(
         kernels.dequantize_linear(packed, steps / 2.0, step, out)
     elif n:
         lut = level_table(scales, bits)
-        # the byte table (256 rows) pays off once there are at least as many bytes
-        if lut.shape[0] == 1 and 8 % bits == 0 and packed.size >= 256:
+        # the byte table (256 rows, up to 8 KiB, ~20 KiB while built) pays off on large
+        # tensors; on small ones it would outweigh the output (decode's memory bound)
+        if lut.shape[0] == 1 and 8 % bits == 0 and packed.size >= _BYTE_TABLE_MIN:
             kernels.dequantize_bytes(packed, n, byte_table(lut[0], bits), out)
         else:
             row_len = max(1, n // lut.shape[0])
