@@ -67,7 +67,6 @@ import threading
 import time
 import traceback
 import tracemalloc
-import zlib
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -236,15 +235,12 @@ def seed_payloads() -> list[bytes]:
 
 
 def fix_length_and_crc(data: bytes | bytearray) -> bytes:
-    """Rewrite the header's total length and the trailing CRC32 to match ``data``.
+    """Rewrite the header's total length and the trailing checksum to match ``data``
+    (:func:`fedquant.quant.codec.reseal`: the checksum of the header's version).
 
     Inputs shorter than a header plus checksum are returned unchanged.
     """
-    buf = bytearray(data)
-    if len(buf) >= _HEADER.size + 4:
-        struct.pack_into("<Q", buf, 8, len(buf))
-        struct.pack_into("<I", buf, len(buf) - 4, zlib.crc32(memoryview(buf)[:-4]))
-    return bytes(buf)
+    return codec.reseal(data)
 
 
 # --------------------------------------------------------------------------- payload model
@@ -635,7 +631,8 @@ class Mutator:
         elif r < 0.92 and len(data) >= 28:
             data = data[:8] + struct.pack("<Q", len(data)) + data[16:]
         elif r < 0.96 and len(data) >= 28:
-            data = data[:-4] + struct.pack("<I", zlib.crc32(data[:-4]))
+            version = struct.unpack_from("<H", data, 4)[0]
+            data = data[:-4] + struct.pack("<I", codec.checksum(data[:-4], version))
         return data, idx
 
     # ------------------------------------------------------------------ byte level

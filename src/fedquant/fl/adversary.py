@@ -28,7 +28,6 @@ aggregators against them (norm bounding or trimmed means would be needed).
 from __future__ import annotations
 
 import struct
-import zlib
 from collections.abc import Iterator
 
 import numpy as np
@@ -84,9 +83,7 @@ def _records(payload: bytes) -> Iterator[dict[str, int]]:
 
 
 def _fix(buf: bytearray) -> bytes:
-    struct.pack_into("<Q", buf, 8, len(buf))
-    struct.pack_into("<I", buf, len(buf) - 4, zlib.crc32(bytes(buf[:-4])))
-    return bytes(buf)
+    return codec.reseal(buf)
 
 
 def _reencode(payload: bytes, edit: str, shared_key: int | None = None) -> bytes:
