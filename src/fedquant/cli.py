@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -109,7 +107,14 @@ def _resolve_config(args: argparse.Namespace) -> Any:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from fedquant.fl.results import ResultsDir
-    from fedquant.fl.simulation import TIMING_KEYS, RunState, Simulation, final_accuracy
+    from fedquant.fl.simulation import (
+        RunState,
+        Simulation,
+        create_results_dir,
+        final_metric,
+        resume_state,
+        run_to_dir,
+    )
 
     if args.resume:
         rd = ResultsDir(Path(args.resume))
@@ -130,44 +135,14 @@ def cmd_run(args: argparse.Namespace) -> int:
             )
         cfg = rd.read_config()
         sim = Simulation(cfg)
-        ck = rd.read_checkpoint()
-        state = (
-            sim.new_state()
-            if ck is None
-            else RunState(
-                round=ck.round,
-                global_state=ck.global_state,
-                metrics=ck.metrics,
-                residuals=ck.residuals,
-            )
-        )
+        state = resume_state(sim, rd)
     else:
         cfg, _ = _resolve_config(args)
         sim = Simulation(cfg)
-        rd = ResultsDir.create(cfg.out, cfg)
+        rd = create_results_dir(sim)
         state = sim.new_state()
-        rd.write_start(
-            cfg,
-            {
-                "dataset": {
-                    "name": sim.dataset.name,
-                    "train": int(sim.dataset.train_y.size),
-                    "test": int(sim.dataset.test_y.size),
-                    "classes": list(sim.dataset.classes),
-                },
-                "float32_model_bytes": sim.reference.float32_nbytes,
-                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            },
-        )
-        from fedquant.fl.results import write_json
 
-        write_json(
-            rd.path / "clients.json",
-            {"label_counts": sim.label_counts.tolist(), "sizes": [int(p.size) for p in sim.parts]},
-        )
-
-    title = f"{cfg.dataset}, {cfg.num_clients} clients, bits {cfg.bits}, {cfg.method}/{cfg.rounding}, {cfg.aggregation}"
-    start = time.perf_counter()
+    metric = sim.task.metric
     progress = None
     if not args.quiet:
         from rich.progress import (
@@ -193,49 +168,35 @@ def cmd_run(args: argparse.Namespace) -> int:
         progress.start()
 
     def on_round(st: RunState, row: dict[str, Any]) -> None:
-        rd.write_round(st.round, st.global_state, st.metrics, residuals=st.residuals)
         if progress is not None:
-            acc = final_accuracy(st.metrics)
             progress.update(
                 task,
                 completed=st.round,
-                description=f"acc {100 * acc:5.1f}%  uplink {row['cum_uplink_bytes'] / 1e6:7.2f} MB",
+                description=f"{_show_metric(metric, final_metric(st.metrics, metric))}  "
+                f"uplink {row['cum_uplink_bytes'] / 1e6:7.2f} MB",
             )
 
     try:
-        state = sim.run(state, on_round=on_round)
+        result = run_to_dir(sim, results=rd, state=state, on_round=on_round)
     finally:
         if progress is not None:
             progress.stop()
-    wall = time.perf_counter() - start
-    m = state.metrics
-    timing = {k: float(sum(r.get(k, 0.0) for r in m)) for k in TIMING_KEYS}
-    last_up = next((r for r in reversed(m) if r["uplink_bytes"]), m[-1])
-    summary = {
-        "final_accuracy": final_accuracy(m),
-        "best_accuracy": max(
-            (r["test_accuracy"] for r in m if r.get("test_accuracy") is not None), default=math.nan
-        ),
-        "rounds": state.round,
-        "uplink_bytes_per_client_round": last_up["uplink_bytes"]
-        / max(1, last_up["clients_aggregated"]),
-        "uplink_ratio_vs_float32": last_up["uplink_ratio"],
-        "total_uplink_bytes": m[-1]["cum_uplink_bytes"],
-        "total_downlink_bytes": m[-1]["cum_downlink_bytes"],
-        "wall_seconds": wall,
-        **{k: v for k, v in timing.items()},
-        "results_dir": str(rd.path),
-    }
-    rd.write_summary(summary)
-    rd.write_plots(m, title)
+    summary = result.summary
     if not args.quiet:
-        _print_summary(cfg, summary)
+        _print_summary(cfg, summary, metric)
     else:
-        print(f"final accuracy {100 * summary['final_accuracy']:.2f}%  results: {rd.path}")
+        print(f"final {_show_metric(metric, summary[f'final_{metric}'])}  results: {rd.path}")
     return 0
 
 
-def _print_summary(cfg: Any, s: dict[str, Any]) -> None:
+def _show_metric(metric: str, value: float) -> str:
+    """``accuracy 97.12%`` or ``bits_per_char 2.3456``."""
+    if metric == "accuracy":
+        return f"accuracy {100 * value:.2f}%"
+    return f"{metric} {value:.4f}"
+
+
+def _print_summary(cfg: Any, s: dict[str, Any], metric: str = "accuracy") -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -246,14 +207,22 @@ def _print_summary(cfg: Any, s: dict[str, Any]) -> None:
         "data / clients",
         f"{cfg.dataset}, {cfg.num_clients} clients ({cfg.partition}), {s['rounds']} rounds",
     )
+    widths = f"client bits {cfg.client_bits}" if cfg.client_bits else f"{cfg.bits} bits"
+    t.add_row("uplink", f"{widths}, {cfg.method}, {cfg.rounding} rounding, {cfg.granularity}")
     t.add_row(
-        "uplink", f"{cfg.bits} bits, {cfg.method}, {cfg.rounding} rounding, {cfg.granularity}"
+        "aggregation",
+        cfg.aggregation
+        + (f", server optimizer {cfg.server_optimizer}" if cfg.server_optimizer != "none" else ""),
     )
-    t.add_row("aggregation", cfg.aggregation)
-    t.add_row(
-        "final / best accuracy",
-        f"{100 * s['final_accuracy']:.2f}% / {100 * s['best_accuracy']:.2f}%",
-    )
+    if metric == "accuracy":
+        t.add_row(
+            "final / best accuracy",
+            f"{100 * s['final_accuracy']:.2f}% / {100 * s['best_accuracy']:.2f}%",
+        )
+    else:
+        t.add_row(
+            f"final / best {metric}", f"{s[f'final_{metric}']:.4f} / {s[f'best_{metric}']:.4f}"
+        )
     t.add_row(
         "uplink per client-round",
         f"{s['uplink_bytes_per_client_round']:,.0f} bytes ({s['uplink_ratio_vs_float32']:.2f}x smaller than float32)",

@@ -56,6 +56,18 @@ class RunConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     qat: bool = False
+    # client optimizer, schedule, FedProx; server optimizer; per-client widths
+    optimizer: str = "sgd"
+    lr_schedule: str = "constant"
+    lr_step_rounds: int = 10
+    lr_gamma: float = 0.1
+    prox_mu: float = 0.0
+    server_optimizer: str = "none"
+    server_lr: float | None = None
+    server_momentum: float | None = None
+    server_beta2: float | None = None
+    server_tau: float | None = None
+    client_bits: str = ""
     # uplink quantization
     bits: str = "4-2-2-4"
     rules: str = ""
@@ -116,7 +128,20 @@ class RunConfig:
                 "without the rotation, so it would train against another quantizer; "
                 "expected --no-rotation or --no-qat",
             )
+        if self.client_bits and self.bits.startswith("auto"):
+            raise ConfigError(
+                "client_bits",
+                f"gives every client one width, but bits={self.bits!r} allocates widths per "
+                "tensor; expected --client-bits '' or fixed --bits",
+            )
+        if self.client_bits and self.qat:
+            raise ConfigError(
+                "client_bits",
+                "cannot be combined with --qat (quantization-aware training uses the run's "
+                "--bits); expected --no-qat",
+            )
         self.uplink_spec()  # validates bits/rules/method/... together
+        self.server_optimizer_obj()
         self.downlink_spec()
 
     def uplink_spec(self) -> QuantSpec:
@@ -130,6 +155,22 @@ class RunConfig:
             percentile=self.percentile,
             rotation=self.rotation,
             entropy=self.entropy,
+        )
+
+    def client_widths(self) -> tuple[tuple[int, float], ...]:
+        """``client_bits`` parsed: ``((bits, fraction of clients), ...)``; empty when unset."""
+        return parse_client_bits(self.client_bits)
+
+    def server_optimizer_obj(self) -> Any:
+        """The :class:`~fedquant.fl.server_opt.ServerOptimizer` of ``server_*``."""
+        from fedquant.fl.server_opt import ServerOptimizer
+
+        return ServerOptimizer.create(
+            self.server_optimizer,
+            lr=self.server_lr,
+            momentum=self.server_momentum,
+            beta2=self.server_beta2,
+            tau=self.server_tau,
         )
 
     def downlink_spec(self) -> QuantSpec | None:
@@ -242,6 +283,39 @@ def _model_check(value: str) -> None:
         )
 
 
+def parse_client_bits(value: str) -> tuple[tuple[int, float], ...]:
+    """``"2:0.5,4:0.3,8:0.2"`` -> ``((2, 0.5), (4, 0.3), (8, 0.2))``; ``""`` -> ``()``.
+
+    Widths are integers in 1..8, each at most once; fractions are > 0 and sum to 1.
+    """
+    if not value.strip():
+        return ()
+    out: list[tuple[int, float]] = []
+    for item in value.split(","):
+        bits_s, sep, frac_s = item.strip().partition(":")
+        try:
+            bits, frac = int(bits_s), float(frac_s)
+        except ValueError:
+            bits, frac = 0, math.nan
+        if not sep or not 1 <= bits <= 8 or not (math.isfinite(frac) and frac > 0):
+            raise ConfigError(
+                "client_bits",
+                f"{item.strip()!r} is not BITS:FRACTION with BITS in 1..8 and FRACTION > 0 "
+                "(e.g. '2:0.5,4:0.3,8:0.2')",
+            )
+        if any(b == bits for b, _ in out):
+            raise ConfigError("client_bits", f"width {bits} is given twice in {value!r}")
+        out.append((bits, frac))
+    total = sum(f for _, f in out)
+    if abs(total - 1.0) > 1e-6:
+        raise ConfigError("client_bits", f"the fractions in {value!r} sum to {total:g}, expected 1")
+    return tuple(out)
+
+
+def _client_bits_check(value: str) -> None:
+    parse_client_bits(value)
+
+
 def _bits_check(value: str) -> None:
     QuantSpec.from_strings(bits=value)
 
@@ -277,12 +351,69 @@ FIELDS: dict[str, Field] = {
     "rounds": Field("number of federated rounds", int, lo=1),
     "epochs": Field("local epochs per round", int, lo=1),
     "batch_size": Field("local mini-batch size", int, lo=1),
-    "lr": Field("local SGD learning rate", float, lo=0.0),
+    "lr": Field("local learning rate (of round 1 with --lr-schedule)", float, lo=0.0),
     "momentum": Field(
         "local SGD momentum (optimizer state is reset every round)", float, lo=0.0, hi=1.0
     ),
-    "weight_decay": Field("local SGD weight decay", float, lo=0.0),
+    "weight_decay": Field("local weight decay (L2; decoupled for adamw)", float, lo=0.0),
     "qat": Field("quantization-aware local training (straight-through estimator)", bool),
+    "optimizer": Field(
+        "client optimizer (its state starts fresh every round)", str, ("sgd", "adam", "adamw")
+    ),
+    "lr_schedule": Field(
+        "learning rate over rounds: constant; cosine (lr * (1 + cos(pi (t-1) / rounds)) / 2 in "
+        "round t); step (lr * lr_gamma ** ((t-1) // lr_step_rounds))",
+        str,
+        ("constant", "cosine", "step"),
+    ),
+    "lr_step_rounds": Field("rounds between decays for --lr-schedule step", int, lo=1),
+    "lr_gamma": Field("decay factor for --lr-schedule step", float, lo=0.0, hi=1.0),
+    "prox_mu": Field(
+        "FedProx: each client adds (prox_mu / 2) ||w - w_global||^2 to its loss; 0 = off",
+        float,
+        lo=0.0,
+    ),
+    "server_optimizer": Field(
+        "server optimizer applied to the aggregated pseudo-gradient (Reddi et al. 2021); "
+        "none = the aggregate is the new model",
+        str,
+        ("none", "fedavgm", "fedadam", "fedyogi", "fedadagrad"),
+    ),
+    "server_lr": Field(
+        "server learning rate (unset: Flower's default, 1 for fedavgm, 0.1 for fedadam and "
+        "fedadagrad, 0.01 for fedyogi)",
+        float,
+        lo=0.0,
+        optional=True,
+    ),
+    "server_momentum": Field(
+        "server momentum / beta1 (unset: 0 for fedavgm and fedadagrad, 0.9 for fedadam and "
+        "fedyogi)",
+        float,
+        lo=0.0,
+        hi=1.0,
+        optional=True,
+    ),
+    "server_beta2": Field(
+        "second-moment decay of fedadam and fedyogi (unset: 0.99)",
+        float,
+        lo=0.0,
+        hi=1.0,
+        optional=True,
+    ),
+    "server_tau": Field(
+        "adaptivity tau of fedadam, fedyogi, fedadagrad (unset: 1e-9, 1e-3 for fedyogi)",
+        float,
+        lo=0.0,
+        optional=True,
+    ),
+    "client_bits": Field(
+        "heterogeneous clients: fractions of clients per uplink width, e.g. '2:0.5,4:0.3,8:0.2' "
+        "(every quantized tensor of a client at its width, overriding --bits; seeded "
+        "assignment); empty = every client uses --bits",
+        str,
+        check_fn=_client_bits_check,
+    ),
     "bits": Field(
         "uplink bits: one width for all weight tensors ('8') or one per weight tensor in order "
         "('4-2-2-4'); 1..8, or 32 for float32; or 'auto:2.03': widths chosen per tensor and "

@@ -39,6 +39,7 @@ from fedquant.fl.config import FIELDS, RunConfig
 CHECKPOINT = "checkpoint.npz"
 _STATE_PREFIX = "state/"
 _RESIDUAL_PREFIX = "residual/"
+_SERVER_OPT_PREFIX = "server_opt/"
 
 
 class Checkpoint(NamedTuple):
@@ -49,6 +50,8 @@ class Checkpoint(NamedTuple):
     metrics: list[dict[str, Any]]
     #: error feedback: client id -> residual per tensor (empty without it)
     residuals: dict[int, dict[str, np.ndarray]]
+    #: the server optimizer's state (empty without one)
+    server_opt: dict[str, np.ndarray]
 
 
 @contextlib.contextmanager
@@ -187,16 +190,20 @@ class ResultsDir:
         metrics: list[dict[str, Any]],
         *,
         residuals: Mapping[int, Mapping[str, np.ndarray]] | None = None,
+        server_opt: Mapping[str, np.ndarray] | None = None,
     ) -> None:
         """Checkpoint first, then the metrics file: both atomic.
 
-        ``residuals`` (error feedback, client id -> tensors) are stored too.
+        ``residuals`` (error feedback, client id -> tensors) and the server
+        optimizer's state ``server_opt`` are stored too.
         """
         buf = io.BytesIO()
         arrays = {f"{_STATE_PREFIX}{k}": np.asarray(v) for k, v in global_state.items()}
         for client, tensors in (residuals or {}).items():
             for k, v in tensors.items():
                 arrays[f"{_RESIDUAL_PREFIX}{int(client)}/{k}"] = np.asarray(v)
+        for k, v in (server_opt or {}).items():
+            arrays[f"{_SERVER_OPT_PREFIX}{k}"] = np.asarray(v)
         lines = self._row_lines(metrics)
         # = json.dumps({"round": round_, "metrics": metrics}) from the rows' own JSON
         meta = f'{{"round": {int(round_)}, "metrics": [{", ".join(lines)}]}}'
@@ -227,30 +234,40 @@ class ResultsDir:
                     if k.startswith(_RESIDUAL_PREFIX):
                         client, _, name = k[len(_RESIDUAL_PREFIX) :].partition("/")
                         residuals.setdefault(int(client), {})[name] = z[k]
+                server_opt = {
+                    k[len(_SERVER_OPT_PREFIX) :]: z[k]
+                    for k in z.files
+                    if k.startswith(_SERVER_OPT_PREFIX)
+                }
         except (OSError, ValueError, KeyError) as e:
             raise DataError(f"checkpoint {str(p)!r} is unreadable: {e}") from e
-        return Checkpoint(int(meta["round"]), state, list(meta["metrics"]), residuals)
+        return Checkpoint(int(meta["round"]), state, list(meta["metrics"]), residuals, server_opt)
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         write_json(self.path / "summary.json", summary)
 
-    def write_plots(self, metrics: list[dict[str, Any]], title: str) -> list[Path]:
+    def write_plots(
+        self, metrics: list[dict[str, Any]], title: str, metric: str = "accuracy"
+    ) -> list[Path]:
+        """``<metric>_vs_round.png`` and ``<metric>_vs_uplink.png`` (accuracy in percent)."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        rows = [m for m in metrics if m.get("test_accuracy") is not None]
+        key = f"test_{metric}"
+        rows = [m for m in metrics if m.get(key) is not None]
         if not rows:
             return []
         rounds = [m["round"] for m in rows]
-        acc = [100 * m["test_accuracy"] for m in rows]
+        scale = 100 if metric == "accuracy" else 1
+        acc = [scale * m[key] for m in rows]
         mb = [m["cum_uplink_bytes"] / 1e6 for m in rows]
         paths = []
         for name, xs, xlabel in (
-            ("accuracy_vs_round.png", rounds, "round"),
+            (f"{metric}_vs_round.png", rounds, "round"),
             (
-                "accuracy_vs_uplink.png",
+                f"{metric}_vs_uplink.png",
                 mb,
                 "cumulative uplink traffic (MB, measured payload bytes)",
             ),
@@ -258,7 +275,7 @@ class ResultsDir:
             fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
             ax.plot(xs, acc, marker="o", ms=3)
             ax.set_xlabel(xlabel)
-            ax.set_ylabel("test accuracy (%)")
+            ax.set_ylabel("test accuracy (%)" if metric == "accuracy" else f"test {metric}")
             ax.set_title(title, fontsize=9)
             ax.grid(alpha=0.3)
             fig.tight_layout()

@@ -92,9 +92,12 @@ def _train(msg: Any, context: Any) -> Any:
     """The ClientApp's train function: the simulator's client, as a Flower app."""
     import torch
     from flwr.app import Message, MetricRecord, RecordDict
+    from torch.utils.data import TensorDataset
 
     from fedquant.fl import seeding
     from fedquant.fl.client import load_numpy_state, state_numpy, train_local
+    from fedquant.fl.simulation import train_config
+    from fedquant.fl.task import image_classification_task
     from fedquant.flower.records import numpy_from_record, record_from_numpy
 
     t0 = time.time()
@@ -106,10 +109,10 @@ def _train(msg: Any, context: Any) -> Any:
     idx = torch.from_numpy(parts[pid])
     stats = train_local(
         model,
-        data.train_x[idx],
-        data.train_y[idx],
-        train_cfg,
-        generator=seeding.torch_generator(cfg.seed, seeding.Purpose.SHUFFLE, server_round, pid),
+        TensorDataset(data.train_x[idx], data.train_y[idx]),
+        image_classification_task(),
+        train_config(cfg, server_round) if cfg.lr_schedule != "constant" else train_cfg,
+        seeding.torch_generator(cfg.seed, seeding.Purpose.SHUFFLE, server_round, pid),
         qat_spec=cfg.uplink_spec(),
         qat_rng=seeding.numpy_rng(cfg.seed, seeding.Purpose.QAT, server_round, pid),
     )
