@@ -85,19 +85,17 @@ def _convert(name: str, raw: str) -> Any:
 
 
 def _resolve_config(args: argparse.Namespace) -> Any:
-    from fedquant.fl.config import FIELDS, RunConfig
+    from fedquant.fl.config import FIELDS, RunConfig, flat_options, with_dataset_defaults
     from fedquant.fl.results import read_toml
 
     values: dict[str, Any] = {}
     if args.config:
-        values.update(
-            RunConfig.from_mapping(read_toml(Path(args.config)), source=args.config).to_dict()
-        )
+        values.update(flat_options(read_toml(Path(args.config)), source=args.config))
     given = {n: getattr(args, n) for n in FIELDS if getattr(args, n) is not None}
     for n, v in given.items():
         values[n] = v if isinstance(v, bool) else _convert(n, v)
     try:
-        return RunConfig(**values), given
+        return RunConfig(**with_dataset_defaults(values)), given
     except ConfigError as e:
         opt = e.option
         if opt in given:  # name the flag the user typed

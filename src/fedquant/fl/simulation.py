@@ -63,6 +63,7 @@ from fedquant.fl.partition import partition
 from fedquant.fl.results import ResultsDir, write_json
 from fedquant.fl.seeding import Purpose
 from fedquant.fl.task import FederatedData, Task, federate, image_classification_task
+from fedquant.fl.text_task import TEXT_DATASETS, load_text_workload
 from fedquant.fl.updates import apply_delta, encode_delta, payload_delta_names
 from fedquant.quant import codec
 from fedquant.quant.codec import DecodedUpdate
@@ -134,7 +135,7 @@ WorkloadLoader = Callable[[RunConfig], tuple[FederatedData, Task]]
 
 #: data set name -> loader of a non-image workload; ``Simulation(cfg)`` uses the loader
 #: when ``cfg.dataset`` is one of these names (the name must also be accepted by the config)
-WORKLOADS: dict[str, WorkloadLoader] = {}
+WORKLOADS: dict[str, WorkloadLoader] = {name: load_text_workload for name in TEXT_DATASETS}
 
 
 class Simulation:
@@ -347,6 +348,7 @@ class Simulation:
             "train": int(sum(self.data.sizes)),
             "test": len(self.data.test),  # type: ignore[arg-type]
             "task": self.task.name,
+            **self.data.meta,
         }
 
     def _hostile_clients(self) -> dict[int, str]:
