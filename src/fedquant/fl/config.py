@@ -23,6 +23,8 @@ from fedquant.quant.grid import Rounding
 from fedquant.quant.quantizer import Granularity
 from fedquant.quant.spec import QuantSpec
 
+#: fedquant.fl.data.DATASET_NAMES (not imported: it would import torch), then the text
+#: data sets (next-character prediction, fedquant.fl.text_task)
 DATASETS = (
     "mnist-embedded",
     "mnist",
@@ -30,7 +32,7 @@ DATASETS = (
     "cifar10",
     "cifar10-jpeg",
     "imagefolder",
-    "python-stdlib-text",  # next-character prediction (fedquant.fl.text_task)
+    "python-stdlib-text",
     "text",
 )
 PARTITIONS = ("iid", "dirichlet", "shards")
