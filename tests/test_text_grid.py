@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +14,12 @@ from fedquant.reproduce.report import collect
 from fedquant.reproduce.runner import run_job, tensor_vnmse
 from fedquant.reproduce.text_report import (
     REFERENCES,
+    allocated_bits,
     cell_table,
     group_vnmse,
     main,
     tensor_group,
+    vnmse_table,
 )
 
 GRID = Path(__file__).resolve().parents[1] / "experiments" / "text-task.toml"
@@ -123,3 +126,46 @@ def test_workload_jobs_run_and_tabulate(tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["--grid", str(grid_path), "--scale", "test", "--out", str(tmp_path / "out")]) == 0
     printed = capsys.readouterr().out
     assert "vNMSE at 2 bits" in printed and "4 runs" in printed
+
+
+def _fake_results(tmp_path: Path) -> tuple[Path, Path]:
+    """Hand-written results of three cells, two seeds, in the runner's layout."""
+    grid_path = _grid(tmp_path)
+    grid = load_grid(grid_path)
+    raw = tmp_path / "out" / "claims-test" / "raw"
+    bpc = {"fp32": (3.0, 3.2), "bits2": (3.5, 3.9), "auto2": (3.4, 3.6)}
+    for job in expand(grid, "test", cells=list(bpc)):
+        d = job.directory(raw)
+        d.mkdir(parents=True)
+        (d / "cell.json").write_text(json.dumps({"fingerprint": job.fingerprint}))
+        summary = {
+            "final_bits_per_char": bpc[job.cell][job.seed],
+            "final_accuracy": 0.25 + 0.01 * job.seed,
+            "uplink_bytes_per_client_round": 280_000 if job.cell == "fp32" else 20_000,
+            "higher_is_better": False,
+            "cpu_seconds": 10.0,
+            "final_model_vnmse": {"2": {"tok_emb.weight": 0.1 * (1 + job.seed)}},
+        }
+        (d / "summary.json").write_text(json.dumps(summary))
+        rows = [{"round": 1, "bits": {"tok_emb.weight": 3.0, "blocks.0.fc.weight": 2.0}}]
+        rows += [{"round": 2, "bits": {"tok_emb.weight": 4.0, "blocks.0.fc.weight": 1.0}}]
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return grid_path, raw
+
+
+def test_tables_from_hand_written_results(tmp_path: Path) -> None:
+    grid_path, raw = _fake_results(tmp_path)
+    c = collect(load_grid(grid_path), "test", raw)
+    table = cell_table(c, "python-stdlib-text")
+    lines = {line.split(":")[0]: line for line in table.splitlines() if line.startswith("| `")}
+    assert "| 3.100 ± 0.141 | 25.5 ± 0.7 | 280,000 | 1.0x | — | 2 |" in lines["| `fp32`"]
+    # bits2 - fp32 = (+0.5, +0.7): mean +0.6, sd 0.1414, t(1) = 12.706 -> half-width 1.27
+    assert "| 14.0x | +0.600 [-0.671, +1.871] vs fp32 | 2 |" in lines["| `bits2`"]
+    assert "+0.600" not in lines["| `auto2`"] and "vs bits2" in lines["| `auto2`"]
+    assert "(+ = worse)" in table
+    vn = vnmse_table(c, "python-stdlib-text")
+    assert "| token embedding (tied head) | 1.50e-01 |" in vn  # mean of 0.1 and 0.2
+    bits = allocated_bits(c, "python-stdlib-text")
+    assert "| token embedding (tied head) | 3.50 | 3.00–4.00 |" in bits
+    assert "| MLP (fc, out) | 1.50 | 1.00–2.00 |" in bits
+    assert "no finished run" in allocated_bits(c, "python-stdlib-text", "maxabs4")

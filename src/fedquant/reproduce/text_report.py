@@ -84,6 +84,11 @@ def _md(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def cell_table(c: Collected, dataset: str, metric: str = "bits_per_char") -> str:
     """Markdown: one row per cell with its metric, accuracy, uplink and paired difference."""
     key = f"final_{metric}"
+    higher = any(
+        r.summary.get("higher_is_better") is True
+        for cr in c.cells.values()
+        for r in cr.runs.values()
+    )
     rows = []
     fp32 = c.get(dataset, "fp32")
     fp32_bytes = fp32.summary_value("uplink_bytes_per_client_round") if fp32 else None
@@ -124,7 +129,7 @@ def cell_table(c: Collected, dataset: str, metric: str = "bits_per_char") -> str
             "accuracy % (mean ± sd)",
             "uplink bytes / client-round",
             "smaller than FP32",
-            "paired difference [95 % CI]",
+            "paired difference [95 % CI]" + (" (+ = better)" if higher else " (+ = worse)"),
             "seeds",
         ],
         rows,
@@ -154,6 +159,21 @@ def vnmse_table(c: Collected, dataset: str, cell: str = "fp32") -> str:
     order = [g for g in (*TENSOR_GROUPS, "other") if g in groups]
     rows = [[g, *(f"{groups[g].get(b, math.nan):.2e}" for b in widths)] for g in order]
     return _md(["tensor group", *(f"vNMSE at {b} bits" for b in widths)], rows)
+
+
+def allocated_bits(c: Collected, dataset: str, cell: str = "auto2") -> str:
+    """Markdown: the widths ``bits="auto:B"`` gave each tensor group (mean over rounds, seeds)."""
+    cr = c.get(dataset, cell)
+    if cr is None:
+        return f"(no finished run of cell {cell!r})"
+    acc: dict[str, list[float]] = {}
+    for run in cr.runs.values():
+        for row in run.metrics:
+            for name, bits in (row.get("bits") or {}).items():
+                acc.setdefault(tensor_group(name), []).append(float(bits))
+    order = [g for g in (*TENSOR_GROUPS, "other") if g in acc]
+    rows = [[g, f"{np.mean(acc[g]):.2f}", f"{min(acc[g]):.2f}–{max(acc[g]):.2f}"] for g in order]
+    return _md(["tensor group", "mean bits", "range (per round, mean over clients)"], rows)
 
 
 def _settings(c: Collected) -> str:
@@ -190,6 +210,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(cell_table(c, ds) + "\n")
         print("Relative quantization error of the final FP32 models' tensors (OCTAV, nearest):\n")
         print(vnmse_table(c, ds) + "\n")
+        print("Widths chosen by the `auto2` cell's allocator (per tensor group):\n")
+        print(allocated_bits(c, ds) + "\n")
     print(_settings(c))
     missing = {k: len(v) for k, v in c.status.items() if k not in ("done", "alias")}
     if missing:
