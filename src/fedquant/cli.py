@@ -181,7 +181,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             progress.stop()
     summary = result.summary
     if not args.quiet:
-        _print_summary(cfg, summary, metric)
+        # a workload's own clients (e.g. one per package of a text corpus) are not a partition
+        split = cfg.partition if sim.dataset is not None else "natural partition"
+        _print_summary(cfg, summary, metric, split)
     else:
         print(f"final {_show_metric(metric, summary[f'final_{metric}'])}  results: {rd.path}")
     return 0
@@ -194,7 +196,9 @@ def _show_metric(metric: str, value: float) -> str:
     return f"{metric} {value:.4f}"
 
 
-def _print_summary(cfg: Any, s: dict[str, Any], metric: str = "accuracy") -> None:
+def _print_summary(
+    cfg: Any, s: dict[str, Any], metric: str = "accuracy", split: str | None = None
+) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -203,7 +207,7 @@ def _print_summary(cfg: Any, s: dict[str, Any], metric: str = "accuracy") -> Non
     t.add_column()
     t.add_row(
         "data / clients",
-        f"{cfg.dataset}, {cfg.num_clients} clients ({cfg.partition}), {s['rounds']} rounds",
+        f"{cfg.dataset}, {cfg.num_clients} clients ({split or cfg.partition}), {s['rounds']} rounds",
     )
     widths = f"client bits {cfg.client_bits}" if cfg.client_bits else f"{cfg.bits} bits"
     t.add_row("uplink", f"{widths}, {cfg.method}, {cfg.rounding} rounding, {cfg.granularity}")

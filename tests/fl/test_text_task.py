@@ -160,11 +160,11 @@ def test_cli_run_on_the_stdlib_corpus(tmp_path: Path, capsys: pytest.CaptureFixt
             "1",
             "--out",
             str(out),
-            "--quiet",
         ]
     )
     assert rc == 0
-    assert "final bits_per_char" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "final / best bits_per_char" in printed and "(natural" in printed
     (run,) = out.iterdir()
     names = {p.name for p in run.iterdir()}
     assert {"config.toml", "meta.json", "metrics.jsonl", "summary.json", "clients.json"} <= names
