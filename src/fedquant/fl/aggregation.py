@@ -39,12 +39,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any, cast
 
 import numpy as np
 
 from fedquant.choices import parse_choice
 from fedquant.errors import ConfigError, InvalidInputError
-from fedquant.quant import codec, kernels
+from fedquant.quant import codec, interop, kernels
 from fedquant.quant.codec import DecodedUpdate, TensorInfo
 
 MSE_FLOOR_REL = 1e-2
@@ -316,6 +317,14 @@ class AggregateResult:
     infos: list[dict[str, TensorInfo]]
     nbytes: int  # total uplink bytes of the aggregated payloads
 
+    def to_torch(self) -> dict[str, Any]:
+        """The aggregate as torch tensors in the dtypes the clients sent (needs PyTorch).
+
+        ``model.load_state_dict(result.to_torch())`` loads it.
+        """
+        dtypes = {n: i.dtype for n, i in self.infos[0].items()} if self.infos else {}
+        return interop.to_torch(self.tensors, dtypes)
+
 
 def aggregate_payloads(
     payloads: Sequence[bytes],
@@ -375,3 +384,131 @@ def aggregate_payloads(
         (codec.decode_inspected(u, shared_key=shared_key).tensors for u in inspected), weights
     )
     return AggregateResult(tensors, weights, info_list, sum(len(p) for p in payloads))
+
+
+#: the payload metadata key of a client's number of training examples (``fedavg``)
+NUM_EXAMPLES_KEY = "num_examples"
+
+
+def aggregate(
+    payloads: Iterable[bytes | bytearray | memoryview],
+    rule: AggregationRule | str = AggregationRule.INVERSE_MSE,
+    *,
+    num_examples: Sequence[int] | None = None,
+    max_weight: float | None = None,
+    shared_key: int | None = None,
+) -> AggregateResult:
+    """Aggregate client payloads made by :func:`fedquant.encode` into one model update.
+
+    Parameters
+    ----------
+    payloads : iterable of bytes
+        One payload per client, all of the same tensors.
+    rule : {"inverse-mse", "fedavg", "mean"}, default "inverse-mse"
+        How clients are weighted (see the module docstring): by the inverse
+        of the quantization MSE each payload reports (the paper's rule), by
+        number of examples, or equally.
+    num_examples : sequence of int, optional
+        Per payload, the client's number of training examples; ``fedavg``
+        only. If omitted, ``fedavg`` reads ``num_examples`` from each
+        payload's metadata (``encode(..., meta={"num_examples": n})``).
+    max_weight : float, optional
+        Cap in (0, 1] on any client's weight for any tensor (e.g. ``3 / m``
+        for at most three times an equal share of ``m`` clients).
+    shared_key : int, optional
+        The key of payloads whose tensors were rotated (``rotation=True``).
+
+    Returns
+    -------
+    AggregateResult
+        ``tensors``: NumPy arrays (float32 for floating tensors, the original
+        dtype for integer ones); ``to_torch()`` gives a ``state_dict`` that
+        ``model.load_state_dict`` accepts; ``weights``: the weight of each
+        client for each tensor.
+
+    Raises
+    ------
+    InvalidInputError
+        No payloads, not bytes, payloads of different tensors or shapes, bad
+        ``num_examples``/``max_weight``, ``fedavg`` without a number of
+        examples for every client.
+    ConfigError
+        An unknown ``rule``.
+    DecodeError
+        A malformed payload.
+
+    Examples
+    --------
+    >>> import numpy as np, fedquant
+    >>> w = {"w": np.linspace(-1, 1, 8, dtype=np.float32).reshape(2, 4)}
+    >>> p = [fedquant.encode(w, meta={"num_examples": n}, seed=n) for n in (10, 30)]
+    >>> fedquant.aggregate(p, "fedavg").weights["w"].tolist()
+    [0.25, 0.75]
+    """
+    if isinstance(payloads, (bytes, bytearray, memoryview)):
+        raise InvalidInputError(
+            "aggregate: payloads is a single payload; expected a list of them, e.g. [p1, p2]"
+        )
+    try:
+        payloads = list(payloads)
+    except TypeError:
+        raise InvalidInputError(
+            f"aggregate: payloads is a {type(payloads).__name__}; expected a list of payloads "
+            "(bytes from fedquant.encode)"
+        ) from None
+    for j, p in enumerate(payloads):
+        if not isinstance(p, (bytes, bytearray, memoryview)):
+            raise InvalidInputError(
+                f"aggregate: payload #{j} is a {type(p).__name__}; expected bytes from "
+                "fedquant.encode"
+            )
+    r = parse_rule(rule)
+    if max_weight is not None and (
+        isinstance(max_weight, bool)
+        or not isinstance(max_weight, (int, float))
+        or not 0.0 < max_weight <= 1.0
+    ):
+        raise InvalidInputError(
+            f"aggregate: max_weight={max_weight!r} is not valid; expected a number in (0, 1] "
+            "or None (no cap)"
+        )
+    if num_examples is not None:
+        if r is not AggregationRule.FEDAVG:
+            raise InvalidInputError(
+                f"aggregate: num_examples weights clients under rule='fedavg' only; rule "
+                f"{r.value!r} does not use it"
+            )
+        counts = list(num_examples) if isinstance(num_examples, Iterable) else None
+        if counts is None or len(counts) != len(payloads) or not all(map(_is_count, counts)):
+            raise InvalidInputError(
+                f"aggregate: num_examples={num_examples!r} is not valid; expected one int >= 0 "
+                f"per payload ({len(payloads)})"
+            )
+        num_examples = [int(n) for n in counts]
+    if not payloads:
+        raise InvalidInputError("aggregate: no client payloads to aggregate")
+    inspected = [codec.inspect(p, shared_key=shared_key) for p in payloads]
+    if r is AggregationRule.FEDAVG and num_examples is None:
+        num_examples = []
+        for j, u in enumerate(inspected):
+            n = u.meta.get(NUM_EXAMPLES_KEY)
+            if not _is_count(n):
+                raise InvalidInputError(
+                    f"aggregate: fedavg needs each client's number of examples, but payload #{j} "
+                    f"has {NUM_EXAMPLES_KEY}={n!r} in its metadata; pass num_examples=[...] or "
+                    f"encode with meta={{'{NUM_EXAMPLES_KEY}': n}}"
+                )
+            num_examples.append(int(n))  # type: ignore[arg-type]
+    return aggregate_payloads(
+        cast(Sequence[bytes], payloads),  # the codec reads any bytes-like payload
+        r,
+        num_examples=num_examples,
+        max_weight=max_weight,
+        inspected=inspected,
+        shared_key=shared_key,
+    )
+
+
+def _is_count(n: object) -> bool:
+    """An int >= 0 (a bool is not a count)."""
+    return isinstance(n, (int, np.integer)) and not isinstance(n, bool) and bool(n >= 0)
