@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -169,3 +170,20 @@ def test_tables_from_hand_written_results(tmp_path: Path) -> None:
     assert "| token embedding (tied head) | 3.50 | 3.00–4.00 |" in bits
     assert "| MLP (fc, out) | 1.50 | 1.00–2.00 |" in bits
     assert "no finished run" in allocated_bits(c, "python-stdlib-text", "maxabs4")
+
+
+def test_docs_quote_the_committed_text_results() -> None:
+    """docs/text-task.md holds the tables the committed raw results give; README quotes them."""
+    root = GRID.parents[1]
+    raw = root / "docs" / "results" / "text" / "claims-small" / "raw"
+    c = collect(load_grid(GRID), "small", raw)
+    ds = "python-stdlib-text"
+    doc = (root / "docs" / "text-task.md").read_text()
+    for table in (cell_table(c, ds), vnmse_table(c, ds), allocated_bits(c, ds)):
+        assert table in doc
+    readme = (root / "README.md").read_text().replace("−", "-")
+    for cell in ("fp32", "bits2", "nearest2", "maxabs2", "auto2", "bits2-emb8", "bits4-ln4"):
+        cr = c.get(ds, cell)
+        assert cr is not None and len(cr.runs) == 3, cell
+        mean = np.mean([r.summary["final_bits_per_char"] for r in cr.runs.values()])
+        assert re.search(rf"[| /] {mean:.3f} [|/]", readme), cell
