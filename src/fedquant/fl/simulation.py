@@ -725,10 +725,15 @@ class RunResult:
 def create_results_dir(sim: Simulation, out: str | Path | None = None) -> ResultsDir:
     """A new results directory under ``out`` (default ``cfg.out``) with the run's
     ``config.toml``, ``meta.json`` and ``clients.json``."""
-    cfg = sim.cfg
-    rd = ResultsDir.create(str(out if out is not None else cfg.out), cfg)
+    rd = ResultsDir.create(str(out if out is not None else sim.cfg.out), sim.cfg)
+    write_run_start(sim, rd)
+    return rd
+
+
+def write_run_start(sim: Simulation, rd: ResultsDir) -> None:
+    """Write the run's ``config.toml``, ``meta.json`` and ``clients.json`` into ``rd``."""
     rd.write_start(
-        cfg,
+        sim.cfg,
         {
             "dataset": sim.describe_data(),
             "float32_model_bytes": sim.reference.float32_nbytes,
@@ -739,7 +744,6 @@ def create_results_dir(sim: Simulation, out: str | Path | None = None) -> Result
         rd.path / "clients.json",
         {"label_counts": sim.label_counts.tolist(), "sizes": [int(n) for n in sim.data.sizes]},
     )
-    return rd
 
 
 def resume_state(sim: Simulation, rd: ResultsDir) -> RunState:

@@ -464,7 +464,7 @@ def _run_workload(job: Job, d: Path) -> JobResult:
     :func:`~fedquant.fl.simulation.run_summary`'s figures (``final_<metric>``,
     ``best_<metric>``) and the final value of every test metric.
     """
-    from fedquant.fl.simulation import Simulation, resume_state, run_summary
+    from fedquant.fl.simulation import Simulation, resume_state, run_summary, write_run_start
 
     t_start, cpu_start, load_start = time.perf_counter(), time.process_time(), os.getloadavg()[0]
     if job.samples_per_client or job.test_samples:
@@ -479,18 +479,7 @@ def _run_workload(job: Job, d: Path) -> JobResult:
     state = resume_state(sim, rd)
     resumed_from = state.round
     if resumed_from == 0:
-        rd.write_start(
-            cfg,
-            {
-                "dataset": sim.describe_data(),
-                "float32_model_bytes": sim.reference.float32_nbytes,
-                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            },
-        )
-        write_json(
-            d / "clients.json",
-            {"label_counts": sim.label_counts.tolist(), "sizes": [int(n) for n in sim.data.sizes]},
-        )
+        write_run_start(sim, rd)
 
     def on_round(st: Any, row: dict[str, Any]) -> None:
         rd.write_round(
