@@ -86,7 +86,7 @@ def _convert(name: str, raw: str) -> Any:
 
 
 def _resolve_config(args: argparse.Namespace) -> Any:
-    from fedquant.fl.config import FIELDS, RunConfig
+    from fedquant.fl.config import FIELDS, RunConfig, flat_options, with_dataset_defaults
     from fedquant.fl.results import read_toml
 
     values: dict[str, Any] = {}
@@ -94,15 +94,13 @@ def _resolve_config(args: argparse.Namespace) -> Any:
         raise ConfigError("--config", "is empty; expected the path of a TOML file")
     if args.config is not None:
         values.update(
-            RunConfig.from_mapping(
-                read_toml(Path(args.config), option="--config"), source=args.config
-            ).to_dict()
+            flat_options(read_toml(Path(args.config), option="--config"), source=args.config)
         )
     given = {n: getattr(args, n) for n in FIELDS if getattr(args, n) is not None}
     for n, v in given.items():
         values[n] = v if isinstance(v, bool) else _convert(n, v)
     try:
-        cfg = RunConfig(**values)
+        cfg = RunConfig(**with_dataset_defaults(values))
     except ConfigError as e:
         opt = e.option
         if opt in given:  # name the flag the user typed
@@ -211,7 +209,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             progress.stop()
     summary = result.summary
     if not args.quiet:
-        _print_summary(cfg, summary, metric)
+        # a workload's own clients (e.g. one per package of a text corpus) are not a partition
+        split = cfg.partition if sim.dataset is not None else "natural partition"
+        _print_summary(cfg, summary, metric, split)
     else:
         print(f"final {_show_metric(metric, summary[f'final_{metric}'])}  results: {rd.path}")
     return 0
@@ -224,7 +224,9 @@ def _show_metric(metric: str, value: float) -> str:
     return f"{metric} {value:.4f}"
 
 
-def _print_summary(cfg: Any, s: dict[str, Any], metric: str = "accuracy") -> None:
+def _print_summary(
+    cfg: Any, s: dict[str, Any], metric: str = "accuracy", split: str | None = None
+) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -233,7 +235,7 @@ def _print_summary(cfg: Any, s: dict[str, Any], metric: str = "accuracy") -> Non
     t.add_column()
     t.add_row(
         "data / clients",
-        f"{cfg.dataset}, {cfg.num_clients} clients ({cfg.partition}), {s['rounds']} rounds",
+        f"{cfg.dataset}, {cfg.num_clients} clients ({split or cfg.partition}), {s['rounds']} rounds",
     )
     widths = f"client bits {cfg.client_bits}" if cfg.client_bits else f"{cfg.bits} bits"
     t.add_row("uplink", f"{widths}, {cfg.method}, {cfg.rounding} rounding, {cfg.granularity}")

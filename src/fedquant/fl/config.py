@@ -23,7 +23,18 @@ from fedquant.quant.grid import Rounding
 from fedquant.quant.quantizer import Granularity
 from fedquant.quant.spec import QuantSpec
 
-DATASETS = ("mnist-embedded", "mnist", "fashion-mnist", "cifar10", "cifar10-jpeg", "imagefolder")
+#: fedquant.fl.data.DATASET_NAMES (not imported: it would import torch), then the text
+#: data sets (next-character prediction, fedquant.fl.text_task)
+DATASETS = (
+    "mnist-embedded",
+    "mnist",
+    "fashion-mnist",
+    "cifar10",
+    "cifar10-jpeg",
+    "imagefolder",
+    "python-stdlib-text",
+    "text",
+)
 PARTITIONS = ("iid", "dirichlet", "shards")
 #: what clients quantize: their weights (the paper) or their update (see fedquant.fl.updates)
 UPLOADS = ("weights", "delta")
@@ -201,24 +212,55 @@ class RunConfig:
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], *, source: str = "config") -> RunConfig:
-        """Build from a (possibly nested) mapping, e.g. a parsed TOML file; keys may use '-' or '_'."""
-        flat: dict[str, Any] = {}
+        """Build from a (possibly nested) mapping, e.g. a parsed TOML file; keys may use '-' or '_'.
 
-        def walk(d: Mapping[str, Any], path: str) -> None:
-            for k, v in d.items():
-                key = str(k).replace("-", "_")
-                if isinstance(v, Mapping):
-                    walk(v, f"{path}{k}.")
-                    continue
-                if key not in FIELDS:
-                    raise ConfigError(
-                        f"{path}{k}",
-                        f"unknown option in {source}; known options: {', '.join(FIELDS)}",
-                    )
-                flat[key] = v
+        Options the mapping leaves out take the data set's defaults
+        (:data:`DATASET_DEFAULTS`), then :class:`RunConfig`'s.
+        """
+        return cls(**with_dataset_defaults(flat_options(values, source=source)))
 
-        walk(values, "")
-        return cls(**flat)
+
+def flat_options(values: Mapping[str, Any], *, source: str = "config") -> dict[str, Any]:
+    """The options of a (possibly nested) mapping as one flat dict; unknown keys are refused."""
+    flat: dict[str, Any] = {}
+
+    def walk(d: Mapping[str, Any], path: str) -> None:
+        for k, v in d.items():
+            key = str(k).replace("-", "_")
+            if isinstance(v, Mapping):
+                walk(v, f"{path}{k}.")
+                continue
+            if key not in FIELDS:
+                raise ConfigError(
+                    f"{path}{k}",
+                    f"unknown option in {source}; known options: {', '.join(FIELDS)}",
+                )
+            flat[key] = v
+
+    walk(values, "")
+    return flat
+
+
+_TEXT_DEFAULTS: dict[str, Any] = {
+    "model": "char-transformer",
+    "bits": "4",
+    "optimizer": "adam",
+    "lr": 0.005,
+    "batch_size": 16,
+}
+#: data set -> the options it changes from RunConfig's defaults when they are not given
+#: (the CLI's flags and --config file, :meth:`RunConfig.from_mapping`): the paper's
+#: "4-2-2-4" bits and plain SGD fit its CNN, not a transformer
+DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "python-stdlib-text": _TEXT_DEFAULTS,
+    "text": _TEXT_DEFAULTS,
+}
+
+
+def with_dataset_defaults(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` plus :data:`DATASET_DEFAULTS` of its ``dataset`` for the options it lacks."""
+    extra = DATASET_DEFAULTS.get(str(values.get("dataset", "")), {})
+    return {**extra, **values}
 
 
 @dataclass(frozen=True)
@@ -332,9 +374,16 @@ def _rules_check(value: str) -> None:
 
 
 FIELDS: dict[str, Field] = {
-    "dataset": Field("data set to train on", str, DATASETS),
+    "dataset": Field(
+        "data set to train on (python-stdlib-text and text: next-character prediction, "
+        "with defaults model=char-transformer, bits=4, optimizer=adam, lr=0.005, batch_size=16 "
+        "for the options not given)",
+        str,
+        DATASETS,
+    ),
     "data_root": Field(
-        "directory or archive holding the data set's files (not needed for mnist-embedded)",
+        "directory or archive holding the data set's files (not needed for mnist-embedded; for "
+        "python-stdlib-text another standard-library folder, default the running Python's)",
         str,
         optional=True,
     ),
@@ -351,7 +400,8 @@ FIELDS: dict[str, Field] = {
     "shards_per_client": Field("label shards per client for --partition shards", int, lo=1),
     "client_fraction": Field("fraction of clients sampled each round", float, lo=1e-9, hi=1.0),
     "model": Field(
-        "model: 'paper-cnn', or 'package.module:factory' with factory(in_shape, num_classes) -> nn.Module",
+        "model: 'paper-cnn', 'char-transformer' (for the text data sets), or "
+        "'package.module:factory' with factory(in_shape, num_classes) -> nn.Module",
         str,
         check_fn=_model_check,
     ),

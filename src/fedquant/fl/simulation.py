@@ -70,6 +70,7 @@ from fedquant.fl.partition import partition
 from fedquant.fl.results import ResultsDir
 from fedquant.fl.seeding import Purpose
 from fedquant.fl.task import FederatedData, Task, federate, image_classification_task
+from fedquant.fl.text_task import TEXT_DATASETS, load_text_workload
 from fedquant.fl.updates import apply_delta, encode_delta, payload_delta_names
 from fedquant.quant import codec
 from fedquant.quant.codec import DecodedUpdate
@@ -165,7 +166,7 @@ WorkloadLoader = Callable[[RunConfig], tuple[FederatedData, Task]]
 #: data set name -> loader of a non-image workload, or ``"package.module:function"``
 #: naming one (imported when first used). ``Simulation(cfg)`` uses the loader when
 #: ``cfg.dataset`` is one of these names (the config's ``DATASETS`` must accept the name).
-WORKLOADS: dict[str, WorkloadLoader | str] = {}
+WORKLOADS: dict[str, WorkloadLoader | str] = {name: load_text_workload for name in TEXT_DATASETS}
 
 
 def workload_loader(name: str) -> WorkloadLoader:
@@ -384,6 +385,7 @@ class Simulation:
             "train": int(sum(self.data.sizes)),
             "test": len(self.data.test),  # type: ignore[arg-type]
             "task": self.task.name,
+            **self.data.meta,
         }
 
     def _hostile_clients(self) -> dict[int, str]:

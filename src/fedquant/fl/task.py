@@ -26,7 +26,7 @@ tuples, lists and dicts are moved).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -275,6 +275,9 @@ class FederatedData:
     labels : list of numpy.ndarray, optional
         Each client's class labels (for ``clients.json``); read from the data
         sets when they carry labels (:func:`dataset_labels`).
+    meta : mapping, optional
+        JSON-ready facts about the data (e.g. a corpus's SHA-256) that the
+        simulator adds to the ``dataset`` entry of ``meta.json``.
     """
 
     clients: Sequence[Dataset]
@@ -283,6 +286,7 @@ class FederatedData:
     num_classes: int | None = None
     input_shape: tuple[int, ...] | None = None
     labels: Sequence[np.ndarray] | None = field(default=None)
+    meta: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         clients = [as_dataset(c, f"client {i}'s data") for i, c in enumerate(self.clients)]
