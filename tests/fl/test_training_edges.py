@@ -6,10 +6,14 @@ import re
 
 import pytest
 import torch
+from torch.utils.data import TensorDataset
 
 from fedquant.errors import NonFiniteError
 from fedquant.fl.client import TrainConfig, train_local
 from fedquant.fl.models import PaperCNN
+from fedquant.fl.task import image_classification_task
+
+TASK = image_classification_task()
 
 
 def _model() -> PaperCNN:
@@ -22,7 +26,9 @@ def test_a_client_with_one_example_leaves_the_model_as_it_got_it() -> None:
     model = _model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x, y = torch.randn(1, 1, 8, 8), torch.tensor([1])
-    stats = train_local(model, x, y, TrainConfig(), generator=torch.Generator().manual_seed(0))
+    stats = train_local(
+        model, TensorDataset(x, y), TASK, TrainConfig(), torch.Generator().manual_seed(0)
+    )
     assert stats.num_examples == 1
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, before[k], rtol=0, atol=0)
@@ -32,7 +38,13 @@ def test_a_last_batch_of_one_is_skipped_and_the_rest_trains() -> None:
     model = _model()
     before = model.conv1.weight.detach().clone()
     x, y = torch.randn(5, 1, 8, 8), torch.tensor([0, 1, 0, 1, 0])
-    train_local(model, x, y, TrainConfig(batch_size=2), generator=torch.Generator().manual_seed(0))
+    train_local(
+        model,
+        TensorDataset(x, y),
+        TASK,
+        TrainConfig(batch_size=2),
+        torch.Generator().manual_seed(0),
+    )
     assert not torch.equal(model.conv1.weight, before)
     assert int(model.bn1.num_batches_tracked) == 2  # batches of 2, 2; the one of 1 skipped
 
@@ -47,8 +59,8 @@ def test_divergence_names_the_learning_rate(lr: float) -> None:
     ):
         train_local(
             model,
-            x,
-            y,
+            TensorDataset(x, y),
+            TASK,
             TrainConfig(lr=lr, epochs=5, batch_size=8),
-            generator=torch.Generator().manual_seed(0),
+            torch.Generator().manual_seed(0),
         )
