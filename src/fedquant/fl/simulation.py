@@ -32,7 +32,7 @@ import importlib
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -59,6 +59,7 @@ from fedquant.fl.data import Dataset, TensorData, load_dataset, to_tensors
 from fedquant.fl.ingest import Reference, admit
 from fedquant.fl.models import build_model
 from fedquant.fl.partition import label_counts, partition
+from fedquant.fl.robust import byzantine_count
 from fedquant.fl.seeding import Purpose
 from fedquant.fl.updates import apply_delta, encode_delta, payload_delta_names
 from fedquant.quant import codec
@@ -325,16 +326,73 @@ class Simulation:
         return seeding.rotation_key(self.cfg.seed, round_) if self.uplink.rotation else None
 
     def replies(
-        self, client: int, payload: bytes, shared_key: int | None = None
-    ) -> list[tuple[str, bytes]]:
-        """What reaches the server from ``client``: its payload, or a hostile client's
-        corruption of it (``hostile_fraction`` / ``hostile_mode``, see :mod:`fedquant.fl.adversary`)."""
-        mode = self.hostile.get(client)
-        if mode is None:
-            return [(str(client), payload)]
-        if mode == "duplicate":
-            return [(str(client), payload), (str(client), payload)]
-        return [(str(client), adversary.corrupt(payload, mode, shared_key=shared_key))]
+        self,
+        sent: list[tuple[int, bytes, float]],
+        start: Mapping[str, np.ndarray],
+        round_: int,
+        shared_key: int | None = None,
+    ) -> Iterator[tuple[int, str, bytes, float]]:
+        """What reaches the server from the round's clients, ``(client, id, payload, loss)``:
+        each honest payload of ``sent``, or a hostile client's corruption or poisoned model
+        (``hostile_fraction`` / ``hostile_mode``, see :mod:`fedquant.fl.adversary`)."""
+        honest: list[dict[str, np.ndarray]] | None = None
+        for client, payload, loss in sent:
+            mode = self.hostile.get(client)
+            if mode is None:
+                yield client, str(client), payload, loss
+            elif mode == "duplicate":
+                yield client, str(client), payload, loss
+                yield client, str(client), payload, loss
+            elif mode in adversary.ATTACKS:
+                if mode in adversary.ROUND_ATTACKS and honest is None:  # the attackers collude
+                    honest = [codec.decode(p, shared_key=shared_key).tensors for _, p, _ in sent]
+                yield (
+                    client,
+                    str(client),
+                    self._poisoned(client, payload, mode, start, round_, shared_key, honest, sent),
+                    loss,
+                )
+            else:
+                yield (
+                    client,
+                    str(client),
+                    adversary.corrupt(payload, mode, shared_key=shared_key),
+                    loss,
+                )
+
+    def _poisoned(
+        self,
+        client: int,
+        payload: bytes,
+        mode: str,
+        start: Mapping[str, np.ndarray],
+        round_: int,
+        shared_key: int | None,
+        honest: list[dict[str, np.ndarray]] | None,
+        sent: list[tuple[int, bytes, float]],
+    ) -> bytes:
+        """An attacker's payload: its honest one's tensors poisoned, encoded with the uplink spec."""
+        cfg = self.cfg
+        dec = codec.decode(payload, shared_key=shared_key)
+        attackers = sum(self.hostile.get(c) == mode for c, _, _ in sent)
+        tensors = adversary.attack(
+            mode,
+            dec.tensors,
+            start,
+            deltas=frozenset(payload_delta_names([dec.info]))
+            if cfg.upload == "delta"
+            else frozenset(),
+            rng=seeding.numpy_rng(cfg.seed, Purpose.HOSTILE, round_, client),
+            honest=honest or (),
+            z=adversary.alie_z(len(sent), attackers),
+        )
+        return codec.encode(
+            tensors,
+            self.uplink,
+            seed=seeding.seed_sequence(cfg.seed, Purpose.UPLINK, round_, client),
+            meta=dec.meta,
+            shared_key=self._uplink_key(round_),
+        )
 
     def run_round(self, state: RunState) -> dict[str, Any]:
         """Run round ``state.round + 1``, update ``state`` in place, return its metrics."""
@@ -366,6 +424,7 @@ class Simulation:
         k = self.clients_at_once
         todo = [int(c) for c in clients if c not in failed]  # who trains, in order
         trained: dict[int, tuple[dict[str, np.ndarray], TrainStats]] = {}
+        sent: list[tuple[int, bytes, float]] = []  # (client, honest payload, train loss)
         for c in clients:
             if c in failed:
                 continue
@@ -379,29 +438,31 @@ class Simulation:
                 int(c), start, r, residuals=state.residuals, trained=trained.pop(int(c), None)
             )
             train_s += secs
-            t1 = time.perf_counter()
-            for cid, reply in self.replies(int(c), payload, key):
-                received += len(reply)
-                replies += 1
-                adm = admit(cid, reply, self.reference, seen=seen, kind=cfg.upload, shared_key=key)
-                reason = adm.reason
-                if adm.ok and self.rule is AggregationRule.FEDAVG:
-                    assert adm.update is not None
-                    n = adm.update.meta.get("num_examples")
-                    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-                        reason = f"fedavg needs num_examples (an integer >= 0) in the payload metadata, got {n!r}"
-                        log.warning("rejected update from client %s: %s", cid, reason)
-                if reason:
-                    rejected[cid] = reason
-                    continue
+            sent.append((int(c), payload, loss))
+            codec_s += time.perf_counter() - t0 - secs  # encode
+        t1 = time.perf_counter()
+        for c, cid, reply, loss in self.replies(sent, start, r, key):
+            received += len(reply)
+            replies += 1
+            adm = admit(cid, reply, self.reference, seen=seen, kind=cfg.upload, shared_key=key)
+            reason = adm.reason
+            if adm.ok and self.rule is AggregationRule.FEDAVG:
                 assert adm.update is not None
-                payloads.append(reply)
-                inspected.append(adm.update)
-                admitted.append(int(c))
-                losses.append(loss)
-                if self.rule is AggregationRule.FEDAVG:
-                    num_examples.append(int(adm.update.meta["num_examples"]))
-            codec_s += time.perf_counter() - t1 + (t1 - t0 - secs)  # encode + admission
+                n = adm.update.meta.get("num_examples")
+                if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+                    reason = f"fedavg needs num_examples (an integer >= 0) in the payload metadata, got {n!r}"
+                    log.warning("rejected update from client %s: %s", cid, reason)
+            if reason:
+                rejected[cid] = reason
+                continue
+            assert adm.update is not None
+            payloads.append(reply)
+            inspected.append(adm.update)
+            admitted.append(int(c))
+            losses.append(loss)
+            if self.rule is AggregationRule.FEDAVG:
+                num_examples.append(int(adm.update.meta["num_examples"]))
+        codec_s += time.perf_counter() - t1  # admission (and any attack)
 
         row: dict[str, Any] = {
             "round": r,
@@ -426,7 +487,13 @@ class Simulation:
                 mse_floor_rel=cfg.mse_floor,
                 inspected=inspected,
                 shared_key=key,
+                reference=start,
+                norm_bound=cfg.norm_bound,
+                trim_fraction=cfg.trim_fraction,
+                byzantine=byzantine_count(len(payloads), cfg.byzantine_fraction),
             )
+            if agg.dropped:  # clients the norm bound left out of some tensor
+                row["norm_outliers"] = len(agg.dropped)
             state.global_state = (
                 apply_delta(state.global_state, agg.tensors, payload_delta_names(agg.infos))
                 if cfg.upload == "delta"
