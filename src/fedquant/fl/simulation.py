@@ -170,6 +170,8 @@ class Simulation:
         self.rule = parse_rule(cfg.aggregation)
         self.train_cfg = train_config(cfg)
         self.hostile = self._hostile_clients()
+        #: this round's trained (unquantized) models of the model-poisoning attackers
+        self._trained_attackers: dict[int, dict[str, np.ndarray]] = {}
         #: why ``batched_clients`` could not be used (clients then train one after another)
         self.batched_fallback: str | None = None
         if cfg.batched_clients > 0:
@@ -371,17 +373,30 @@ class Simulation:
         honest: list[dict[str, np.ndarray]] | None,
         sent: list[tuple[int, bytes, float]],
     ) -> bytes:
-        """An attacker's payload: its honest one's tensors poisoned, encoded with the uplink spec."""
+        """An attacker's payload: its trained model (or update) poisoned, then encoded with the
+        uplink spec as an honest client would (metadata from its honest payload)."""
         cfg = self.cfg
-        dec = codec.decode(payload, shared_key=shared_key)
+        dec = codec.inspect(payload, shared_key=shared_key)
         attackers = sum(self.hostile.get(c) == mode for c, _, _ in sent)
+        deltas = (
+            frozenset(payload_delta_names([dec.info])) if cfg.upload == "delta" else frozenset()
+        )
+        trained = self._trained_attackers.pop(client, None)
+        own = (  # without its trained model (a caller's own round loop): what it uploaded
+            codec.decode_inspected(dec, shared_key=shared_key).tensors
+            if trained is None
+            else {
+                n: np.asarray(v, np.float32) - np.asarray(start[n], np.float32)
+                if n in deltas
+                else v
+                for n, v in trained.items()
+            }
+        )
         tensors = adversary.attack(
             mode,
-            dec.tensors,
+            own,
             start,
-            deltas=frozenset(payload_delta_names([dec.info]))
-            if cfg.upload == "delta"
-            else frozenset(),
+            deltas=deltas,
             rng=seeding.numpy_rng(cfg.seed, Purpose.HOSTILE, round_, client),
             honest=honest or (),
             z=adversary.alie_z(len(sent), attackers),
@@ -438,6 +453,8 @@ class Simulation:
                 int(c), start, r, residuals=state.residuals, trained=trained.pop(int(c), None)
             )
             train_s += secs
+            if self.hostile.get(int(c)) in adversary.ATTACKS:  # poisons its trained model
+                self._trained_attackers[int(c)] = state_numpy(self.model)
             sent.append((int(c), payload, loss))
             codec_s += time.perf_counter() - t0 - secs  # encode
         t1 = time.perf_counter()
