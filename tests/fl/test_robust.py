@@ -348,3 +348,14 @@ def test_config_rejects_bad_robust_values() -> None:
         RunConfig(byzantine_fraction=-0.1)
     for rule, mode in itertools.product(("krum", "multi-krum"), adversary.ATTACKS):
         RunConfig(aggregation=rule, hostile_mode=mode)  # every combination is valid
+
+
+def test_the_default_bound_leaves_honest_runs_unchanged(tiny_data) -> None:  # type: ignore[no-untyped-def]
+    # IID; with tiny non-IID clients honest BatchNorm statistics can exceed the bound
+    # (docs/robustness.md)
+    cfg = RunConfig(**TINY)
+    on = Simulation(cfg, dataset=tiny_data).run()
+    off = Simulation(cfg.with_(norm_bound=0.0), dataset=tiny_data).run()
+    assert all("norm_outliers" not in r for r in on.metrics)
+    for k, v in on.global_state.items():
+        assert np.array_equal(v, off.global_state[k])

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from logging import INFO, WARNING
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
@@ -28,6 +29,7 @@ from fedquant.fl.aggregation import (
     parse_rule,
 )
 from fedquant.fl.ingest import Admission, Reference, admit
+from fedquant.fl.robust import BYZANTINE_FRACTION, NORM_BOUND, TRIM_FRACTION, byzantine_count
 from fedquant.fl.seeding import Purpose, rotation_key, seed_sequence
 from fedquant.flower.records import (
     UplinkConfig,
@@ -55,8 +57,9 @@ class QuantizedFedAvg(FedAvg):
     uplink : QuantSpec or str, default "8"
         How clients quantize their upload (a string is the paper's notation,
         e.g. ``"4-2-2-4"`` or ``"2"``; see :class:`~fedquant.quant.spec.QuantSpec`).
-    aggregation : {"inverse-mse", "fedavg", "mean"}, default "inverse-mse"
-        How the server weights clients (:mod:`fedquant.fl.aggregation`). Only
+    aggregation : {"inverse-mse", "fedavg", "mean", "median", "trimmed-mean", "krum", \
+"multi-krum"}, default "inverse-mse"
+        How the server combines clients (:mod:`fedquant.fl.aggregation`). Only
         ``fedavg`` uses ``num-examples``; with the other rules clients report
         ``num-examples = 1`` (see :func:`~fedquant.flower.fedquant_mod`) and
         client metrics are plain means.
@@ -75,6 +78,14 @@ class QuantizedFedAvg(FedAvg):
         Cap on any client's weight for any tensor (``cap_weights``).
     mse_floor_rel : float, default 1e-2
         Relative MSE floor of ``inverse-mse`` (:mod:`fedquant.fl.aggregation`).
+    norm_bound : float, default :data:`fedquant.fl.robust.NORM_BOUND`
+        A client's update of a tensor (its model minus the model sent to it)
+        longer than this many times the median client's is left out of that
+        tensor's aggregate; 0 = no bound (:mod:`fedquant.fl.robust`).
+    trim_fraction : float, default :data:`fedquant.fl.robust.TRIM_FRACTION`
+        ``trimmed-mean``: fraction of clients dropped from each end.
+    byzantine_fraction : float, default :data:`fedquant.fl.robust.BYZANTINE_FRACTION`
+        ``krum``/``multi-krum``: fraction of the replies assumed Byzantine.
     **fedavg_kwargs
         Passed to :class:`flwr.serverapp.strategy.FedAvg` (``fraction_train``,
         ``min_available_nodes``, ``train_metrics_aggr_fn``, ...).
@@ -102,9 +113,16 @@ class QuantizedFedAvg(FedAvg):
         seed: int = 0,
         max_weight: float | None = None,
         mse_floor_rel: float = MSE_FLOOR_REL,
+        norm_bound: float = NORM_BOUND,
+        trim_fraction: float = TRIM_FRACTION,
+        byzantine_fraction: float = BYZANTINE_FRACTION,
         **fedavg_kwargs: Any,
     ) -> None:
         super().__init__(**fedavg_kwargs)
+        self.norm_bound = norm_bound
+        self.trim_fraction = trim_fraction
+        self.byzantine_fraction = byzantine_fraction
+        self._sent: dict[str, np.ndarray] | None = None  # the model the clients train from
         self.uplink = UplinkConfig(
             spec=_as_spec(uplink), aggregation=parse_rule(aggregation), seed=seed
         )
@@ -162,8 +180,12 @@ class QuantizedFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """FedAvg's sampling, plus fedquant's instructions and the optional quantized broadcast."""
-        self._reference = Reference.from_state(numpy_from_record(arrays))
+        model = numpy_from_record(arrays)
+        self._reference = Reference.from_state(model)
         sent = self.broadcast(arrays, server_round)
+        self._sent = (
+            model if self.downlink is None else codec.decode(payload_from_record(sent)).tensors
+        )
         messages = list(
             super().configure_train(server_round, sent, self._with_instructions(config), grid)
         )
@@ -254,6 +276,10 @@ class QuantizedFedAvg(FedAvg):
             mse_floor_rel=self.mse_floor_rel,
             inspected=inspected,
             shared_key=key,
+            reference=self._sent,
+            norm_bound=self.norm_bound,
+            trim_fraction=self.trim_fraction,
+            byzantine=byzantine_count(len(payloads), self.byzantine_fraction),
         )
         metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
         metrics["fedquant.uplink-bytes"] = int(result.nbytes)
