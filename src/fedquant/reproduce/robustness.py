@@ -97,7 +97,14 @@ def write_robustness_report(grid: Any, scale: str, out: Path, data_dir: str) -> 
             f"{cfg.rounds} rounds, {s.samples_per_client or 'all'} training images per client "
             f"(class-stratified, subset seed {s.subset_seed}), 1 local epoch, batch "
             f"{cfg.batch_size}, lr {cfg.lr:g}, bits {cfg.bits}, seeds "
-            f"{', '.join(map(str, s.seeds))}; final accuracy on the whole test split. Defaults "
+            f"{', '.join(map(str, s.seeds))}; final accuracy on "
+            + (
+                f"a fixed stratified subset of {s.test_samples} test images (the same for every "
+                "run)"
+                if s.final_on_subset and s.test_samples
+                else "the whole test split"
+            )
+            + ". Defaults "
             f"otherwise: norm bound {cfg.norm_bound:g} x the median client, weight cap "
             f"{cfg.weight_cap:g}, trim fraction {cfg.trim_fraction:g}, Byzantine fraction "
             f"{cfg.byzantine_fraction:g}.",
