@@ -7,7 +7,10 @@
 # prints what `flwr ls --format json` reports next to the codec's payload bytes.
 # Everything it started is stopped on exit.
 #
+# The last column is Flower's own cost per reply: (inbound - codec payloads) / replies.
+#
 # Usage: examples/flower/measure_traffic.sh [ROUNDS] [NODES]   (default: 2 2)
+#        SETTINGS='bits="2"' examples/flower/measure_traffic.sh   (one setting only)
 # Needs: fedquant[flower] installed in the active environment (flwr on PATH).
 set -euo pipefail
 set -m  # background jobs get their own process group: `kill -- -PID` stops their children too
@@ -54,9 +57,14 @@ for ((i = 0; i < NODES; i++)); do
     PIDS+=("$!")
 done
 
-printf '%-22s %12s %12s %12s %8s %12s %9s\n' \
-    setting "codec B" "Flower in B" "float32 B" "ratio" "Flower out B" accuracy
-for setting in 'bits="32"' 'bits="8"' 'bits="4-2-2-4"' 'bits="2"' 'bits="2" downlink-bits="8"'; do
+printf '%-22s %12s %12s %12s %8s %12s %9s %14s\n' \
+    setting "codec B" "Flower in B" "float32 B" "ratio" "Flower out B" accuracy "overhead B/reply"
+if [[ -n "${SETTINGS:-}" ]]; then
+    LIST=("$SETTINGS")
+else
+    LIST=('bits="32"' 'bits="8"' 'bits="4-2-2-4"' 'bits="2"' 'bits="2" downlink-bits="8"')
+fi
+for setting in "${LIST[@]}"; do
     flwr run "$HERE" local --stream --run-config \
         "num-server-rounds=$ROUNDS min-nodes=$NODES $setting results-path=\"$WORK/results.json\"" \
         > "$WORK/run.log" 2>&1
@@ -75,6 +83,6 @@ outbound = run["network-traffic"]["outbound-bytes"]
 acc = res["central"][str(max(rounds))]["accuracy"]
 assert run["status"] == "finished:completed", run["status"]
 print(f"{os.environ['SETTING']:<22} {codec:>12} {inbound:>12} {float32:>12} "
-      f"{float32 / inbound:>7.1f}x {outbound:>12} {acc:>9.3f}")
+      f"{float32 / inbound:>7.1f}x {outbound:>12} {acc:>9.3f} {(inbound - codec) / replies:>14.0f}")
 EOF
 done

@@ -4,6 +4,14 @@ Implements Bozorgasl & Chen, "Communication-Efficient Federated Learning via
 Clipped Uniform Quantization" (arXiv 2405.13365): MSE-optimal (OCTAV) clipping,
 B-bit uniform quantization with stochastic or nearest rounding, a bit-packed
 wire format, and inverse-MSE aggregation.
+
+A round trip in a few lines (``model`` any ``torch.nn.Module``)::
+
+    import fedquant
+
+    payload = fedquant.encode(model.state_dict())       # bytes: 8-bit weights
+    result = fedquant.aggregate([payload, payload])      # the server's side
+    model.load_state_dict(result.to_torch())
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from fedquant.errors import (
     InvalidInputError,
     NonFiniteError,
 )
+from fedquant.fl.aggregation import aggregate
 from fedquant.quant.clipping import threshold
 from fedquant.quant.codec import decode, encode, encode_with_stats
 from fedquant.quant.quantizer import dequantize, quantize
@@ -37,6 +46,7 @@ __all__ = [
     "NonFiniteError",
     "QuantSpec",
     "__version__",
+    "aggregate",
     "decode",
     "dequantize",
     "encode",

@@ -6,6 +6,7 @@
 ``fedquant bench``      benchmarks (quantization error, speed, federated)
 ``fedquant fuzz``       fuzz the payload decoder
 ``fedquant reproduce``  the paper-claims grid (see docs/results)
+``fedquant compare``    overlay and tabulate the metrics of several runs
 
 User errors (bad flags, bad config values, missing data) print one line naming
 the option and the allowed values and exit with status 2; no traceback.
@@ -166,6 +167,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             {"label_counts": sim.label_counts.tolist(), "sizes": [int(p.size) for p in sim.parts]},
         )
 
+    if not args.quiet:
+        _print_plan(sim.uplink, sim.initial_state)
     title = f"{cfg.dataset}, {cfg.num_clients} clients, bits {cfg.bits}, {cfg.method}/{cfg.rounding}, {cfg.aggregation}"
     start = time.perf_counter()
     progress = None
@@ -272,6 +275,30 @@ def _print_summary(cfg: Any, s: dict[str, Any]) -> None:
     Console().print(t)
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from fedquant.fl.compare import compare
+
+    result = compare(args.runs, args.out, metric=args.metric)
+    rows = result.table()
+    direction = "lower" if result.lower_is_better else "higher"
+    t = Table(title=f"fedquant compare: {result.metric} ({direction} is better)")
+    for col in rows[0]:
+        t.add_column(col, justify="left" if col == "configuration" else "right")
+    for row in rows:
+        t.add_row(*row.values())
+    Console().print(t)
+    print(f"plots and CSVs: {Path(args.out)}")
+    return 0
+
+
+def _print_plan(spec: Any, state: Any) -> None:
+    """How each tensor of a client's upload travels (bits, bytes), before the first round."""
+    print(f"uplink per client and round, bits {spec.describe_bits()}:\n{spec.plan(state)}")
+
+
 def _delegate(module: str, argv: Sequence[str], prog: str) -> int:
     import importlib
     import inspect
@@ -300,6 +327,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_run_options(run)
     run.set_defaults(func=cmd_run)
+    cmp = sub.add_parser(
+        "compare",
+        help="overlay and tabulate the metrics of several results directories",
+        description="Overlay a metric of several runs against rounds and against uplink bytes, "
+        "print a summary table, and write the plots and CSVs. Runs whose config.toml differ "
+        "only in the seed are one configuration: mean and standard deviation over seeds.",
+    )
+    cmp.add_argument(
+        "runs",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="results directories of fedquant run, or folders of them (fedquant run --out)",
+    )
+    cmp.add_argument(
+        "--metric",
+        default="accuracy",
+        help="the evaluated metric, test_<METRIC> in metrics.jsonl (default: accuracy)",
+    )
+    cmp.add_argument(
+        "--out",
+        default="fedquant-compare",
+        metavar="DIR",
+        help="where to write the plots and CSVs (default: ./fedquant-compare)",
+    )
+    cmp.set_defaults(func=cmd_compare)
     for name, module, helptext in (
         ("bench", "fedquant.bench.cli", "benchmarks: quantization error, speed, federated traffic"),
         ("fuzz", "fedquant.fuzz", "fuzz the payload decoder and the server's ingest path"),

@@ -14,8 +14,13 @@ from flwr.app import DEFAULT_TTL, Context, Message, Metadata, MetricRecord, Reco
 from flwr.clientapp import ClientApp
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedquant.errors import DecodeError
+from fedquant.fl.seeding import Purpose, seed_sequence
 from fedquant.flower import fedquant_mod
+from fedquant.flower.mod import MSE_PREFIX
 from fedquant.flower.records import numpy_from_record, record_from_numpy
+from fedquant.quant import codec
+from fedquant.quant.spec import QuantSpec
 
 
 def metadata(
@@ -39,6 +44,30 @@ def message(
     content: RecordDict, message_type: str = "train", *, src: int = 0, dst: int = 7
 ) -> Message:
     return Message(content=content, metadata=metadata(message_type, src=src, dst=dst))
+
+
+def simulator_broadcast(state: Mapping[str, np.ndarray], bits: str, seed: int, r: int) -> bytes:
+    """The simulator's quantized broadcast of round ``r``: stream (seed, DOWNLINK, r)."""
+    return codec.encode(
+        state,
+        QuantSpec.from_strings(bits=bits),
+        seed=seed_sequence(seed, Purpose.DOWNLINK, r),
+        meta={"round": r},
+    )
+
+
+def payload_metrics(payload: bytes, **metrics: float) -> MetricRecord:
+    """``metrics`` plus the ``fedquant.mse.*`` entries fedquant_mod adds for ``payload``
+    (none for a payload that does not decode)."""
+    out = MetricRecord(dict(metrics))
+    try:
+        info_of = codec.inspect(payload).info
+    except DecodeError:
+        return out
+    for name, info in info_of.items():
+        if info.quantized:
+            out[MSE_PREFIX + name] = float(info.mse)
+    return out
 
 
 def context(partition_id: int | None = 1, node_id: int = 7) -> Context:

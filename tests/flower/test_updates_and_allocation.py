@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("flwr")
 
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 
 from fedquant.fl.updates import encode_delta
 from fedquant.flower import QuantizedFedAvg
@@ -17,7 +17,7 @@ from fedquant.flower.records import UplinkConfig, payload_record, record_from_nu
 from fedquant.quant import codec
 from fedquant.quant.spec import QuantSpec
 
-from .conftest import FakeGrid, local_update, metadata, model_state
+from .conftest import FakeGrid, local_update, metadata, model_state, payload_metrics
 
 NODES = [101, 102]
 
@@ -26,7 +26,7 @@ def reply(payload: bytes, node: int) -> Message:
     content = RecordDict(
         {
             "arrays": payload_record(payload),
-            "metrics": MetricRecord({"train-loss": 1.0, "num-examples": 1}),
+            "metrics": payload_metrics(payload, **{"train-loss": 1.0, "num-examples": 1}),
         }
     )
     return Message(content=content, metadata=metadata("train", src=node, dst=0))

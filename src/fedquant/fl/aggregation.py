@@ -54,6 +54,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any, cast
 
 import numpy as np
 
@@ -62,7 +63,7 @@ from fedquant.errors import ConfigError, InvalidInputError
 from fedquant.fl import robust
 from fedquant.fl.robust import NORM_BOUND, TRIM_FRACTION
 from fedquant.fl.updates import DELTA, KIND_KEY, WEIGHTS, payload_delta_names
-from fedquant.quant import codec, kernels
+from fedquant.quant import codec, interop, kernels
 from fedquant.quant.codec import DecodedUpdate, TensorInfo
 
 MSE_FLOOR_REL = 1e-2
@@ -356,6 +357,14 @@ class AggregateResult:
     #: positions of the clients the norm bound left out of some tensor's aggregate
     dropped: tuple[int, ...] = ()
 
+    def to_torch(self) -> dict[str, Any]:
+        """The aggregate as torch tensors in the dtypes the clients sent (needs PyTorch).
+
+        ``model.load_state_dict(result.to_torch())`` loads it.
+        """
+        dtypes = {n: i.dtype for n, i in self.infos[0].items()} if self.infos else {}
+        return interop.to_torch(self.tensors, dtypes)
+
 
 def aggregate_payloads(
     payloads: Sequence[bytes],
@@ -572,3 +581,146 @@ class _NormBound:
 
 
 _FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+#: the payload metadata key of a client's number of training examples (``fedavg``)
+NUM_EXAMPLES_KEY = "num_examples"
+
+
+def aggregate(
+    payloads: Iterable[bytes | bytearray | memoryview],
+    rule: AggregationRule | str = AggregationRule.INVERSE_MSE,
+    *,
+    num_examples: Sequence[int] | None = None,
+    max_weight: float | None = None,
+    shared_key: int | None = None,
+    reference: Mapping[str, np.ndarray] | None = None,
+    norm_bound: float = NORM_BOUND,
+    trim_fraction: float = TRIM_FRACTION,
+    byzantine: int | None = None,
+) -> AggregateResult:
+    """Aggregate client payloads made by :func:`fedquant.encode` into one model update.
+
+    Parameters
+    ----------
+    payloads : iterable of bytes
+        One payload per client, all of the same tensors.
+    rule : {"inverse-mse", "fedavg", "mean", "median", "trimmed-mean", "krum", \
+"multi-krum"}, default "inverse-mse"
+        How clients are combined (see the module docstring): weighted by the
+        inverse of the quantization MSE each payload reports (the paper's
+        rule), by number of examples, or equally; or a robust rule.
+    num_examples : sequence of int, optional
+        Per payload, the client's number of training examples; ``fedavg``
+        only. If omitted, ``fedavg`` reads ``num_examples`` from each
+        payload's metadata (``encode(..., meta={"num_examples": n})``).
+    max_weight : float, optional
+        Cap in (0, 1] on any client's weight for any tensor (e.g. ``3 / m``
+        for at most three times an equal share of ``m`` clients).
+    shared_key : int, optional
+        The key of payloads whose tensors were rotated (``rotation=True``).
+    reference, norm_bound, trim_fraction, byzantine
+        The robust-aggregation options of :func:`aggregate_payloads`: pass the
+        global model the clients started from as ``reference`` to leave out
+        updates longer than ``norm_bound`` times the median client's (on by
+        default when ``reference`` is given); ``trim_fraction`` for
+        ``"trimmed-mean"``, ``byzantine`` (``f``) for ``"krum"``/``"multi-krum"``.
+
+    Returns
+    -------
+    AggregateResult
+        ``tensors``: NumPy arrays (float32 for floating tensors, the original
+        dtype for integer ones); ``to_torch()`` gives a ``state_dict`` that
+        ``model.load_state_dict`` accepts; ``weights``: the weight of each
+        client for each tensor.
+
+    Raises
+    ------
+    InvalidInputError
+        No payloads, not bytes, payloads of different tensors or shapes, bad
+        ``num_examples``/``max_weight``, ``fedavg`` without a number of
+        examples for every client.
+    ConfigError
+        An unknown ``rule``.
+    DecodeError
+        A malformed payload.
+
+    Examples
+    --------
+    >>> import numpy as np, fedquant
+    >>> w = {"w": np.linspace(-1, 1, 8, dtype=np.float32).reshape(2, 4)}
+    >>> p = [fedquant.encode(w, meta={"num_examples": n}, seed=n) for n in (10, 30)]
+    >>> fedquant.aggregate(p, "fedavg").weights["w"].tolist()
+    [0.25, 0.75]
+    """
+    if isinstance(payloads, (bytes, bytearray, memoryview)):
+        raise InvalidInputError(
+            "aggregate: payloads is a single payload; expected a list of them, e.g. [p1, p2]"
+        )
+    try:
+        payloads = list(payloads)
+    except TypeError:
+        raise InvalidInputError(
+            f"aggregate: payloads is a {type(payloads).__name__}; expected a list of payloads "
+            "(bytes from fedquant.encode)"
+        ) from None
+    for j, p in enumerate(payloads):
+        if not isinstance(p, (bytes, bytearray, memoryview)):
+            raise InvalidInputError(
+                f"aggregate: payload #{j} is a {type(p).__name__}; expected bytes from "
+                "fedquant.encode"
+            )
+    r = parse_rule(rule)
+    if max_weight is not None and (
+        isinstance(max_weight, bool)
+        or not isinstance(max_weight, (int, float))
+        or not 0.0 < max_weight <= 1.0
+    ):
+        raise InvalidInputError(
+            f"aggregate: max_weight={max_weight!r} is not valid; expected a number in (0, 1] "
+            "or None (no cap)"
+        )
+    if num_examples is not None:
+        if r is not AggregationRule.FEDAVG:
+            raise InvalidInputError(
+                f"aggregate: num_examples weights clients under rule='fedavg' only; rule "
+                f"{r.value!r} does not use it"
+            )
+        counts = list(num_examples) if isinstance(num_examples, Iterable) else None
+        if counts is None or len(counts) != len(payloads) or not all(map(_is_count, counts)):
+            raise InvalidInputError(
+                f"aggregate: num_examples={num_examples!r} is not valid; expected one int >= 0 "
+                f"per payload ({len(payloads)})"
+            )
+        num_examples = [int(n) for n in counts]
+    if not payloads:
+        raise InvalidInputError("aggregate: no client payloads to aggregate")
+    inspected = [codec.inspect(p, shared_key=shared_key) for p in payloads]
+    if r is AggregationRule.FEDAVG and num_examples is None:
+        num_examples = []
+        for j, u in enumerate(inspected):
+            n = u.meta.get(NUM_EXAMPLES_KEY)
+            if not _is_count(n):
+                raise InvalidInputError(
+                    f"aggregate: fedavg needs each client's number of examples, but payload #{j} "
+                    f"has {NUM_EXAMPLES_KEY}={n!r} in its metadata; pass num_examples=[...] or "
+                    f"encode with meta={{'{NUM_EXAMPLES_KEY}': n}}"
+                )
+            num_examples.append(int(n))  # type: ignore[arg-type]
+    return aggregate_payloads(
+        cast(Sequence[bytes], payloads),  # the codec reads any bytes-like payload
+        r,
+        num_examples=num_examples,
+        max_weight=max_weight,
+        inspected=inspected,
+        shared_key=shared_key,
+        reference=reference,
+        norm_bound=norm_bound,
+        trim_fraction=trim_fraction,
+        byzantine=byzantine,
+    )
+
+
+def _is_count(n: object) -> bool:
+    """An int >= 0 (a bool is not a count)."""
+    return isinstance(n, (int, np.integer)) and not isinstance(n, bool) and bool(n >= 0)

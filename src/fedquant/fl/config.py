@@ -232,9 +232,10 @@ class Field:
             try:
                 self.check_fn(value)
             except (ConfigError, InvalidInputError) as e:
-                raise ConfigError(
-                    name, f"{value!r} is not valid: {str(e).split(': ', 1)[-1]}"
-                ) from e
+                detail = str(e).split(": ", 1)[-1]
+                if not detail.startswith(repr(value)):  # name the value once
+                    detail = f"{value!r} is not valid: {detail}"
+                raise ConfigError(name, detail) from e
         return value
 
 

@@ -14,16 +14,18 @@ Norm bound (after Sun et al., 2019, "Can you really backdoor federated learning?
     update of that tensor is left out: the weight rules give it weight 0 on
     that tensor (the others' weights renormalized), the robust rules see the
     global model's value instead (a zero update). ``factor`` is generous, so
-    honest clients are never outliers and honest results are unchanged.
+    that honest clients are not outliers and honest results are unchanged
+    (with very small non-IID clients, honest BatchNorm statistics can exceed
+    it: ``docs/robustness.md``).
 
     Why leave out instead of scaling down to the bound (Sun et al.'s
     clipping)? A third of the clients, each pushing ``factor`` times a
     typical update in one direction (the model x 1e6 pushes every tensor
     along itself), outweigh the honest ones on every tensor whose honest
-    updates are small or disagree (BatchNorm scales and running statistics;
-    ``docs/robustness.md`` has the measurement). Bounding per tensor, not over the whole
-    model, keeps an attacker from hiding a large change of one small tensor
-    in the norm of the large ones. An adaptive attacker can stay just under
+    updates are small or disagree (BatchNorm scales and running statistics),
+    and the evaluated model collapses although no weight is large. Bounding
+    per tensor, not over the whole model, keeps an attacker from hiding a
+    large change of one small tensor in the norm of the large ones. An adaptive attacker can stay just under
     ``factor`` times the median; that is what the robust rules below are for.
     Needs at least 3 clients (with 2, neither can exceed ``factor >= 2`` times
     their median).

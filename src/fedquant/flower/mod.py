@@ -24,11 +24,17 @@ What it does, for every message:
    and, for ``fedavg`` only, ``num_examples`` -- so a Flower client and a
    simulated client with the same model produce the same bytes. The reply's MetricRecord gains ``fedquant.mse.<tensor>`` (the
    quantization MSE of every quantized tensor, also inside the payload).
-3. **Dataset size.** Unless the server aggregates with ``fedavg``, the mod
-   sets ``num-examples`` to ``1`` in train *and* evaluate replies: Flower's
-   FedAvg needs the key, but inverse-MSE and mean weighting do not use it, so
-   the client's real sizes never leave the node (client metrics are then
+3. **Dataset size.** Unless the server's weighting reads it (``fedavg``, or
+   ``strategy``: the wrapped Flower strategy weights by it), the mod sets
+   ``num-examples`` to ``1`` in train *and* evaluate replies: Flower's
+   strategies need the key, but inverse-MSE and mean weighting do not use it,
+   so the client's real sizes never leave the node (client metrics are then
    averaged with equal weights).
+4. **The node's own bit width.** A SuperNode started with
+   ``--node-config 'fedquant-bits="2"'`` (:data:`NODE_BITS_KEY`) quantizes its
+   uploads with that ``bits`` setting instead of the server's (every other
+   setting is the server's); the server aggregates payloads of mixed widths
+   as they come, each payload describing its own.
 
 Messages without fedquant instructions (e.g. from a stock FedAvg server) pass
 through unchanged. Failures (a corrupted downlink, NaN weights, a reply that
@@ -47,7 +53,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import log
 from flwr.common.constant import ErrorCode
 
-from fedquant.errors import FedquantError
+from fedquant.errors import ConfigError, FedquantError
 from fedquant.fl.aggregation import AggregationRule
 from fedquant.fl.client import upload_meta
 from fedquant.fl.seeding import Purpose, rotation_key, seed_sequence
@@ -60,13 +66,17 @@ from fedquant.flower.records import (
     record_from_numpy,
 )
 from fedquant.quant import codec
+from fedquant.quant.allocation import plan_tensors
+from fedquant.quant.spec import QuantSpec
 
 __all__ = [
     "MSE_PREFIX",
+    "NODE_BITS_KEY",
     "NUM_EXAMPLES_KEY",
     "UNDISCLOSED_NUM_EXAMPLES",
     "client_id",
     "fedquant_mod",
+    "node_spec",
 ]
 
 #: the MetricRecord key Flower's FedAvg weights by
@@ -75,11 +85,35 @@ NUM_EXAMPLES_KEY = "num-examples"
 UNDISCLOSED_NUM_EXAMPLES = 1
 #: prefix of the per-tensor MSE entries the mod adds to train replies
 MSE_PREFIX = "fedquant.mse."
+#: node-config key with which a SuperNode sets its own uplink bits
+NODE_BITS_KEY = "fedquant-bits"
 
 
 def _error_reply(msg: Message, reason: str) -> Message:
     log(ERROR, "fedquant_mod: %s", reason)
     return Message(Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=reason), reply_to=msg)
+
+
+def node_spec(spec: QuantSpec, ctxt: Context) -> QuantSpec:
+    """``spec`` with the node's own ``bits`` (node config :data:`NODE_BITS_KEY`), if it sets one.
+
+    Raises
+    ------
+    FedquantError
+        If the node's value is not a valid bit setting.
+    """
+    value = ctxt.node_config.get(NODE_BITS_KEY)
+    if value is None or str(value).strip() == "":
+        return spec
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise FedquantError(
+            f'node config {NODE_BITS_KEY!r} must be a bit setting such as "2" or '
+            f'"4-2-2-4", got {value!r}'
+        )
+    try:
+        return QuantSpec.from_dict({**spec.to_dict(), "bits": str(value).strip()})
+    except ConfigError as e:
+        raise FedquantError(f"node config {NODE_BITS_KEY}={value!r}: {e}") from None
 
 
 def _instructions(msg: Message) -> UplinkConfig | None:
@@ -103,8 +137,8 @@ def _server_round(msg: Message) -> int:
                 return value
             raise FedquantError(f"'server-round' must be a non-negative int, got {value!r}")
     raise FedquantError(
-        "the train message has no 'server-round' in its ConfigRecord; use a FedAvg-based "
-        "strategy (it adds it) such as fedquant.flower.QuantizedFedAvg"
+        "the train message has no 'server-round' in its ConfigRecord; wrap the server's "
+        "strategy in fedquant.flower.QuantizedStrategy (it adds it)"
     )
 
 
@@ -167,7 +201,7 @@ def fedquant_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> M
         return _error_reply(
             msg,
             f"cannot read the server's message: {e}. Server and client must run "
-            "compatible fedquant versions (QuantizedFedAvg on the server).",
+            "compatible fedquant versions (QuantizedStrategy on the server).",
         )
 
     reply = call_next(msg, ctxt)
@@ -186,12 +220,13 @@ def fedquant_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> M
     metric_key, metrics = next(iter(content.metric_records.items()))
     out = MetricRecord(dict(metrics))
     num_examples = out.get(NUM_EXAMPLES_KEY)
-    if instructions.aggregation is not AggregationRule.FEDAVG:
+    if not instructions.discloses_num_examples:
         out[NUM_EXAMPLES_KEY] = UNDISCLOSED_NUM_EXAMPLES
     elif not _is_count(num_examples):
         return _error_reply(
             msg,
-            f"the server aggregates with fedavg, which weights by '{NUM_EXAMPLES_KEY}'; put "
+            f"the server aggregates with {instructions.aggregation}, which weights by "
+            f"'{NUM_EXAMPLES_KEY}'; put "
             f"the number of training examples (a whole number >= 0) in the reply's "
             f"MetricRecord (got {num_examples!r})",
         )
@@ -203,17 +238,29 @@ def fedquant_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> M
     try:
         tensors = numpy_from_record(record)
         client = client_id(ctxt)
+    except FedquantError as e:
+        return _error_reply(msg, f"cannot read the model update: {e}")
+    try:
+        spec = node_spec(instructions.spec, ctxt)
+        plan_tensors(tensors, spec)  # a width list that does not fit the model fails here
+    except FedquantError as e:
+        return _error_reply(
+            msg,
+            f"this node's uplink setting does not fit the model: {e}. Fix the server's "
+            f"uplink bits or this SuperNode's --node-config {NODE_BITS_KEY}=...",
+        )
+    try:
         # the simulator's metadata, so that both runtimes produce the same bytes
         meta = upload_meta(
             server_round,
             client,
             disclose_num_examples=int(num_examples)  # type: ignore[arg-type]
-            if instructions.aggregation is AggregationRule.FEDAVG
+            if instructions.rule is AggregationRule.FEDAVG
             else None,
         )
         result = codec.encode_with_stats(
             tensors,
-            instructions.spec,
+            spec,
             seed=seed_sequence(instructions.seed, Purpose.UPLINK, server_round, client),
             meta=meta,
             shared_key=rotation_key(instructions.seed, server_round),

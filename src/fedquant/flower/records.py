@@ -32,10 +32,12 @@ from fedquant.quant.spec import SPEC_KEYS, QuantSpec
 __all__ = [
     "CONFIG_PREFIX",
     "PAYLOAD_KEY",
+    "STRATEGY_AGGREGATION",
     "STYPE",
     "UplinkConfig",
     "is_payload_record",
     "numpy_from_record",
+    "parse_aggregation",
     "payload_from_record",
     "payload_record",
     "record_from_numpy",
@@ -47,6 +49,33 @@ STYPE = "fedquant/v1"
 PAYLOAD_KEY = "fedquant"
 #: prefix of the ConfigRecord keys :class:`UplinkConfig` writes
 CONFIG_PREFIX = "fedquant."
+#: the aggregation setting that leaves the weighting to the wrapped Flower strategy
+STRATEGY_AGGREGATION = "strategy"
+
+
+def parse_aggregation(value: AggregationRule | str) -> str:
+    """Normalize a server's aggregation setting: ``"strategy"`` or a fedquant rule's name.
+
+    ``"strategy"`` means that the wrapped Flower strategy aggregates the
+    dequantized models with its own rule; any other value must name a rule of
+    :class:`fedquant.fl.aggregation.AggregationRule` (returned as its value).
+
+    Raises
+    ------
+    ConfigError
+        If ``value`` is neither (the message lists the allowed values).
+    """
+    if isinstance(value, str) and value.strip().lower() == STRATEGY_AGGREGATION:
+        return STRATEGY_AGGREGATION
+    try:
+        return parse_rule(value).value
+    except ConfigError:
+        allowed = ", ".join([STRATEGY_AGGREGATION, *(r.value for r in AggregationRule)])
+        raise ConfigError(
+            "aggregation",
+            f"{value!r} is not valid; expected one of {allowed} ('strategy': the wrapped "
+            "Flower strategy weights the dequantized models itself)",
+        ) from None
 
 
 def payload_record(payload: bytes) -> ArrayRecord:
@@ -125,32 +154,45 @@ class UplinkConfig:
     ----------
     spec : QuantSpec
         How clients quantize their upload.
-    aggregation : AggregationRule
-        The server's rule. Clients disclose their number of examples only for
-        ``fedavg``; for the other rules the mod reports ``num-examples = 1``.
+    aggregation : str
+        The server's rule (:func:`parse_aggregation`): a fedquant rule's name,
+        or ``"strategy"`` when the wrapped Flower strategy weights the models.
+        Clients disclose their number of examples only for ``fedavg`` and
+        ``strategy`` (:attr:`discloses_num_examples`); for the other rules the
+        mod reports ``num-examples = 1``.
     seed : int
         Run seed; a client's stochastic rounding uses the stream
         ``(seed, UPLINK, server round, partition id)``.
     """
 
     spec: QuantSpec
-    aggregation: AggregationRule = AggregationRule.INVERSE_MSE
+    aggregation: str = AggregationRule.INVERSE_MSE.value
     seed: int = 0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "aggregation", parse_rule(self.aggregation))
+        object.__setattr__(self, "aggregation", parse_aggregation(self.aggregation))
         if isinstance(self.seed, bool) or not isinstance(self.seed, int | np.integer):
             raise ConfigError("seed", f"expected a non-negative integer, got {self.seed!r}")
         if int(self.seed) < 0:
             raise ConfigError("seed", f"expected a non-negative integer, got {self.seed!r}")
         object.__setattr__(self, "seed", int(self.seed))
 
+    @property
+    def rule(self) -> AggregationRule | None:
+        """fedquant's rule, or ``None`` when the wrapped strategy weights the models."""
+        return None if self.aggregation == STRATEGY_AGGREGATION else parse_rule(self.aggregation)
+
+    @property
+    def discloses_num_examples(self) -> bool:
+        """Whether the server's weighting reads the clients' numbers of examples."""
+        return self.aggregation in (AggregationRule.FEDAVG.value, STRATEGY_AGGREGATION)
+
     def to_config(self) -> dict[str, Any]:
         """ConfigRecord entries (``fedquant.bits``, ``fedquant.aggregation``, ...)."""
         entries: dict[str, Any] = {
             CONFIG_PREFIX + k: v for k, v in self.spec.to_dict().items() if k in SPEC_KEYS
         }
-        entries[CONFIG_PREFIX + "aggregation"] = self.aggregation.value
+        entries[CONFIG_PREFIX + "aggregation"] = self.aggregation
         entries[CONFIG_PREFIX + "seed"] = self.seed
         return entries
 
@@ -174,6 +216,6 @@ class UplinkConfig:
             ) from None
         return cls(
             spec=QuantSpec.from_dict(spec_dict),
-            aggregation=str(config.get(CONFIG_PREFIX + "aggregation", "inverse-mse")),  # type: ignore[arg-type]
+            aggregation=str(config.get(CONFIG_PREFIX + "aggregation", "inverse-mse")),
             seed=seed,  # type: ignore[arg-type]
         )

@@ -290,7 +290,6 @@ def run_flower(
             mse_floor_rel=cfg.mse_floor,
             norm_bound=cfg.norm_bound,
             trim_fraction=cfg.trim_fraction,
-            byzantine_fraction=cfg.byzantine_fraction,
             fraction_train=1.0,
             fraction_evaluate=0.0,
             min_train_nodes=n,

@@ -44,7 +44,7 @@ from typing import NamedTuple
 import numpy as np
 
 from fedquant.choices import parse_choice
-from fedquant.errors import NonFiniteError
+from fedquant.errors import InvalidInputError, NonFiniteError
 from fedquant.quant import calibration, kernels
 from fedquant.quant.grid import (
     Rounding,
@@ -191,7 +191,12 @@ def threshold(
     bits = check_bits(bits)
     rnd = parse_rounding(rounding)
     m = parse_method(method)
-    flat = np.ascontiguousarray(np.asarray(x, dtype=np.float32).reshape(-1))
+    try:
+        flat = np.ascontiguousarray(np.asarray(x, dtype=np.float32).reshape(-1))
+    except (TypeError, ValueError) as e:
+        raise InvalidInputError(
+            f"threshold: x is not an array of numbers ({type(x).__name__}: {e})"
+        ) from None
     return _threshold_flat(flat, bits, rnd, m, percentile)
 
 

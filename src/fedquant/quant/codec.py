@@ -73,7 +73,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from fedquant.errors import DecodeError, InvalidInputError
-from fedquant.quant import allocation, entropy, rotation
+from fedquant.quant import allocation, entropy, interop, rotation
 from fedquant.quant.clipping import _threshold_flat
 from fedquant.quant.entropy import EntropyCoding
 from fedquant.quant.grid import FLOAT_BITS, Rounding, num_steps
@@ -96,6 +96,9 @@ MAX_NDIM = 16
 MAX_META = 1 << 20
 MAX_DIM = 1 << 48
 
+#: what ``encode(..., seed=)`` takes: also a tuple of ints such as ``(round, client)``
+EncodeSeed = SeedLike | tuple[int, ...]
+
 _HEADER = struct.Struct("<4sHHQII")
 _REC_FIXED = struct.Struct("<BBBBBBBB")
 _U16 = struct.Struct("<H")
@@ -103,8 +106,9 @@ _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 _MSE_LEN = struct.Struct("<dQ")  # a record's mse and data_len
 _CRC = struct.Struct("<I")
-#: smallest possible record (1-byte name, 0-d raw float: 4 data bytes)
-_MIN_RECORD = 2 + 1 + _REC_FIXED.size + 4 + 8 + 8 + 4
+#: smallest possible record: a 1-byte name, no dims (0-d), no scales, mse and data_len,
+#: and one data byte (a 0-d int8/uint8/bool tensor; a 0-d float32 has 4)
+_MIN_RECORD = _U16.size + 1 + _REC_FIXED.size + _U32.size + _MSE_LEN.size + 1
 
 KIND_QUANT, KIND_FLOAT, KIND_INT = 0, 1, 2
 TRANSFORM_NONE, TRANSFORM_HADAMARD = 0, 1
@@ -201,6 +205,18 @@ class DecodedUpdate:
     def mse(self) -> dict[str, float]:
         return {n: i.mse for n, i in self.info.items()}
 
+    def to_torch(self) -> dict[str, Any]:
+        """The values as torch tensors in the dtypes they were sent in.
+
+        ``model.load_state_dict(decode(payload).to_torch())`` loads a decoded
+        update. Needs PyTorch (:func:`fedquant.quant.interop.to_torch`).
+        """
+        if self.info and not self.tensors:
+            raise InvalidInputError(
+                "to_torch: this update has no values (it came from inspect()); use decode()"
+            )
+        return interop.to_torch(self.tensors, {n: i.dtype for n, i in self.info.items()})
+
 
 class _Data(NamedTuple):
     """Where a validated record's data lies, and how to turn it into values."""
@@ -228,27 +244,76 @@ def _float32_size(info: TensorInfo) -> int:
 # --------------------------------------------------------------------------- encode
 
 
+def _unsupported_dtype(name: str, dtype: str) -> InvalidInputError:
+    return InvalidInputError(
+        f"encode: tensor {name!r} has dtype {dtype}; supported: {', '.join(_DTYPE_CODE)}"
+    )
+
+
 def _as_numpy(name: str, t: Any) -> tuple[np.ndarray, str]:
     """(array, wire dtype name) of a numpy array or torch tensor, without importing torch."""
     if hasattr(t, "detach") and hasattr(t, "numpy"):
         dtype = str(t.dtype).removeprefix("torch.")
-        if t.is_floating_point():
-            return t.detach().to("cpu").float().numpy(), dtype
-        return t.detach().to("cpu").numpy(), dtype
-    arr = np.asarray(t)
+        where = f"encode: tensor {name!r}"
+        if dtype not in _DTYPE_CODE:
+            raise _unsupported_dtype(name, dtype)
+        if getattr(t, "is_meta", False):
+            raise InvalidInputError(
+                f"{where} is on the meta device and has no values; expected a tensor with data "
+                "(e.g. a model built on 'cpu', or after load_state_dict(..., assign=True))"
+            )
+        layout = str(getattr(t, "layout", "torch.strided"))
+        if layout != "torch.strided":
+            raise InvalidInputError(
+                f"{where} has layout {layout}; expected a dense (strided) tensor, e.g. t.to_dense()"
+            )
+        try:
+            if t.is_floating_point():
+                return t.detach().to("cpu").float().numpy(), dtype
+            return t.detach().to("cpu").numpy(), dtype
+        except (RuntimeError, TypeError, NotImplementedError) as e:
+            raise InvalidInputError(f"{where} cannot be read as an array: {e}") from e
+    try:
+        arr = np.asarray(t)
+    except (TypeError, ValueError) as e:
+        raise InvalidInputError(
+            f"encode: tensor {name!r} is not an array ({type(t).__name__}: {e}); expected a "
+            "numpy array or torch tensor"
+        ) from e
+    if not arr.dtype.isnative:  # big-endian data: the same values in native order
+        arr = arr.astype(arr.dtype.newbyteorder("="))
+    if arr.dtype == np.float64 and arr.size and np.nanmax(np.abs(arr), initial=0.0) > _F32_MAX:
+        raise InvalidInputError(
+            f"encode: tensor {name!r} holds float64 values up to "
+            f"{np.nanmax(np.abs(arr)):.3g}, beyond float32's range (+-{_F32_MAX:.3g}); every "
+            "tensor travels in float32 or fewer bits"
+        )
     return arr, _NAMES.get(arr.dtype) or str(arr.dtype)
 
 
-def _tensor_keys(seed: SeedLike, n: int) -> list[np.uint64] | None:
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def _tensor_keys(seed: EncodeSeed, n: int) -> list[np.uint64] | None:
     """One independent 64-bit key per tensor, derived from the caller's seed.
 
-    An int or SeedSequence yields ``SeedSequence(seed).generate_state(n, uint64)``
-    (key ``i`` for the ``i``-th tensor); a Generator yields ``n`` draws.
+    An int, tuple of ints or SeedSequence yields
+    ``SeedSequence(seed).generate_state(n, uint64)`` (key ``i`` for the
+    ``i``-th tensor); a Generator yields ``n`` draws.
     """
     if seed is None:
         return None
     if isinstance(seed, np.random.Generator):
         return [rng_key(seed, where="encode") for _ in range(n)]
+    if isinstance(seed, (tuple, list)):
+        if not seed or not all(
+            isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s >= 0 for s in seed
+        ):
+            raise InvalidInputError(
+                f"encode: seed={seed!r} is not usable; a tuple seed must hold non-negative ints, "
+                "e.g. (round, client)"
+            )
+        seed = np.random.SeedSequence([int(s) for s in seed])
     if not isinstance(seed, np.random.SeedSequence):
         rng_key(seed, where="encode")  # validates the type and sign
         seed = np.random.SeedSequence(int(seed))
@@ -272,11 +337,43 @@ def _meta_bytes(meta: Mapping[str, Any] | None) -> bytes:
     return raw
 
 
+def _check_args(tensors: Any, spec: Any, meta: Any) -> QuantSpec:
+    """The spec to use, after checking the types of :func:`encode`'s arguments."""
+    if not isinstance(tensors, Mapping):
+        hint = (
+            "; pass model.state_dict(), not the model"
+            if hasattr(tensors, "state_dict")
+            else ", e.g. model.state_dict() or {'w': array}"
+        )
+        raise InvalidInputError(
+            f"encode: tensors is a {type(tensors).__name__}; expected a mapping of name -> "
+            f"array{hint}"
+        )
+    if spec is not None and not isinstance(spec, QuantSpec):
+        raise InvalidInputError(
+            f"encode: spec={spec!r} is not a QuantSpec; expected e.g. "
+            "QuantSpec.from_strings(bits='4') or QuantSpec(default_bits=4)"
+        )
+    if meta is not None and not isinstance(meta, Mapping):
+        raise InvalidInputError(
+            f"encode: meta is a {type(meta).__name__}; expected a mapping of str -> scalar"
+        )
+    return spec if spec is not None else QuantSpec()
+
+
+def _name_bytes(name: str) -> bytes:
+    """A tensor name in UTF-8 (``b""`` if it cannot be encoded, e.g. a lone surrogate)."""
+    try:
+        return name.encode()
+    except UnicodeEncodeError:
+        return b""
+
+
 def encode_with_stats(
     tensors: Mapping[str, Any],
     spec: QuantSpec | None = None,
     *,
-    seed: SeedLike = None,
+    seed: EncodeSeed = None,
     meta: Mapping[str, Any] | None = None,
     shared_key: int | None = None,
 ) -> EncodeResult:
@@ -291,9 +388,13 @@ def encode_with_stats(
         stochastic rounding, OCTAV).
         With a bit budget (``bits="auto:2.03"``) the widths are allocated
         from these tensors (:func:`fedquant.quant.allocation.allocate`).
-    seed : int, np.random.Generator or SeedSequence, optional
-        Required when any tensor uses stochastic rounding; each tensor gets an
-        independent key derived from it.
+    seed : int, tuple of int, np.random.Generator or SeedSequence, optional
+        The randomness of stochastic rounding; each tensor gets an independent
+        key derived from it. A tuple such as ``(round, client)`` is the
+        entropy of a ``SeedSequence``. Without a seed, stochastic rounding
+        draws fresh entropy from the operating system, as
+        ``np.random.default_rng()`` does: two calls then give different
+        payloads. Pass a seed to make encoding reproducible.
     meta : Mapping[str, scalar], optional
         Small metadata that travels with the payload (e.g. round, client id).
     shared_key : int, optional
@@ -306,24 +407,33 @@ def encode_with_stats(
     Raises
     ------
     InvalidInputError
-        Non-finite values, bad names, unsupported dtypes, missing seed or shared key.
+        Arguments of the wrong type, non-finite values, bad names, unsupported
+        dtypes or layouts (sparse or meta torch tensors), a bad seed, a missing
+        shared key.
     ConfigError
-        The spec does not fit the model (e.g. ``4-2-2-4`` on a model with 5 layers).
+        The spec does not fit the model (e.g. ``4-2-2-4`` on a model with 5
+        layers, a rule that matches no tensor).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> update = {"w": np.linspace(-1, 1, 64, dtype=np.float32).reshape(8, 8)}
+    >>> result = encode_with_stats(update, QuantSpec(default_bits=4), seed=(3, 17))
+    >>> result.tensors["w"].bits, result.nbytes
+    (4, 111)
     """
-    spec = spec if spec is not None else QuantSpec()
+    spec = _check_args(tensors, spec, meta)
     if shared_key is not None:
         shared_key = rotation.check_shared_key(shared_key, "encode")
     arrays: dict[str, tuple[np.ndarray, str]] = {}
     for name, t in tensors.items():
-        if not isinstance(name, str) or not name or len(name.encode()) > MAX_NAME:
+        if not isinstance(name, str) or not 1 <= len(_name_bytes(name)) <= MAX_NAME:
             raise InvalidInputError(
                 f"encode: tensor name {name!r} must be a str of 1..{MAX_NAME} bytes"
             )
         arr, dtype = _as_numpy(name, t)
         if dtype not in _DTYPE_CODE:
-            raise InvalidInputError(
-                f"encode: tensor {name!r} has dtype {dtype}; supported: {', '.join(_DTYPE_CODE)}"
-            )
+            raise _unsupported_dtype(name, dtype)
         if arr.ndim > MAX_NDIM:
             raise InvalidInputError(
                 f"encode: tensor {name!r} has {arr.ndim} dims; at most {MAX_NDIM}"
@@ -334,8 +444,8 @@ def encode_with_stats(
         plans = allocation.allocate({n: a for n, (a, _) in arrays.items()}, spec).plans
     needs_seed = any(p.quantized and p.rounding is Rounding.STOCHASTIC for p in plans.values())
     keys = _tensor_keys(seed, len(arrays))
-    if needs_seed and keys is None:
-        rng_key(None, where="encode")  # raises the standard "needs seed=" error
+    if needs_seed and keys is None:  # fresh OS entropy, as np.random.default_rng() does
+        keys = _tensor_keys(np.random.SeedSequence(), len(arrays))
     if shared_key is None and any(p.quantized and p.rotation for p in plans.values()):
         raise InvalidInputError(
             "encode: the spec rotates (rotation=True), which needs shared_key= (an int in "
@@ -365,11 +475,17 @@ def encode(
     tensors: Mapping[str, Any],
     spec: QuantSpec | None = None,
     *,
-    seed: SeedLike = None,
+    seed: EncodeSeed = None,
     meta: Mapping[str, Any] | None = None,
     shared_key: int | None = None,
 ) -> bytes:
-    """Encode a model update into a payload (see :func:`encode_with_stats`)."""
+    """Encode a model update into a payload (see :func:`encode_with_stats`).
+
+    ``encode(model.state_dict())`` works as is: weights at 8 bits, OCTAV
+    clipping, stochastic rounding seeded from fresh operating-system entropy
+    (pass ``seed=`` -- an int, a tuple such as ``(round, client)``, a
+    ``SeedSequence`` or a ``Generator`` -- for the same payload every time).
+    """
     return encode_with_stats(tensors, spec, seed=seed, meta=meta, shared_key=shared_key).payload
 
 

@@ -304,6 +304,11 @@ def dequantize_packed(
 
 def dequantize(q: QuantizedTensor) -> np.ndarray:
     """Map a :class:`QuantizedTensor` back to float32 values of its original shape."""
+    if not isinstance(q, QuantizedTensor):
+        raise InvalidInputError(
+            f"dequantize: expected the QuantizedTensor that quantize() returns, got "
+            f"{type(q).__name__}"
+        )
     return dequantize_packed(q.packed, q.shape, q.bits, q.scales)
 
 

@@ -31,16 +31,20 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from fnmatch import fnmatchcase
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedquant.errors import ConfigError, InvalidInputError
 from fedquant.quant.clipping import ThresholdMethod, parse_method
 from fedquant.quant.entropy import EntropyCoding, parse_entropy
 from fedquant.quant.grid import FLOAT_BITS, Rounding, check_bits, parse_rounding
 from fedquant.quant.quantizer import Granularity, parse_granularity
+
+if TYPE_CHECKING:
+    from fedquant.quant.plan import UpdatePlan
 
 SPEC_VERSION = 1
 
@@ -69,31 +73,39 @@ def _bits(value: Any, option: str) -> int:
         raise ConfigError(option, str(e).split(": ", 1)[-1] if ": " in str(e) else str(e)) from e
 
 
+#: the paper's per-layer notation: ASCII integers joined by single '-' (or ',')
+_WIDTHS = re.compile(r"[0-9]+(?:[-,][0-9]+)*")
+_INT = re.compile(r"[0-9]+")
+_DECIMAL = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")
+
+
 def parse_layer_bits(text: str) -> tuple[int, ...]:
-    """Parse the paper's ``"4-2-2-4"`` notation (also ``"4,2,2,4"``) into widths."""
-    parts = [p.strip() for p in str(text).replace(",", "-").split("-") if p.strip()]
-    if not parts:
+    """Parse the paper's ``"4-2-2-4"`` notation (also ``"4,2,2,4"``) into widths.
+
+    The widths are ASCII integers joined by single ``-`` or ``,`` with no
+    spaces: ``"-4"``, ``"4--2"``, ``"4-2-"``, ``"4 - 2"`` or non-ASCII digits
+    are refused rather than guessed at.
+
+    >>> parse_layer_bits("4-2-2-4")
+    (4, 2, 2, 4)
+    """
+    raw = str(text).strip()
+    if not raw:
         raise ConfigError("bits", f"{text!r} is empty; expected e.g. '4-2-2-4' or '8'")
-    out = []
-    for p in parts:
-        try:
-            b = int(p)
-        except ValueError:
-            raise ConfigError(
-                "bits",
-                f"{p!r} in {text!r} is not an integer; expected widths 1..8 or 32, e.g. '4-2-2-4'",
-            ) from None
-        out.append(_bits(b, "bits"))
-    return tuple(out)
+    if not _WIDTHS.fullmatch(raw):
+        raise ConfigError(
+            "bits",
+            f"{text!r} is not valid; expected one width or one per weight tensor, each an "
+            "integer 1..8 or 32 written in ASCII digits and joined by single '-' (or ','), "
+            "e.g. '8' or '4-2-2-4'",
+        )
+    return tuple(_bits(int(p), "bits") for p in re.split("[-,]", raw))
 
 
 def parse_budget(text: str) -> float:
     """Parse ``"auto:2.03"`` (average bits per weight, 1..8) into ``2.03``."""
     _, _, value = str(text).partition(":")
-    try:
-        budget = float(value)
-    except ValueError:
-        budget = math.nan
+    budget = float(value) if _DECIMAL.fullmatch(value) else math.nan
     if not (math.isfinite(budget) and 1.0 <= budget <= 8.0):
         raise ConfigError(
             "bits",
@@ -115,14 +127,55 @@ def parse_rules(text: str) -> tuple[tuple[str, int], ...]:
             raise ConfigError(
                 "rules", f"{item!r} is not PATTERN=BITS; expected e.g. 'fc2.*=8,*.bias=32'"
             )
-        try:
-            bits = int(value)
-        except ValueError:
+        if not _INT.fullmatch(value.strip()):
             raise ConfigError(
-                "rules", f"{item!r}: {value!r} is not an integer; expected bits 1..8 or 32"
-            ) from None
-        rules.append((pattern.strip(), _bits(bits, "rules")))
+                "rules",
+                f"{item!r}: {value!r} is not an integer in ASCII digits; expected bits 1..8 "
+                "or 32, e.g. 'fc2.*=8'",
+            )
+        rules.append((pattern.strip(), _bits(int(value), "rules")))
     return tuple(rules)
+
+
+def _check_options(options: Mapping[str, Any]) -> None:
+    """Refuse keyword arguments that are not :class:`QuantSpec` fields."""
+    known = [f.name for f in fields(QuantSpec) if f.name != "version"]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ConfigError(
+            "spec", f"unknown option(s) {', '.join(unknown)}; expected some of {', '.join(known)}"
+        )
+
+
+def _layer_bits(raw: Any) -> tuple[int, ...]:
+    """``QuantSpec.layer_bits`` as a tuple of widths (a ``"4-2-2-4"`` string is parsed)."""
+    if isinstance(raw, str):
+        return parse_layer_bits(raw) if raw.strip() else ()
+    if isinstance(raw, Iterable) and not isinstance(raw, Mapping):
+        return tuple(_bits(b, "bits") for b in raw)
+    raise ConfigError(
+        "bits",
+        f"layer_bits={raw!r} is not a sequence of widths; expected e.g. (4, 2, 2, 4) or "
+        "'4-2-2-4' (one width for every tensor: default_bits=4)",
+    )
+
+
+def _rules(raw: Any) -> tuple[tuple[str, int], ...]:
+    """``QuantSpec.rules`` as ``(pattern, bits)`` pairs, from pairs, a dict or a string."""
+    if isinstance(raw, str):
+        return parse_rules(raw)
+    items = raw.items() if isinstance(raw, Mapping) else raw
+    expected = "expected (pattern, bits) pairs, e.g. (('fc2.*', 8),), {'fc2.*': 8} or 'fc2.*=8'"
+    try:
+        pairs = [(item, (item,) if isinstance(item, str) else tuple(item)) for item in items]
+    except TypeError:
+        raise ConfigError("rules", f"{raw!r} is not valid; {expected}") from None
+    out = []
+    for item, pair in pairs:
+        if len(pair) != 2 or not isinstance(pair[0], str) or not pair[0]:
+            raise ConfigError("rules", f"{item!r} in {raw!r} is not a rule; {expected}")
+        out.append((pair[0], _bits(pair[1], "rules")))
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -167,8 +220,8 @@ class QuantSpec:
     version: int = field(default=SPEC_VERSION, repr=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "layer_bits", tuple(_bits(b, "bits") for b in self.layer_bits))
-        object.__setattr__(self, "rules", tuple((str(p), _bits(b, "rules")) for p, b in self.rules))
+        object.__setattr__(self, "layer_bits", _layer_bits(self.layer_bits))
+        object.__setattr__(self, "rules", _rules(self.rules))
         object.__setattr__(self, "default_bits", _bits(self.default_bits, "default_bits"))
         for option, parse, value in (
             ("method", parse_method, self.method),
@@ -180,8 +233,9 @@ class QuantSpec:
                 object.__setattr__(self, option, parse(value))
             except InvalidInputError as e:
                 raise ConfigError(option, str(e)) from e
-        if not (0.0 < float(self.percentile) <= 100.0):
-            raise ConfigError("percentile", f"{self.percentile!r} is not in (0, 100]")
+        pct: Any = self.percentile
+        if isinstance(pct, bool) or not isinstance(pct, (int, float)) or not 0.0 < pct <= 100.0:
+            raise ConfigError("percentile", f"{pct!r} is not a number in (0, 100]")
         if not isinstance(self.rotation, bool):
             raise ConfigError("rotation", f"{self.rotation!r} is not valid; expected true or false")
         if self.bit_budget is not None:
@@ -202,6 +256,7 @@ class QuantSpec:
         **kwargs: Any,
     ) -> QuantSpec:
         """Build a spec from CLI-style strings: ``bits="4-2-2-4"``, ``"8"`` or ``"auto:2.03"``."""
+        _check_options(kwargs)
         if str(bits).strip().lower().startswith("auto:"):
             return cls(bit_budget=parse_budget(str(bits)), rules=parse_rules(rules), **kwargs)
         widths = parse_layer_bits(str(bits))
@@ -211,6 +266,7 @@ class QuantSpec:
 
     def with_(self, **changes: Any) -> QuantSpec:
         """A copy with some fields changed (validated again)."""
+        _check_options(changes)
         return replace(self, **changes)
 
     def describe_bits(self) -> str:
@@ -253,6 +309,7 @@ class QuantSpec:
                 f"model has {len(quantizable)} quantizable tensors ({', '.join(quantizable)}); "
                 "give one width per tensor or a single width",
             )
+        self._check_rules([n for n, (_, fl) in tensors.items() if fl])
         positional = dict(zip(quantizable, self.layer_bits, strict=False))
         plans: dict[str, TensorPlan] = {}
         for name, (_shape, floating) in tensors.items():
@@ -275,6 +332,45 @@ class QuantSpec:
                 entropy=self.entropy,
             )
         return plans
+
+    def _check_rules(self, floating: list[str]) -> None:
+        """Refuse a rule that matches no floating tensor, or only tensors earlier rules took."""
+        for i, (pattern, bits) in enumerate(self.rules):
+            hits = [n for n in floating if fnmatchcase(n, pattern)]
+            if not hits:
+                raise ConfigError(
+                    "rules",
+                    f"pattern {pattern!r} matches no floating-point tensor (integer tensors always "
+                    f"travel raw); the model's are: {_name_list(floating)}",
+                )
+            earlier = [p for p, _ in self.rules[:i]]
+            if all(any(fnmatchcase(n, p) for p in earlier) for n in hits):
+                raise ConfigError(
+                    "rules",
+                    f"'{pattern}={bits}' never applies: every tensor it matches "
+                    f"({_name_list(hits)}) is taken by an earlier rule (the first match wins); "
+                    "put it first or remove it",
+                )
+
+    def plan(self, tensors: Mapping[str, Any]) -> UpdatePlan:
+        """How each tensor of ``tensors`` travels: bits and payload bytes, per tensor.
+
+        The bytes are measured by encoding ``tensors`` once (seed 0), so they
+        are exact for these values; a bit budget (``auto:B``) is allocated
+        from them, and entropy-coded sizes depend on them. ``print()`` the
+        result for a table.
+
+        >>> import numpy as np
+        >>> state = {"fc.weight": np.ones((10, 20), np.float32), "fc.bias": np.zeros(10)}
+        >>> print(QuantSpec(default_bits=4).plan(state))
+        tensor     shape  sent as  bytes
+        fc.weight  10x20  4 bits     159
+        fc.bias    10     float32     85
+        payload: 272 bytes (3.1x smaller than float32: 840 bytes)
+        """
+        from fedquant.quant.plan import plan  # it encodes, and the codec imports this module
+
+        return plan(tensors, self)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON/TOML-friendly description (round-trips through :meth:`from_dict`)."""
@@ -329,3 +425,11 @@ SPEC_KEYS: tuple[str, ...] = (
 def plans_summary(plans: Mapping[str, TensorPlan]) -> Iterable[str]:
     """Human-readable lines ``name: bits`` (for logs)."""
     return (f"{n}: {'float32' if not p.quantized else f'{p.bits} bits'}" for n, p in plans.items())
+
+
+def _name_list(names: list[str], limit: int = 12) -> str:
+    """``a, b, c`` -- at most ``limit`` names, then how many more."""
+    if not names:
+        return "(none)"
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown}, ... ({len(names) - limit} more)"
