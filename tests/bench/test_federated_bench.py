@@ -82,6 +82,16 @@ def test_first_reaching_returns_the_first_round_at_or_above_the_target() -> None
     assert federated.first_reaching(_metrics([math.nan, 0.9]), 0.5)["round"] == 2  # type: ignore[index]
 
 
+def test_first_reaching_an_exact_target_despite_float_round_off() -> None:
+    # a float32 reference whose last 3 rounds average 0.954, minus 1 point, is not 0.944 exactly
+    target = federated.target_accuracy(_metrics([0.953, 0.954, 0.955]), k=3, margin=0.01)
+    assert target != 0.944 and math.isclose(target, 0.944)
+    m = _metrics([0.93, 0.944, 0.95])
+    assert federated.first_reaching(m, target)["round"] == 2  # type: ignore[index]
+    # one test image below (1/1000) is still not reached
+    assert federated.first_reaching(_metrics([0.943]), target) is None
+
+
 def test_resolve_methods_puts_fp32_first_and_probes_the_options() -> None:
     chosen, skipped = federated.resolve_methods(["octav-nearest-2", "fp32"])
     assert [m.name for m in chosen] == ["fp32", "octav-nearest-2"]

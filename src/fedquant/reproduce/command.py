@@ -7,10 +7,16 @@ each), then the report under ``docs/results/claims-small/``::
 
     fedquant reproduce --scale small --jobs 2
 
-Rerunning the same command skips finished runs and resumes interrupted ones;
+Rerunning the same command skips finished runs and resumes interrupted ones
+(runs computed by another fedquant source are rerun unless ``--keep-outdated``);
 several such commands may share a grid (a lock file per run). The report alone::
 
     fedquant reproduce --scale small --report-only
+
+Before running a bigger scale, its estimated CPU time and the interval
+half-widths its seeds buy, from the finished small scale::
+
+    fedquant reproduce --scale medium --plan --jobs 2
 """
 
 from __future__ import annotations
@@ -57,7 +63,8 @@ CLAIMS = Experiment(
     "(resumable; finished runs are skipped) and write a Markdown + PNG report of which "
     "claims of arXiv 2405.13365 hold.",
     scale_help="a [scales.*] table of the grid: small (<= 60 min on 2 cores with --jobs 2), "
-    "paper (the paper's settings; hours), tiny (a smoke test) (default: small)",
+    "medium (30 clients, 40 rounds, 5 seeds; see --plan), paper (the paper's settings; "
+    "days on a CPU), tiny (a smoke test) (default: small)",
     report=_claims_report,
 )
 
@@ -140,6 +147,24 @@ def build_parser(experiment: Experiment = CLAIMS) -> argparse.ArgumentParser:
     mode.add_argument("--report-only", action="store_true", help="only write the report")
     mode.add_argument("--no-report", action="store_true", help="only run, no report")
     mode.add_argument("--list", action="store_true", help="list the runs and their status")
+    mode.add_argument(
+        "--plan",
+        action="store_true",
+        help="run nothing: print the claim grid's estimated CPU time at --scale and the "
+        "interval half-widths its seeds buy, from the finished runs of --plan-from",
+    )
+    p.add_argument(
+        "--plan-from",
+        metavar="SCALE",
+        default="small",
+        help="the finished scale whose run times and variances --plan uses (default: small)",
+    )
+    p.add_argument(
+        "--keep-outdated",
+        action="store_true",
+        help="do not rerun finished runs computed by another fedquant source (the report "
+        "then marks them OUTDATED); by default they are rerun",
+    )
     p.add_argument("--quiet", action="store_true", help="no line per finished run")
     return p
 
@@ -161,6 +186,8 @@ def _command_line(args: argparse.Namespace, experiment: Experiment = CLAIMS) -> 
     for name in ("datasets", "cells", "seeds"):
         if getattr(args, name):
             parts += [f"--{name}", ",".join(str(v) for v in getattr(args, name))]
+    if args.keep_outdated:
+        parts.append("--keep-outdated")
     return shlex.join(parts)
 
 
@@ -181,11 +208,12 @@ def _check_data(jobs: Sequence[Any], data_dir: str) -> None:
 
 
 def _print_list(jobs: Sequence[Any], raw: Path) -> None:
-    from fedquant.reproduce.runner import job_status
+    from fedquant.reproduce.runner import job_status, source_fingerprint
 
     counts: dict[str, int] = {}
+    current = source_fingerprint()
     for j in jobs:
-        st = job_status(j, raw)
+        st = job_status(j, raw, current)
         counts[st] = counts.get(st, 0) + 1
         extra = f" (= {j.alias_of})" if j.alias_of else ""
         print(f"{st:8s} {j.key}{extra}")
@@ -222,6 +250,21 @@ def main(argv: Sequence[str] | None = None, *, experiment: Experiment = CLAIMS) 
     if args.list:
         _print_list(jobs, raw)
         return 0
+    if args.plan:
+        from fedquant.reproduce.power import plan_text
+
+        ref_raw = scale_dir(args.out, args.plan_from, experiment.prefix) / "raw"
+        print(
+            plan_text(
+                grid,
+                args.scale,
+                args.plan_from,
+                ref_raw,
+                cores=max(args.jobs, 1) if args.jobs > 1 else os.cpu_count() or 1,
+                data_dir=args.data_dir,
+            )
+        )
+        return 0
 
     status = 0
     if not args.report_only:
@@ -256,6 +299,7 @@ def main(argv: Sequence[str] | None = None, *, experiment: Experiment = CLAIMS) 
                 in_process=args.jobs == 0,
                 on_result=on_result,
                 argv=[_command_line(args, experiment)],
+                rerun_outdated=not args.keep_outdated,
             )
         except KeyboardInterrupt:
             print(

@@ -36,10 +36,12 @@ from typing import Any
 from fedquant.errors import ConfigError
 from fedquant.fl.config import FIELDS, RunConfig
 from fedquant.fl.results import read_toml
+from fedquant.reproduce.stats import Hypothesis
 
 __all__ = [
     "ENV_FIELDS",
     "Cell",
+    "ClaimTests",
     "DatasetEntry",
     "Grid",
     "Job",
@@ -135,6 +137,52 @@ class Cell:
 
 
 @dataclass(frozen=True)
+class ClaimTests:
+    """The ``[claims]`` table: how each claim is tested, fixed before the runs.
+
+    Attributes
+    ----------
+    alpha : float
+        Family-wise error rate (Holm over every hypothesis of the claims).
+    tests : mapping
+        Claim key (``"a"``, ...) -> its :class:`~fedquant.reproduce.stats.Hypothesis`.
+    extras : mapping
+        Claim key -> its other numbers (``min_ratio``, ``claimed_gain``).
+    """
+
+    alpha: float
+    tests: Mapping[str, Hypothesis]
+    extras: Mapping[str, Mapping[str, float]]
+
+
+def _claim_tests(raw: Mapping[str, Any]) -> ClaimTests:
+    alpha = raw.get("alpha", 0.05)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 0.5:
+        raise ConfigError("claims.alpha", f"{alpha!r} is not a number in (0, 0.5)")
+    tests: dict[str, Hypothesis] = {}
+    extras: dict[str, dict[str, float]] = {}
+    for key, entry in raw.items():
+        if key == "alpha":
+            continue
+        where = f"claims.{key}"
+        if not isinstance(entry, Mapping) or "test" not in entry:
+            raise ConfigError(where, 'must be a table like { test = "equivalence", margin = 1.0 }')
+        for k, v in entry.items():
+            if k not in ("test", "margin", "min_ratio", "claimed_gain"):
+                raise ConfigError(
+                    f"{where}.{k}", "unknown key; expected test, margin, min_ratio, claimed_gain"
+                )
+            if k != "test" and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise ConfigError(f"{where}.{k}", f"{v!r} is not a number")
+        try:
+            tests[str(key)] = Hypothesis(str(entry["test"]), float(entry.get("margin", 0.0)))
+        except ConfigError as e:
+            raise ConfigError(f"{where}.{e.option}", str(e).split(": ", 1)[-1]) from e
+        extras[str(key)] = {k: float(v) for k, v in entry.items() if k not in ("test", "margin")}
+    return ClaimTests(float(alpha), tests, extras)
+
+
+@dataclass(frozen=True)
 class Grid:
     """A parsed grid file."""
 
@@ -143,6 +191,8 @@ class Grid:
     datasets: tuple[DatasetEntry, ...]
     scales: Mapping[str, Scale]
     cells: tuple[Cell, ...]
+    #: the pre-registered tests of the claims (the ``[claims]`` table; empty = none)
+    claims: ClaimTests | None = None
 
     def dataset(self, name: str) -> DatasetEntry:
         for d in self.datasets:
@@ -267,9 +317,9 @@ def load_grid(path: str | os.PathLike[str] | None = None) -> Grid:
     raw = read_toml(p)
     src = str(p)
     for k in raw:
-        if k not in ("defaults", "datasets", "scales", "cells"):
+        if k not in ("defaults", "datasets", "scales", "cells", "claims"):
             raise ConfigError(
-                k, f"unknown table in {src}; expected defaults, datasets, scales, cells"
+                k, f"unknown table in {src}; expected defaults, datasets, scales, cells, claims"
             )
     defaults = dict(_table(raw, "defaults", src))
     _check_options(defaults, "defaults", ())
@@ -352,6 +402,7 @@ def load_grid(path: str | os.PathLike[str] | None = None) -> Grid:
         datasets=tuple(datasets),
         scales=scales,
         cells=tuple(cells),
+        claims=_claim_tests(_table(raw, "claims", src)) if "claims" in raw else None,
     )
 
 

@@ -9,25 +9,19 @@ How the verdicts are decided
 ----------------------------
 Runs of two cells with the same seed share the initial model, the partition,
 the mini-batch order and the data subsets, so cells are compared by *paired*
-differences over seeds: mean ± sample standard deviation, and a 95 %
-Student-t interval. A difference is *resolved* when that interval excludes 0.
-Accuracies are in percentage points (pp), final accuracies on the whole test
-split.
-
-(a) near full precision: a quantized cell is "near" FP32 when its mean gap to
-    FP32 FedAvg is at most :data:`NEAR_PP` and its uplink is >= 4x smaller;
-(b) stochastic beats nearest "by 2-4 points": held when the gain is resolved
-    and >= :data:`CLAIMED_GAIN_PP`; partly when resolved but smaller;
-(c) OCTAV beats max-abs: held when the gain is resolved;
-(d) inverse-MSE matches or beats FedAvg: held when its mean is at most
-    :data:`MATCH_PP` below FedAvg's.
-
-A claim's verdict is *held* when every comparison held, *did not hold* when
-none held (or held partly), *partly* otherwise. Comparisons whose cells were
-not run are "not measured" and do not count. Claims (a) and (b) are judged in
-the paper's IID setting: their Dirichlet(0.5) comparisons are shown, not
-counted. Claim (d) counts both, since unequal dataset sizes (Dirichlet) are
-where disclosing them could matter.
+differences over seeds, in percentage points (pp) of final accuracy on the
+whole test split. Each paper claim is judged by the test the grid file
+pre-registers in its ``[claims]`` table (equivalence by TOST, non-inferiority
+or superiority by one-sided bounds; :mod:`fedquant.reproduce.stats`), with
+Holm's correction over every hypothesis of claims (a)-(d) together. Every
+comparison, and every claim, is *held*, *did not hold* or *inconclusive*: a
+claim holds when all its counted comparisons held and did not hold when any
+did not. Claims (a) and (b) are judged in the paper's IID setting (their
+Dirichlet(0.5) comparisons are shown, decided on their own, not counted);
+claim (d) counts both. Comparisons whose cells were not run are "not measured".
+The report repeats every verdict on the mean of the last :data:`LAST_K`
+per-round evaluations (robustness), and says for each inconclusive comparison
+how many seeds would resolve it at its observed mean and sd.
 """
 
 from __future__ import annotations
@@ -44,13 +38,13 @@ from typing import Any
 import numpy as np
 
 from fedquant.fl.results import atomic_write
+from fedquant.reproduce import stats
 from fedquant.reproduce.grid import Grid, Job, Scale, expand
-from fedquant.reproduce.runner import job_status, read_invocations
+from fedquant.reproduce.runner import job_status, read_invocations, source_fingerprint
+from fedquant.reproduce.stats import Hypothesis, Tested, paired_test, seeds_to_resolve
 
 __all__ = [
     "CLAIMED_GAIN_PP",
-    "MATCH_PP",
-    "NEAR_PP",
     "ClaimResult",
     "Collected",
     "Diff",
@@ -63,13 +57,9 @@ __all__ = [
     "write_report",
 ]
 
-#: "near full precision": within this many points of FP32.
-NEAR_PP = 1.0
-#: the paper's "by 2-4 points" for stochastic over nearest rounding.
+#: the paper's "by 2-4 points" (default when the grid states no ``claimed_gain``).
 CLAIMED_GAIN_PP = 2.0
-#: "matches": at most this many points below.
-MATCH_PP = 1.0
-#: smallest uplink reduction of claim (a).
+#: smallest uplink reduction of claim (a) (default when the grid states no ``min_ratio``).
 CLAIMED_MIN_RATIO = 4.0
 
 #: the accuracy the verdicts use: the final model's, on the whole test split ...
@@ -78,8 +68,8 @@ FINAL = "final"
 LAST_EVALS = "last-evals"
 LAST_K = 3
 
-HELD, PARTLY, NOT_HELD = "held", "partly", "did not hold"
-INCONCLUSIVE, NOT_MEASURED, INFO = "inconclusive", "not measured", "—"
+HELD, NOT_HELD, INCONCLUSIVE = stats.HELD, stats.NOT_HELD, stats.INCONCLUSIVE
+NOT_MEASURED, INFO = "not measured", "—"
 
 #: two-sided 95 % Student-t quantiles for 1..30 degrees of freedom.
 _T975 = (
@@ -237,6 +227,19 @@ class Collected:
         c = self.cells.get((dataset, cell))
         return c if c is not None and c.runs else None
 
+    @property
+    def alpha(self) -> float:
+        """The pre-registered family-wise error rate (0.05 when the grid states none)."""
+        return 0.05 if self.grid.claims is None else self.grid.claims.alpha
+
+    def values(self, dataset: str, a: str, b: str) -> list[float]:
+        """The per-seed differences ``a - b`` (pp) over the seeds both cells finished."""
+        ca, cb = self.get(dataset, a), self.get(dataset, b)
+        if ca is None or cb is None:
+            return []
+        xa, xb = ca.acc(self.metric), cb.acc(self.metric)
+        return [xa[s] - xb[s] for s in sorted(set(xa) & set(xb))]
+
     def diff(self, dataset: str, a: str, b: str) -> Diff | None:
         ca, cb = self.get(dataset, a), self.get(dataset, b)
         if ca is None or cb is None:
@@ -322,6 +325,12 @@ class Row:
     note: str = ""
     #: False for comparisons shown beyond the claim's setting (not in the verdict)
     counted: bool = True
+    #: the pre-registered test of the paired per-seed differences (None: not tested)
+    tested: Tested | None = None
+    #: Holm-adjusted p-value of the direction decided (or of the nearer one)
+    p_adj: float | None = None
+    #: seeds that would resolve an inconclusive comparison at its observed mean and sd
+    seeds_needed: int | None = None
 
 
 @dataclass(frozen=True)
@@ -335,16 +344,13 @@ class ClaimResult:
     rows: list[Row]
 
 
+#: outcome of a comparison whose pre-registered test is still to be decided
+PENDING = "pending"
+
+
 def combine(outcomes: Iterable[str]) -> str:
-    """Verdict of several comparisons (see the module docstring)."""
-    measured = [o for o in outcomes if o not in (NOT_MEASURED, INFO)]
-    if not measured:
-        return NOT_MEASURED
-    if all(o == HELD for o in measured):
-        return HELD
-    if any(o in (HELD, PARTLY) for o in measured):
-        return PARTLY
-    return NOT_HELD
+    """Verdict of several comparisons (see :func:`fedquant.reproduce.stats.combine`)."""
+    return stats.combine(outcomes) or NOT_MEASURED
 
 
 def _dedupe(c: Collected, ds: str, cells: Sequence[str]) -> list[str]:
@@ -368,9 +374,11 @@ def _range(rows: Sequence[Row]) -> str:
 def _count(rows: Sequence[Row]) -> str:
     m = [r for r in rows if r.outcome not in (NOT_MEASURED, INFO) and r.counted]
     held = sum(r.outcome == HELD for r in m)
-    partly = sum(r.outcome == PARTLY for r in m)
-    s = f"{held} of {len(m)} comparisons held"
-    return s + (f", {partly} partly" if partly else "")
+    failed = sum(r.outcome == NOT_HELD for r in m)
+    return (
+        f"{held} held, {failed} did not hold, {len(m) - held - failed} inconclusive "
+        f"of {len(m)} comparisons"
+    )
 
 
 def _ratio(c: Collected, ds: str, cell: str) -> float | None:
@@ -378,19 +386,46 @@ def _ratio(c: Collected, ds: str, cell: str) -> float | None:
     return None if cr is None else cr.summary_value("uplink_ratio_vs_float32")
 
 
+def _hypothesis(c: Collected, key: str) -> Hypothesis | None:
+    return None if c.grid.claims is None else c.grid.claims.tests.get(key)
+
+
+def _extra(c: Collected, key: str, name: str, default: float) -> float:
+    if c.grid.claims is None:
+        return default
+    return c.grid.claims.extras.get(key, {}).get(name, default)
+
+
+def _row(
+    c: Collected, key: str, ds: str, a: str, b: str, what: str, *, counted: bool = True
+) -> Row:
+    """A comparison to be decided by claim ``key``'s pre-registered test."""
+    d = c.diff(ds, a, b)
+    hyp = _hypothesis(c, key)
+    if d is None or hyp is None:
+        return Row(ds, what, a, b, d, NOT_MEASURED, counted=counted)
+    tested = paired_test(c.values(ds, a, b), hyp, c.alpha)
+    return Row(ds, what, a, b, d, PENDING, counted=counted, tested=tested)
+
+
 def _comparisons(
     c: Collected, pairs: Sequence[tuple[str, str, str]]
-) -> Iterator[tuple[str, str, str, str, Diff | None]]:
-    """``(data set, a, b, what, a - b)`` for every pair whose cells the grid runs on a data set."""
+) -> Iterator[tuple[str, str, str, str]]:
+    """``(data set, a, b, what)`` for every pair whose cells the grid runs on a data set."""
     for ds in c.datasets:
         for a, b, what in pairs:
             if (ds, a) in c.cells and (ds, b) in c.cells:
-                yield ds, a, b, what, c.diff(ds, a, b)
+                yield ds, a, b, what
+
+
+def _test_text(c: Collected, key: str) -> str:
+    hyp = _hypothesis(c, key)
+    return "no pre-registered test" if hyp is None else hyp.describe()
 
 
 def claim_a(c: Collected) -> ClaimResult:
     rows: list[Row] = []
-    ratios: list[float] = []
+    min_ratio = _extra(c, "a", "min_ratio", CLAIMED_MIN_RATIO)
     # (cell, reference, counted): the paper's method against FP32 in its IID setting;
     # under Dirichlet(0.5) both the paper's method and quantization alone (FedAvg in both)
     checks = (
@@ -405,124 +440,145 @@ def claim_a(c: Collected) -> ClaimResult:
             cr = c.cells.get((ds, cell))
             if cr is None or cell not in listed:
                 continue
-            d = c.diff(ds, cell, ref)
             ratio = _ratio(c, ds, cell)
             what = f"{cr.bits} bits"
             if cell.startswith("dir-"):
                 agg = "FedAvg" if cell == "dir-fedavg" else "inverse-MSE"
                 what += f", Dirichlet(0.5), {agg}"
-            if cell == "bits8":
-                outcome = INFO  # 8 bits is outside the claim's 2-4 bits
-            elif d is None or ratio is None:
-                outcome = NOT_MEASURED
-            else:
-                if counted:
-                    ratios.append(ratio)
-                near = d.mean >= -NEAR_PP and ratio >= CLAIMED_MIN_RATIO
-                outcome = HELD if near else NOT_HELD
+            row = _row(c, "a", ds, cell, ref, what, counted=counted)
             note = f"uplink {ratio:.1f}x smaller" if ratio is not None else ""
-            rows.append(Row(ds, what, cell, ref, d, outcome, note, counted))
-    rtxt = f"; uplink {min(ratios):.1f}-{max(ratios):.1f}x smaller than FP32" if ratios else ""
+            if cell == "bits8":
+                row = replace(row, outcome=INFO, tested=None)  # outside the claim's 2-4 bits
+            elif ratio is None:
+                row = replace(row, outcome=NOT_MEASURED, tested=None)
+            elif ratio < min_ratio:
+                note += f" (< {min_ratio:g}x: fails the traffic half of the claim)"
+            rows.append(replace(row, note=note))
     return ClaimResult(
         "a",
         "2–4-bit clipped uniform quantization reaches near-full-precision accuracy "
         "with 4–16x less uplink traffic",
-        combine(r.outcome for r in rows if r.counted),
-        f"{_count(rows)} (IID; within {NEAR_PP:g} pp of FP32 FedAvg); accuracy minus FP32 "
-        f"{_range(rows)}{rtxt}.",
+        PENDING,
+        "",
         rows,
     )
 
 
 def claim_b(c: Collected) -> ClaimResult:
-    rows: list[Row] = []
     pairs = (
         ("base", "nearest", "OCTAV, paper bits"),
         ("bits2", "bits2-nearest", "OCTAV, 2 bits"),
         ("maxabs", "maxabs-nearest", "max-abs, paper bits"),
         ("dir-base", "dir-nearest", "OCTAV, paper bits, Dirichlet(0.5)"),
     )
-    for ds, a, b, what, d in _comparisons(c, pairs):
-        if d is None:
-            outcome = NOT_MEASURED
-        elif d.n < 2:
-            outcome = HELD if d.mean >= CLAIMED_GAIN_PP else PARTLY if d.mean > 0 else NOT_HELD
-        elif d.lo > 0:
-            outcome = HELD if d.mean >= CLAIMED_GAIN_PP else PARTLY
-        else:
-            outcome = INCONCLUSIVE if d.mean > 0 and not d.resolved else NOT_HELD
-        rows.append(Row(ds, what, a, b, d, outcome, counted=not a.startswith("dir-")))
-    big = [
-        r.diff.mean
-        for r in rows
-        if r.counted and r.diff is not None and r.diff.mean > 2 * CLAIMED_GAIN_PP
+    rows = [
+        _row(c, "b", ds, a, b, what, counted=not a.startswith("dir-"))
+        for ds, a, b, what in _comparisons(c, pairs)
     ]
-    extra = (
-        f" {len(big)} gains exceed the claimed 2–4 points (up to {max(big):+.1f} pp)."
-        if big
-        else ""
-    )
     return ClaimResult(
         "b",
         "stochastic rounding beats deterministic (nearest) rounding, by 2–4 points at low bits",
-        combine(r.outcome for r in rows if r.counted),
-        f"{_count(rows)} (IID; resolved gain >= {CLAIMED_GAIN_PP:g} pp); stochastic minus nearest "
-        f"{_range(rows)}.{extra}",
+        PENDING,
+        "",
         rows,
     )
 
 
 def claim_c(c: Collected) -> ClaimResult:
-    rows: list[Row] = []
     pairs = (
         ("base", "maxabs", "stochastic rounding, paper bits"),
         ("nearest", "maxabs-nearest", "nearest rounding, paper bits"),
     )
-    for ds, a, b, what, d in _comparisons(c, pairs):
-        if d is None:
-            outcome = NOT_MEASURED
-        elif d.n < 2:
-            outcome = HELD if d.mean > 0 else NOT_HELD
-        elif d.lo > 0:
-            outcome = HELD
-        else:
-            outcome = INCONCLUSIVE if d.mean > 0 else NOT_HELD
-        rows.append(Row(ds, what, a, b, d, outcome))
-    return ClaimResult(
-        "c",
-        "OCTAV clipping beats max-abs scaling",
-        combine(r.outcome for r in rows),
-        f"{_count(rows)} (resolved gain); OCTAV minus max-abs {_range(rows)}.",
-        rows,
-    )
+    rows = [_row(c, "c", ds, a, b, what) for ds, a, b, what in _comparisons(c, pairs)]
+    return ClaimResult("c", "OCTAV clipping beats max-abs scaling", PENDING, "", rows)
 
 
 def claim_d(c: Collected) -> ClaimResult:
-    rows: list[Row] = []
     pairs = (("base", "fedavg", "IID"), ("dir-base", "dir-fedavg", "Dirichlet(0.5)"))
-    for ds, a, b, what, d in _comparisons(c, pairs):
-        if d is None:
-            outcome = NOT_MEASURED
-        elif d.mean >= -MATCH_PP:
-            outcome = HELD
-        else:
-            outcome = NOT_HELD if d.n < 2 or d.hi < 0 else INCONCLUSIVE
-        rows.append(Row(ds, what, a, b, d, outcome))
+    rows = [_row(c, "d", ds, a, b, what) for ds, a, b, what in _comparisons(c, pairs)]
     return ClaimResult(
         "d",
         "inverse-MSE averaging matches or beats FedAvg without disclosing dataset sizes",
-        combine(r.outcome for r in rows),
-        f"{_count(rows)} (no more than {MATCH_PP:g} pp below FedAvg); inverse-MSE minus FedAvg "
-        f"{_range(rows)}.",
+        PENDING,
+        "",
         rows,
     )
+
+
+def _summary(c: Collected, res: ClaimResult) -> str:
+    """The numbers sentence of a decided claim."""
+    what = {
+        "a": "accuracy minus FP32 FedAvg",
+        "b": "stochastic minus nearest",
+        "c": "OCTAV minus max-abs",
+        "d": "inverse-MSE minus FedAvg",
+    }[res.key]
+    setting = " (IID)" if res.key in ("a", "b") else ""
+    text = f"{_count(res.rows)}{setting}; test: {_test_text(c, res.key)}; {what} {_range(res.rows)}"
+    if res.key == "a":
+        ratios = [_ratio(c, r.dataset, r.a) for r in res.rows if r.counted and r.outcome != INFO]
+        got = [x for x in ratios if x is not None]
+        if got:
+            text += f"; uplink {min(got):.1f}-{max(got):.1f}x smaller than FP32"
+    if res.key == "b":
+        gain = _extra(c, "b", "claimed_gain", CLAIMED_GAIN_PP)
+        counted = [r.tested for r in res.rows if r.counted and r.tested is not None]
+        above = sum(t.n >= 2 and t.lo > gain for t in counted)
+        text += (
+            f"; the claimed size: {above} of {len(counted)} 90 % intervals lie above "
+            f"{gain:g} pp (reported, not tested)"
+        )
+    return text + "."
+
+
+def _uncorrected_seeds(c: Collected, t: Tested, family: int) -> int | None:
+    """Seeds that would resolve ``t`` at Holm's strictest level for a family of this size."""
+    if t.n < 2:
+        return None
+    return seeds_to_resolve(t.mean, t.sd, t.hypothesis, c.alpha / max(1, family))
+
+
+def _decide_claims(c: Collected, results: list[ClaimResult]) -> list[ClaimResult]:
+    """Holm over every pending counted comparison; uncounted ones are decided on their own."""
+    family = [
+        (i, j)
+        for i, res in enumerate(results)
+        for j, row in enumerate(res.rows)
+        if row.outcome == PENDING and row.counted
+    ]
+    tests = [results[i].rows[j].tested for i, j in family]
+    decided = stats.decide([t for t in tests if t is not None], c.alpha)
+    size = 2 * len(family)
+    rows = [list(res.rows) for res in results]
+    for (i, j), (outcome, p) in zip(family, decided, strict=True):
+        row = rows[i][j]
+        ratio_fail = "fails the traffic" in row.note
+        t = row.tested
+        assert t is not None
+        rows[i][j] = replace(
+            row,
+            outcome=NOT_HELD if ratio_fail else outcome,
+            p_adj=p,
+            seeds_needed=_uncorrected_seeds(c, t, size) if outcome == INCONCLUSIVE else None,
+        )
+    for claim_rows in rows:
+        for j, row in enumerate(claim_rows):
+            if row.outcome == PENDING and row.tested is not None:  # shown, not counted
+                outcome, p = stats.decide([row.tested], c.alpha)[0]
+                claim_rows[j] = replace(row, outcome=outcome, p_adj=p)
+    out = []
+    for i, res in enumerate(results):
+        done = replace(res, rows=rows[i], verdict=combine(r.outcome for r in rows[i] if r.counted))
+        out.append(replace(done, summary=_summary(c, done)))
+    return out
 
 
 def claim_coefficient(c: Collected) -> ClaimResult:
     """Not a claim of the paper: does our corrected OCTAV coefficient change the picture?"""
     rows: list[Row] = []
     pairs = (("base", "octav-paper", "paper bits"), ("bits2", "octav-paper-bits2", "2 bits"))
-    for ds, a, b, what, d in _comparisons(c, pairs):
+    for ds, a, b, what in _comparisons(c, pairs):
+        d = c.diff(ds, a, b)
         if d is None:
             outcome = NOT_MEASURED
         elif d.resolved:
@@ -606,9 +662,14 @@ CLAIM_CELLS = (
 
 
 def evaluate_claims(c: Collected, metric: str = FINAL) -> list[ClaimResult]:
-    """Every claim's verdict, comparing ``metric`` (:data:`FINAL` or :data:`LAST_EVALS`)."""
+    """Every claim's verdict, comparing ``metric`` (:data:`FINAL` or :data:`LAST_EVALS`).
+
+    Claims (a)-(d) are decided by the grid's pre-registered tests, Holm-corrected
+    together; the coefficient comparison (ours, not the paper's) is descriptive.
+    """
     cm = replace(c, metric=metric)
-    return [f(cm) for f in CLAIMS]
+    paper = _decide_claims(cm, [f(cm) for f in CLAIMS[:4]])
+    return [*paper, *(f(cm) for f in CLAIMS[4:])]
 
 
 # --------------------------------------------------------------------------- figures
@@ -844,15 +905,21 @@ def _claim_section(c: Collected, res: ClaimResult, robust: ClaimResult) -> str:
     ]
     if res.key in _EXPLAIN:
         body += [_EXPLAIN[res.key], ""]
+    if res.key == "coef":
+        body.append(_coef_table(c, res))
+        return "\n".join(body)
+    pct = f"{100 * (1 - 2 * c.alpha):g} %"
     body.append(
         _md_table(
             [
                 "data set",
                 "comparison",
                 "cells (a − b)",
-                "Δ accuracy, pp: mean ± sd [95% CI]",
-                "seeds",
+                f"Δ accuracy, pp: mean ± sd [{pct} CI]",
+                "Δ per seed",
+                "Holm-adjusted p",
                 "outcome",
+                "seeds to resolve",
                 "note",
             ],
             (
@@ -860,11 +927,19 @@ def _claim_section(c: Collected, res: ClaimResult, robust: ClaimResult) -> str:
                     c.title(r.dataset),
                     r.what,
                     f"`{r.a}` − `{r.b}`",
-                    "—" if r.diff is None else r.diff.fmt(),
-                    "0" if r.diff is None else str(r.diff.n),
+                    _fmt_tested(r),
+                    "—" if r.tested is None else ", ".join(f"{v:+.2f}" for v in r.tested.values),
+                    "—" if r.p_adj is None else f"{r.p_adj:.3f}",
                     r.outcome
-                    + (" (1 seed)" if r.diff is not None and r.diff.n < 2 else "")
-                    + ("" if r.counted else " — beyond the paper's IID setting, not counted"),
+                    + (" (1 seed)" if r.tested is not None and r.tested.n < 2 else "")
+                    + (
+                        ""
+                        if r.counted
+                        else " — beyond the paper's IID setting, decided alone, not counted"
+                    ),
+                    ""
+                    if r.outcome != INCONCLUSIVE or not r.counted
+                    else (str(r.seeds_needed) if r.seeds_needed else "> 10,000 / never"),
                     r.note,
                 ]
                 for r in res.rows
@@ -872,6 +947,41 @@ def _claim_section(c: Collected, res: ClaimResult, robust: ClaimResult) -> str:
         )
     )
     return "\n".join(body)
+
+
+def _fmt_tested(r: Row) -> str:
+    t = r.tested
+    if t is None:
+        return "—" if r.diff is None else r.diff.fmt()
+    if t.n < 2:
+        return f"{t.mean:+.2f} (1 seed)"
+    return f"{t.mean:+.2f} ± {t.sd:.2f} [{t.lo:+.2f}, {t.hi:+.2f}]"
+
+
+def _coef_table(c: Collected, res: ClaimResult) -> str:
+    return _md_table(
+        [
+            "data set",
+            "comparison",
+            "cells (a − b)",
+            "Δ accuracy, pp: mean ± sd [95% CI]",
+            "seeds",
+            "outcome",
+            "note",
+        ],
+        (
+            [
+                c.title(r.dataset),
+                r.what,
+                f"`{r.a}` − `{r.b}`",
+                "—" if r.diff is None else r.diff.fmt(),
+                "0" if r.diff is None else str(r.diff.n),
+                r.outcome,
+                r.note,
+            ]
+            for r in res.rows
+        ),
+    )
 
 
 def _dataset_section(c: Collected, ds: str, figures: Mapping[str, Path]) -> str:
@@ -1134,29 +1244,49 @@ def _time_section(c: Collected) -> str:
     return "\n".join(lines) if lines else "No timing recorded yet."
 
 
-def _code_line(c: Collected) -> str:
-    """Which code computed the runs: the source fingerprints recorded with them."""
+#: how the report describes the source fingerprint
+_FP_WHAT = "SHA-256 of the package's `.py` files except `reproduce/`, `bench/`, `flower/`"
+
+
+def _code_line(c: Collected, current: str | None) -> str:
+    """Which code computed the runs, by source fingerprint and commit, against ``current``.
+
+    Runs computed by a source other than ``current`` (the importing code's
+    fingerprint; ``None`` to skip the check) are called outdated: their numbers
+    may not be what the current code computes.
+    """
     hashes: dict[str, int] = {}
     for (_, _), cr in c.cells.items():
         if cr.alias_of is None:
             for r in cr.runs.values():
                 h = str(r.summary.get("source_sha256", "unrecorded"))
                 hashes[h] = hashes.get(h, 0) + 1
-    paths = sorted({str(i["source_path"]) for i in c.invocations if i.get("source_path")})
-    where = f" imported from `{'`, `'.join(paths)}`" if paths else ""
     if not hashes:
         return "Code: no finished runs yet."
-    if len(hashes) == 1:
-        return (
-            f"Code: every run was computed by the same fedquant source{where} (SHA-256 of the "
-            f"package's `.py` files except `reproduce/`, `bench/`, `flower/`: `{next(iter(hashes))}`)."
+    commits: dict[str, set[str]] = {}
+    for i in c.invocations:
+        if i.get("source_sha256"):
+            commits.setdefault(str(i["source_sha256"]), set()).add(
+                str(i.get("source_commit") or "not recorded")
+            )
+
+    def named(h: str, n: int) -> str:
+        where = ", ".join(f"`{x}`" for x in sorted(commits.get(h, {"not recorded"})))
+        return f"`{h}` ({n} runs; commit {where})"
+
+    listed = ", ".join(named(h, n) for h, n in sorted(hashes.items()))
+    text = f"Code: the runs were computed by fedquant source {listed} ({_FP_WHAT})."
+    if len(hashes) > 1:
+        text = f"**{text} Numbers from different sources may not be comparable.**"
+    if current is not None and set(hashes) != {current}:
+        old = sum(n for h, n in hashes.items() if h != current)
+        text += (
+            f"\n\n**OUTDATED: {old} of {sum(hashes.values())} runs were computed by another "
+            "source than the one that wrote this page; the current code may compute other "
+            "numbers. `fedquant reproduce` (without `--keep-outdated`) reruns them.**\n\n"
+            f"This page was written by source `{current}`."
         )
-    listed = ", ".join(f"`{h}` ({n} runs)" for h, n in sorted(hashes.items()))
-    return (
-        f"**Code: the runs were computed by {len(hashes)} different fedquant sources{where} "
-        f"(SHA-256 of the package's `.py` files except `reproduce/`, `bench/`, `flower/`: {listed}); numbers from "
-        "different sources may not be comparable.**"
-    )
+    return text
 
 
 def _settings_section(c: Collected) -> str:
@@ -1263,9 +1393,13 @@ def _caveats(c: Collected) -> str:
         f"(t = {t975(len(s.seeds) - 1):.2f} for {len(s.seeds) - 1} degrees of freedom) and a "
         "small true effect can stay unresolved. Comparisons are paired by seed (same "
         "initial model, partition, batch order and data).",
-        f"**Thresholds of the verdicts** are ours: 'near full precision' = within {NEAR_PP:g} pp "
-        f"of FP32 FedAvg with >= {CLAIMED_MIN_RATIO:g}x less uplink; 'by 2–4 points' = a "
-        f"resolved gain >= {CLAIMED_GAIN_PP:g} pp; 'matches' = at most {MATCH_PP:g} pp below.",
+        "**Tests of the verdicts** are ours, pre-registered in the grid file's `[claims]` "
+        "table: "
+        + "; ".join(
+            f"({k}) {h.describe()}"
+            for k, h in (c.grid.claims.tests.items() if c.grid.claims else ())
+        )
+        + f"; Holm over claims (a)–(d), family-wise α = {c.alpha:g}.",
         "**Traffic** is the byte length of the real encoded payloads of the whole model state: "
         "the quantized weight tensors plus BatchNorm parameters and biases in float32 and the "
         "self-describing header. Ratios for the weights alone are higher (e.g. 15.8x at "
@@ -1290,6 +1424,7 @@ def write_report(
     data_dir: str | None = None,
     command: str | None = None,
     figures: bool = True,
+    current_source: str | None = "",
 ) -> Path:
     """Write ``out/README.md`` and its PNG figures from ``out/raw``.
 
@@ -1306,6 +1441,10 @@ def write_report(
         in ``raw/invocations/``, else ``fedquant reproduce --scale SCALE``).
     figures : bool, default True
         False to skip the PNGs (the page then links to whatever PNGs exist).
+    current_source : str or None, optional
+        The source fingerprint runs are compared with (default: the importing
+        code's, :func:`~fedquant.reproduce.runner.source_fingerprint`);
+        ``None`` to not compare.
 
     Returns
     -------
@@ -1354,7 +1493,7 @@ def write_report(
         command,
         "```",
         "",
-        _code_line(c),
+        _code_line(c, source_fingerprint() if current_source == "" else current_source),
         "",
     ]
     if c.complete:
@@ -1404,9 +1543,15 @@ def write_report(
     )
     md += [
         "",
-        "Δ = paired difference over seeds in percentage points of final test accuracy "
-        "(mean ± sd, [95 % t-interval]); an outcome is resolved when the interval excludes 0. "
-        f"The last column repeats every comparison on the mean accuracy of the last {LAST_K} "
+        "Δ = paired difference over seeds in percentage points of final test accuracy. "
+        "Each paper claim is judged by the test pre-registered in the grid file's `[claims]` "
+        f"table (equivalence: the {100 * (1 - 2 * c.alpha):g} % interval inside ±margin, TOST; "
+        "non-inferiority / superiority: one-sided bounds), with Holm's correction over every "
+        f"hypothesis of claims (a)–(d) together (family-wise α = {c.alpha:g}); every comparison "
+        "and claim is held, did not hold or inconclusive, and the per-claim sections list the "
+        "per-seed differences and, for each inconclusive comparison, how many seeds would "
+        "resolve it at its observed mean and sd (at Holm's strictest level). "
+        f"The last column repeats every verdict on the mean accuracy of the last {LAST_K} "
         "per-round evaluations (the curves' test subset) instead of the final model's: a "
         "verdict that changes there rests on one round's luck (non-IID runs oscillate). "
         "How each outcome is decided: "

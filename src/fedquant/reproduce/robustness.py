@@ -53,6 +53,7 @@ def write_robustness_report(grid: Any, scale: str, out: Path, data_dir: str) -> 
     """Write ``out/README.md`` (the tables) from the finished runs under ``out/raw``."""
     from fedquant.fl.results import atomic_write
     from fedquant.reproduce.report import _code_line, _md_table, collect, paired_diff, stat
+    from fedquant.reproduce.runner import source_fingerprint
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -83,7 +84,7 @@ def write_robustness_report(grid: Any, scale: str, out: Path, data_dir: str) -> 
         command,
         "```",
         "",
-        _code_line(c),
+        _code_line(c, source_fingerprint()),
         "",
         f"Runs finished: {done} of {total}."
         + ("" if c.complete else " **PARTIAL: the cells below use the finished runs only.**"),

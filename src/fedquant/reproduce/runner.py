@@ -12,7 +12,8 @@ Each job writes its own results directory ``<raw>/<dataset>/<cell>/seed<k>/``::
     checkpoint.npz  only while the job runs (deleted when it finishes)
     .lock           only while a process runs it
 
-A job whose ``summary.json`` exists with the grid's fingerprint is skipped; one
+A job whose ``summary.json`` exists with the grid's fingerprint is skipped (unless
+it was computed by another fedquant source and ``rerun_outdated`` is set); one
 with a checkpoint resumes from it (bit-identical to an uninterrupted run, see
 :mod:`fedquant.fl.simulation`); one whose recorded fingerprint differs from the
 grid's is cleared and rerun. The ``.lock`` file (created with ``O_EXCL``)
@@ -55,6 +56,8 @@ __all__ = [
     "read_invocations",
     "run_job",
     "run_jobs",
+    "run_source",
+    "source_commit",
     "source_fingerprint",
     "stratified_subset",
 ]
@@ -130,6 +133,31 @@ def source_fingerprint() -> str:
             continue
         h.update(rel.encode() + b"\0" + p.read_bytes() + b"\0")
     return h.hexdigest()[:16]
+
+
+def source_commit(where: Path) -> str | None:
+    """``git rev-parse HEAD`` of the checkout holding ``where`` (``+dirty`` when the package
+    has uncommitted changes); ``None`` outside a git checkout or without git."""
+    import subprocess
+
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(where), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(where), "status", "--porcelain", "--", "."],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+dirty" if dirty else "") if head else None
 
 
 # --------------------------------------------------------------------------- data
@@ -250,8 +278,19 @@ def _release(d: Path) -> None:
         (d / LOCK).unlink()
 
 
-def job_status(job: Job, raw_root: Path) -> str:
-    """``"alias"``, ``"done"``, ``"stale"``, ``"running"``, ``"partial"`` or ``"missing"``."""
+def run_source(job: Job, raw_root: Path) -> str | None:
+    """The source fingerprint a finished run recorded (``None``: unfinished or unrecorded)."""
+    summary = _read_json(job.directory(raw_root) / "summary.json")
+    return summary.get("source_sha256") if isinstance(summary, dict) else None
+
+
+def job_status(job: Job, raw_root: Path, source: str | None = None) -> str:
+    """``"alias"``, ``"done"``, ``"outdated"``, ``"stale"``, ``"running"``, ``"partial"``, ``"missing"``.
+
+    ``"stale"``: the grid's settings changed since the run; ``"outdated"`` (only
+    when ``source`` is given): the run finished, computed by a fedquant source
+    other than ``source``.
+    """
     if job.alias_of is not None:
         return "alias"
     d = job.directory(raw_root)
@@ -259,6 +298,8 @@ def job_status(job: Job, raw_root: Path) -> str:
     if info is not None and info.get("fingerprint") != job.fingerprint:
         return "stale"
     if info is not None and (d / "summary.json").exists():
+        if source is not None and run_source(job, raw_root) != source:
+            return "outdated"
         return "done"
     if (d / LOCK).exists() and _lock_holder_alive(d / LOCK):
         return "running"
@@ -299,7 +340,9 @@ def _cell_record(job: Job) -> dict[str, Any]:
     }
 
 
-def run_job(job: Job, raw_root: str | os.PathLike[str]) -> JobResult:
+def run_job(
+    job: Job, raw_root: str | os.PathLike[str], *, rerun_outdated: bool = False
+) -> JobResult:
     """Run (or resume, or skip) one job; never raises for a failure inside the run.
 
     Parameters
@@ -308,6 +351,9 @@ def run_job(job: Job, raw_root: str | os.PathLike[str]) -> JobResult:
         Not an alias.
     raw_root : path
         The raw-results folder of the scale.
+    rerun_outdated : bool, default False
+        Rerun a finished job whose recorded source fingerprint is not
+        :func:`source_fingerprint` (else it is skipped).
 
     Returns
     -------
@@ -321,8 +367,16 @@ def run_job(job: Job, raw_root: str | os.PathLike[str]) -> JobResult:
         info = _read_json(d / "cell.json")
         if info is not None and info.get("fingerprint") == job.fingerprint:
             summary = _read_json(d / "summary.json")
-            if summary is not None:
+            outdated = (
+                rerun_outdated
+                and summary is not None
+                and summary.get("source_sha256") != source_fingerprint()
+            )
+            if summary is not None and not outdated:
                 return JobResult(job.key, "skipped", final_accuracy=summary.get("final_accuracy"))
+            if outdated:
+                _clear(d)
+                write_json(d / "cell.json", _cell_record(job))
         else:
             _clear(d)  # stale or half-created: start afresh
             write_json(d / "cell.json", _cell_record(job))
@@ -530,7 +584,8 @@ class RunLog:
     pid: int
     pending: int
     source_sha256: str
-    source_path: str
+    #: the git commit of the source tree (``+dirty`` if it had uncommitted changes), if known
+    source_commit: str | None = None
     pythonpath: str | None = None
     status: str = "running"
     #: CPU seconds of this process and its finished worker processes (getrusage)
@@ -564,6 +619,7 @@ def run_jobs(
     on_result: Callable[[JobResult, int, int], None] | None = None,
     argv: Sequence[str] = (),
     sample_interval: float = 30.0,
+    rerun_outdated: bool = True,
 ) -> list[JobResult]:
     """Run every unfinished, non-alias job of ``jobs``.
 
@@ -584,6 +640,9 @@ def run_jobs(
         The command line, for the invocation record (see :class:`RunLog`).
     sample_interval : float, default 30
         Seconds between load-average samples (and record updates).
+    rerun_outdated : bool, default True
+        Rerun finished jobs computed by another fedquant source (see
+        :func:`source_fingerprint`); False keeps them.
 
     Returns
     -------
@@ -597,7 +656,8 @@ def run_jobs(
     ignore = raw / ".gitignore"
     if not ignore.exists():  # what a running or killed job leaves is not for committing
         ignore.write_text(_GITIGNORE)
-    pending = [j for j in jobs if j.alias_of is None and job_status(j, raw) != "done"]
+    current = source_fingerprint() if rerun_outdated else None
+    pending = [j for j in jobs if j.alias_of is None and job_status(j, raw, current) != "done"]
     threads = max((j.config.threads for j in jobs), default=0)
     record = RunLog(
         argv=list(argv),
@@ -609,7 +669,7 @@ def run_jobs(
         pid=os.getpid(),
         pending=len(pending),
         source_sha256=source_fingerprint(),
-        source_path=str(Path(fedquant.__file__).resolve().parent),
+        source_commit=source_commit(Path(fedquant.__file__).resolve().parent),
         pythonpath=os.environ.get("PYTHONPATH"),
     )
     results: list[JobResult] = []
@@ -640,9 +700,9 @@ def run_jobs(
         with _sigterm_as_interrupt(), sampler:
             if in_process or not pending:
                 for j in pending:
-                    done(run_job(j, raw))
+                    done(run_job(j, raw, rerun_outdated=rerun_outdated))
             else:
-                _run_pool(pending, raw, n_jobs, threads, done)
+                _run_pool(pending, raw, n_jobs, threads, done, rerun_outdated)
         record.status = "finished"
     except BaseException:
         record.status = "interrupted"
@@ -684,6 +744,7 @@ def _run_pool(
     n_jobs: int,
     threads: int,
     done: Callable[[JobResult], None],
+    rerun_outdated: bool,
 ) -> None:
     ex = ProcessPoolExecutor(
         max_workers=max(1, n_jobs),
@@ -691,7 +752,9 @@ def _run_pool(
         initializer=_ignore_sigint,
     )
     with _child_env(threads):  # workers are spawned on demand, by submit()
-        futures: dict[Future[JobResult], Job] = {ex.submit(run_job, j, raw): j for j in pending}
+        futures: dict[Future[JobResult], Job] = {
+            ex.submit(run_job, j, raw, rerun_outdated=rerun_outdated): j for j in pending
+        }
     try:
         remaining = set(futures)
         while remaining:

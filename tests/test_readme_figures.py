@@ -1,0 +1,61 @@
+"""README headline figures agree with the committed results they quote (docs/results, docs/)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+REPORT = (ROOT / "docs" / "results" / "claims-small" / "README.md").read_text()
+BENCH = (ROOT / "docs" / "benchmarks.md").read_text()
+
+
+def _ascii(text: str) -> str:
+    return text.replace("−", "-").replace("–", "-")
+
+
+def _table_rows(md: str, first_cell: str) -> dict[str, list[str]]:
+    """Rows of Markdown tables whose first cell starts with ``(a)``, ``(b)``... -> cells."""
+    out = {}
+    for line in md.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        m = re.match(first_cell, cells[0]) if line.startswith("|") else None
+        if m:
+            out[m.group(1)] = cells
+    return out
+
+
+def test_reproduction_table_quotes_the_committed_report() -> None:
+    readme = _table_rows(README, r"\(([a-d])\) ")
+    report = _table_rows(REPORT, r"\(([a-d])\) ")
+    assert set(readme) == set(report) == {"a", "b", "c", "d"}
+    for key, row in readme.items():
+        verdict = report[key][1].strip("*")
+        assert row[1] == verdict, f"claim ({key}): README says {row[1]!r}, report {verdict!r}"
+        counts = re.search(r"\d+ held, \d+ did not hold, \d+ inconclusive of \d+", row[2])
+        assert counts is not None and counts.group(0) in report[key][2], key
+        span = re.search(r"\(([-+]\d+\.\d+ to [-+]\d+\.\d+) pp\)", _ascii(row[2]))
+        assert span is not None and span.group(1) in _ascii(report[key][2]), key
+    assert "These\nruns are OUTDATED" in README or "runs are OUTDATED" in README
+    assert "**OUTDATED:" in REPORT
+
+
+def test_bench_figures_quoted_in_readme() -> None:
+    # memory: 100 clients vs 10
+    row = next(line for line in BENCH.splitlines() if line.startswith("| 100 |"))
+    end_minus_first, per_client = (c.strip() for c in row.strip("|").split("|")[5:7])
+    assert f"{end_minus_first.lstrip('+')} higher" in README.replace("\n  ", " ")
+    assert f"the {per_client} one float32 model per client" in README.replace("\n  ", " ")
+    # OCTAV threshold vs np.abs(x).sum(), 1 and 2 threads
+    ratios = {
+        c[1]: float(c[3])
+        for line in BENCH.splitlines()
+        if line.startswith("| `threshold(x, 4, 'stochastic')`")
+        for c in [[x.strip() for x in line.strip().strip("|").split("|")]]
+    }
+    flat = README.replace("\n  ", " ")
+    assert f"costs {ratios['1']:.1f}x one `np.abs(x).sum()` pass on 1 thread" in flat
+    assert f"{ratios['2']:.1f}x on 2" in flat
+    # the encoded 4-2-2-4 state, quoted from the reproduction's base cell
+    assert "24,927 bytes" in README and "| 24,927 |" in REPORT
