@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from fedquant.errors import ConfigError, InvalidInputError
 from fedquant.fl.batched import train_batched, unsupported_reason
@@ -33,6 +34,7 @@ from fedquant.fl.config import RunConfig
 from fedquant.fl.data import Dataset
 from fedquant.fl.models import PaperCNN
 from fedquant.fl.simulation import TIMING_KEYS, Simulation
+from fedquant.fl.task import image_classification_task
 
 RTOL, ATOL = 1e-4, 1e-6  # see the module docstring
 #: client sizes at batch 16: 70 = 4 x 16 + a partial batch of 6; 33 = 2 x 16 + a batch of
@@ -64,7 +66,7 @@ def loop_states(
     states, losses = [], []
     for (x, y), g in zip(data, gens(len(data)), strict=True):
         m = copy.deepcopy(model)
-        losses.append(train_local(m, x, y, cfg, generator=g).loss)
+        losses.append(train_local(m, TensorDataset(x, y), image_classification_task(), cfg, g).loss)
         states.append({k: v.detach().clone() for k, v in m.state_dict().items()})
     return states, losses
 

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -88,89 +86,89 @@ def _convert(name: str, raw: str) -> Any:
 
 
 def _resolve_config(args: argparse.Namespace) -> Any:
-    from fedquant.fl.config import FIELDS, RunConfig
+    from fedquant.fl.config import FIELDS, RunConfig, flat_options, with_dataset_defaults
     from fedquant.fl.results import read_toml
 
     values: dict[str, Any] = {}
-    if args.config:
+    if args.config == "":
+        raise ConfigError("--config", "is empty; expected the path of a TOML file")
+    if args.config is not None:
         values.update(
-            RunConfig.from_mapping(read_toml(Path(args.config)), source=args.config).to_dict()
+            flat_options(read_toml(Path(args.config), option="--config"), source=args.config)
         )
     given = {n: getattr(args, n) for n in FIELDS if getattr(args, n) is not None}
     for n, v in given.items():
         values[n] = v if isinstance(v, bool) else _convert(n, v)
     try:
-        return RunConfig(**values), given
+        cfg = RunConfig(**with_dataset_defaults(values))
     except ConfigError as e:
         opt = e.option
         if opt in given:  # name the flag the user typed
             raise ConfigError("--" + opt.replace("_", "-"), str(e).split(": ", 1)[1]) from None
         raise
+    # stored resolved, so the run's config.toml means the same from any directory
+    paths = {
+        n: str(Path(getattr(cfg, n)).expanduser().resolve())
+        for n in ("data_root", "cache_dir")
+        if getattr(cfg, n)
+    }
+    return cfg.with_(**paths), given
+
+
+def _open_resume(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """(results dir, simulation, state) of the run ``--resume DIR`` continues."""
+    from fedquant.fl.results import ResultsDir
+    from fedquant.fl.simulation import Simulation, resume_state
+
+    if not args.resume:
+        raise ConfigError("--resume", "is empty; expected a results directory of fedquant run")
+    rd = ResultsDir(Path(args.resume), option="--resume")
+    given = [
+        n
+        for n in vars(args)
+        if n not in ("cmd", "func", "resume", "quiet", "config") and getattr(args, n) is not None
+    ]
+    if given or args.config is not None:
+        raise ConfigError(
+            "--resume",
+            "takes the configuration from DIR/config.toml; do not combine it with other options",
+        )
+    if not (rd.path / "config.toml").is_file():
+        raise ConfigError(
+            "--resume", f"{str(rd.path)!r} is not a fedquant results directory (no config.toml)"
+        )
+    cfg = rd.read_config()
+    ck = rd.read_checkpoint()
+    if ck is not None:  # an edited config.toml is refused before any data is loaded
+        rd.check_checkpoint(ck)
+    sim = Simulation(cfg)
+    return rd, sim, resume_state(sim, rd)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fedquant.fl.results import ResultsDir
-    from fedquant.fl.simulation import TIMING_KEYS, RunState, Simulation, final_accuracy
+    from fedquant.fl.simulation import (
+        RunState,
+        Simulation,
+        create_results_dir,
+        final_metric,
+        run_to_dir,
+    )
 
-    if args.resume:
-        rd = ResultsDir(Path(args.resume))
-        given = [
-            n
-            for n in vars(args)
-            if n not in ("cmd", "func", "resume", "quiet", "config")
-            and getattr(args, n) is not None
-        ]
-        if given or args.config:
-            raise ConfigError(
-                "--resume",
-                "takes the configuration from DIR/config.toml; do not combine it with other options",
-            )
-        if not (rd.path / "config.toml").exists():
-            raise ConfigError(
-                "--resume", f"{str(rd.path)!r} is not a fedquant results directory (no config.toml)"
-            )
-        cfg = rd.read_config()
-        sim = Simulation(cfg)
-        ck = rd.read_checkpoint()
-        state = (
-            sim.new_state()
-            if ck is None
-            else RunState(
-                round=ck.round,
-                global_state=ck.global_state,
-                metrics=ck.metrics,
-                residuals=ck.residuals,
-            )
-        )
+    if args.resume is not None:
+        rd, sim, state = _open_resume(args)
+        cfg = sim.cfg
+        if state.round >= cfg.rounds and (rd.path / "summary.json").is_file():
+            print(f"this run is complete ({state.round} rounds); nothing to do: {rd.path}")
+            return 0
     else:
         cfg, _ = _resolve_config(args)
         sim = Simulation(cfg)
-        rd = ResultsDir.create(cfg.out, cfg)
+        rd = create_results_dir(sim, option="--out")
         state = sim.new_state()
-        rd.write_start(
-            cfg,
-            {
-                "dataset": {
-                    "name": sim.dataset.name,
-                    "train": int(sim.dataset.train_y.size),
-                    "test": int(sim.dataset.test_y.size),
-                    "classes": list(sim.dataset.classes),
-                },
-                "float32_model_bytes": sim.reference.float32_nbytes,
-                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            },
-        )
-        from fedquant.fl.results import write_json
-
-        write_json(
-            rd.path / "clients.json",
-            {"label_counts": sim.label_counts.tolist(), "sizes": [int(p.size) for p in sim.parts]},
-        )
 
     if not args.quiet:
         _print_plan(sim.uplink, sim.initial_state)
-    title = f"{cfg.dataset}, {cfg.num_clients} clients, bits {cfg.bits}, {cfg.method}/{cfg.rounding}, {cfg.aggregation}"
-    start = time.perf_counter()
+    metric = sim.task.metric
     progress = None
     if not args.quiet:
         from rich.progress import (
@@ -196,49 +194,39 @@ def cmd_run(args: argparse.Namespace) -> int:
         progress.start()
 
     def on_round(st: RunState, row: dict[str, Any]) -> None:
-        rd.write_round(st.round, st.global_state, st.metrics, residuals=st.residuals)
         if progress is not None:
-            acc = final_accuracy(st.metrics)
             progress.update(
                 task,
                 completed=st.round,
-                description=f"acc {100 * acc:5.1f}%  uplink {row['cum_uplink_bytes'] / 1e6:7.2f} MB",
+                description=f"{_show_metric(metric, final_metric(st.metrics, metric))}  "
+                f"uplink {row['cum_uplink_bytes'] / 1e6:7.2f} MB",
             )
 
     try:
-        state = sim.run(state, on_round=on_round)
+        result = run_to_dir(sim, results=rd, state=state, on_round=on_round)
     finally:
         if progress is not None:
             progress.stop()
-    wall = time.perf_counter() - start
-    m = state.metrics
-    timing = {k: float(sum(r.get(k, 0.0) for r in m)) for k in TIMING_KEYS}
-    last_up = next((r for r in reversed(m) if r["uplink_bytes"]), m[-1])
-    summary = {
-        "final_accuracy": final_accuracy(m),
-        "best_accuracy": max(
-            (r["test_accuracy"] for r in m if r.get("test_accuracy") is not None), default=math.nan
-        ),
-        "rounds": state.round,
-        "uplink_bytes_per_client_round": last_up["uplink_bytes"]
-        / max(1, last_up["clients_aggregated"]),
-        "uplink_ratio_vs_float32": last_up["uplink_ratio"],
-        "total_uplink_bytes": m[-1]["cum_uplink_bytes"],
-        "total_downlink_bytes": m[-1]["cum_downlink_bytes"],
-        "wall_seconds": wall,
-        **{k: v for k, v in timing.items()},
-        "results_dir": str(rd.path),
-    }
-    rd.write_summary(summary)
-    rd.write_plots(m, title)
+    summary = result.summary
     if not args.quiet:
-        _print_summary(cfg, summary)
+        # a workload's own clients (e.g. one per package of a text corpus) are not a partition
+        split = cfg.partition if sim.dataset is not None else "natural partition"
+        _print_summary(cfg, summary, metric, split)
     else:
-        print(f"final accuracy {100 * summary['final_accuracy']:.2f}%  results: {rd.path}")
+        print(f"final {_show_metric(metric, summary[f'final_{metric}'])}  results: {rd.path}")
     return 0
 
 
-def _print_summary(cfg: Any, s: dict[str, Any]) -> None:
+def _show_metric(metric: str, value: float) -> str:
+    """``accuracy 97.12%`` or ``bits_per_char 2.3456``."""
+    if metric == "accuracy":
+        return f"accuracy {100 * value:.2f}%"
+    return f"{metric} {value:.4f}"
+
+
+def _print_summary(
+    cfg: Any, s: dict[str, Any], metric: str = "accuracy", split: str | None = None
+) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -247,16 +235,24 @@ def _print_summary(cfg: Any, s: dict[str, Any]) -> None:
     t.add_column()
     t.add_row(
         "data / clients",
-        f"{cfg.dataset}, {cfg.num_clients} clients ({cfg.partition}), {s['rounds']} rounds",
+        f"{cfg.dataset}, {cfg.num_clients} clients ({split or cfg.partition}), {s['rounds']} rounds",
     )
+    widths = f"client bits {cfg.client_bits}" if cfg.client_bits else f"{cfg.bits} bits"
+    t.add_row("uplink", f"{widths}, {cfg.method}, {cfg.rounding} rounding, {cfg.granularity}")
     t.add_row(
-        "uplink", f"{cfg.bits} bits, {cfg.method}, {cfg.rounding} rounding, {cfg.granularity}"
+        "aggregation",
+        cfg.aggregation
+        + (f", server optimizer {cfg.server_optimizer}" if cfg.server_optimizer != "none" else ""),
     )
-    t.add_row("aggregation", cfg.aggregation)
-    t.add_row(
-        "final / best accuracy",
-        f"{100 * s['final_accuracy']:.2f}% / {100 * s['best_accuracy']:.2f}%",
-    )
+    if metric == "accuracy":
+        t.add_row(
+            "final / best accuracy",
+            f"{100 * s['final_accuracy']:.2f}% / {100 * s['best_accuracy']:.2f}%",
+        )
+    else:
+        t.add_row(
+            f"final / best {metric}", f"{s[f'final_{metric}']:.4f} / {s[f'best_{metric}']:.4f}"
+        )
     t.add_row(
         "uplink per client-round",
         f"{s['uplink_bytes_per_client_round']:,.0f} bytes ({s['uplink_ratio_vs_float32']:.2f}x smaller than float32)",

@@ -67,7 +67,6 @@ import threading
 import time
 import traceback
 import tracemalloc
-import zlib
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -77,7 +76,7 @@ from typing import Any
 
 import numpy as np
 
-from fedquant.errors import DecodeError, InvalidInputError
+from fedquant.errors import ConfigError, DecodeError, FedquantError, InvalidInputError
 from fedquant.fl.aggregation import aggregate_payloads
 from fedquant.quant import codec
 
@@ -236,15 +235,12 @@ def seed_payloads() -> list[bytes]:
 
 
 def fix_length_and_crc(data: bytes | bytearray) -> bytes:
-    """Rewrite the header's total length and the trailing CRC32 to match ``data``.
+    """Rewrite the header's total length and the trailing checksum to match ``data``
+    (:func:`fedquant.quant.codec.reseal`: the checksum of the header's version).
 
     Inputs shorter than a header plus checksum are returned unchanged.
     """
-    buf = bytearray(data)
-    if len(buf) >= _HEADER.size + 4:
-        struct.pack_into("<Q", buf, 8, len(buf))
-        struct.pack_into("<I", buf, len(buf) - 4, zlib.crc32(memoryview(buf)[:-4]))
-    return bytes(buf)
+    return codec.reseal(data)
 
 
 # --------------------------------------------------------------------------- payload model
@@ -635,7 +631,8 @@ class Mutator:
         elif r < 0.92 and len(data) >= 28:
             data = data[:8] + struct.pack("<Q", len(data)) + data[16:]
         elif r < 0.96 and len(data) >= 28:
-            data = data[:-4] + struct.pack("<I", zlib.crc32(data[:-4]))
+            version = struct.unpack_from("<H", data, 4)[0]
+            data = data[:-4] + struct.pack("<I", codec.checksum(data[:-4], version))
         return data, idx
 
     # ------------------------------------------------------------------ byte level
@@ -1474,6 +1471,23 @@ def run_fuzz(
     return report
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    """Refuse option values that would make a run meaningless (one-line ConfigError)."""
+    if args.runs < 0:
+        raise ConfigError("--runs", f"{args.runs} is negative; expected a number of inputs >= 0")
+    for flag, value in (("--max-seconds", args.max_seconds), ("--watchdog", args.watchdog)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ConfigError(flag, f"{value} is not valid; expected a number of seconds > 0")
+    if (
+        args.corpus is not None
+        and (not args.corpus or os.path.exists(args.corpus))
+        and not (os.path.isdir(args.corpus))
+    ):
+        raise ConfigError(
+            "--corpus", f"{args.corpus!r} is not a directory; expected a directory of *.bin inputs"
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m fedquant.fuzz``: run the fuzzer, print a summary, 1 on any failure."""
     p = argparse.ArgumentParser(prog="python -m fedquant.fuzz", description=__doc__.split("\n")[0])
@@ -1499,6 +1513,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="report numpy FP errors and known issues in aggregate as warnings, not failures",
     )
     args = p.parse_args(argv)
+    try:
+        _check_args(args)
+    except FedquantError as e:
+        print(f"fuzz: error: {e}", file=sys.stderr)
+        return 2
     targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
     last = [time.perf_counter()]
 

@@ -460,6 +460,9 @@ def test_speed_rows_smoke() -> None:
         "decode",
         "dequantize",
         "kernel(dequantize)",
+        "encode(raw float32)",
+        "decode(raw float32)",
+        speed.TORCH_QINT8_OP,
     }
     assert all(r["ratio_memcpy"] > 0 and r["n"] == 4096 for r in rows)
     thr = next(r for r in rows if r["op"] == "threshold")
@@ -467,7 +470,30 @@ def test_speed_rows_smoke() -> None:
     pr = speed.peer_speed(n=4096, names={"qsgd": (2,), "torch-qint8": (8,)}, reps=1, threads=1)
     assert {(r["impl"], r["op"]) for r in pr} >= {("qsgd", "encode"), ("qsgd", "decode")}
     tr = speed.torch_speed("cpu", n=4096, bits=(2, 8), reps=1)
-    assert {r["op"] for r in tr} == {"threshold", "quantize(scale=s)", "dequantize"}
+    assert {r["op"] for r in tr} == {"threshold", "quantize(scale=s)", "dequantize", "encode"}
+
+
+def test_speed_goals_table_says_met_or_the_ratio() -> None:
+    def row(op: str, bits: int, rnd: str, threads: int, ratio: float) -> dict[str, object]:
+        return {"op": op, "bits": bits, "rounding": rnd, "threads": threads, "ratio_memcpy": ratio}
+
+    cpu = {"op": "decode", "bits": 4, "rounding": "nearest", "threads": 1, "ratio_memcpy": 0.3}
+
+    fq = [
+        row("encode", 8, "nearest", 1, 0.3),
+        row("encode", 8, "nearest", 2, 0.35),
+        row("decode", 8, "nearest", 1, 0.41),
+        row("encode(raw float32)", 32, "", 1, 0.2),
+        row(speed.TORCH_QINT8_OP, 8, "nearest", 1, 0.6),
+        row(speed.TORCH_QINT8_OP, 8, "nearest", 2, 0.3),
+        {**cpu, "cpu_ratio_memcpy": 0.45},
+    ]
+    text = "\n".join(report._speed_goals_md(fq))
+    assert "| full encode, 8 bits nearest | >= 0.25 / >= 0.4 | 0.3 met | 0.35 not met |" in text
+    assert "| decode, 8 bits nearest | >= 0.4 / >= 0.4 | 0.41 met | - |" in text
+    assert "| raw-float encode, 32 bits | >= 0.5 / >= 0.5 | 0.2 not met | - |" in text
+    assert "0.5x qint8 not met" in text and "1.17x qint8 met" in text
+    assert "| decode, 4 bits nearest | >= 0.4 / >= 0.4 | 0.3 not met (cpu 0.45) | - |" in text
 
 
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])

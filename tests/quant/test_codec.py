@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import struct
-import zlib
 
 import numpy as np
 import pytest
@@ -11,7 +10,15 @@ import torch
 
 from fedquant.errors import ConfigError, DecodeError, InvalidInputError, NonFiniteError
 from fedquant.fl.models import PaperCNN, float32_state_bytes
-from fedquant.quant.codec import MAGIC, decode, decode_inspected, encode, encode_with_stats, inspect
+from fedquant.quant.codec import (
+    MAGIC,
+    decode,
+    decode_inspected,
+    encode,
+    encode_with_stats,
+    inspect,
+    reseal,
+)
 from fedquant.quant.quantizer import dequantize, quantize
 from fedquant.quant.spec import QuantSpec
 
@@ -36,9 +43,7 @@ def quantize_with_key(x: np.ndarray, bits: int, rounding: str, granularity: str,
 
 def fix_checksum(buf: bytearray) -> bytes:
     """Recompute total length and CRC so a test can reach the field checks behind them."""
-    struct.pack_into("<Q", buf, 8, len(buf))
-    struct.pack_into("<I", buf, len(buf) - 4, zlib.crc32(bytes(buf[:-4])))
-    return bytes(buf)
+    return reseal(buf)
 
 
 @pytest.mark.parametrize("granularity", ["tensor", "channel"])
@@ -195,11 +200,13 @@ def test_wrong_magic_and_version_and_flags(payload: bytes) -> None:
     with pytest.raises(DecodeError, match=r"wrong magic b'PK\\x03\\x04'"):
         decode(b"PK\x03\x04" + payload[4:])
     buf = bytearray(payload)
-    struct.pack_into("<H", buf, 4, 2)
-    with pytest.raises(
-        DecodeError, match="unknown format version 2; this fedquant reads version 1"
-    ):
-        decode(fix_checksum(buf))
+    for version in (0, 3, 0xFFFF):
+        struct.pack_into("<H", buf, 4, version)
+        with pytest.raises(
+            DecodeError,
+            match=f"unknown format version {version}; this fedquant reads versions 1, 2",
+        ):
+            decode(fix_checksum(buf))
     buf = bytearray(payload)
     struct.pack_into("<H", buf, 6, 1)
     with pytest.raises(DecodeError, match="header flags"):

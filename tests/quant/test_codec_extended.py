@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import struct
-import zlib
 
 import numpy as np
 import pytest
@@ -20,6 +19,7 @@ from fedquant.quant.codec import (
     encode,
     encode_with_stats,
     inspect,
+    reseal,
 )
 from fedquant.quant.quantizer import dequantize, quantize
 from fedquant.quant.spec import QuantSpec
@@ -28,9 +28,7 @@ KEY = 0xC0FFEE
 
 
 def fix_checksum(buf: bytearray) -> bytes:
-    struct.pack_into("<Q", buf, 8, len(buf))
-    struct.pack_into("<I", buf, len(buf) - 4, zlib.crc32(bytes(buf[:-4])))
-    return bytes(buf)
+    return reseal(buf)
 
 
 def update(seed: int = 0) -> dict[str, np.ndarray]:
@@ -179,7 +177,7 @@ def test_the_key_is_needed_and_checked_but_never_sent() -> None:
         encode(upd, spec, seed=1, shared_key=-1)
     p = encode(upd, spec, seed=1, shared_key=KEY)
     assert KEY.to_bytes(8, "little") not in p
-    assert struct.unpack_from("<H", p, 4)[0] == VERSION == 1
+    assert struct.unpack_from("<H", p, 4)[0] == VERSION == 2
     with pytest.raises(
         DecodeError,
         match=r"tensor 'w': is rotated \(transform=1\) and cannot be decoded without the shared key",

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from torch.utils.data import TensorDataset
 
 from fedquant.fl.client import evaluate as evaluate_model
 from fedquant.fl.client import train_local
 from fedquant.fl.models import PaperCNN
 from fedquant.fl.seeding import Purpose, numpy_rng, torch_generator
+from fedquant.fl.task import image_classification_task
 from fedquant.flower import UplinkConfig, fedquant_mod
 from fedquant_app.task import client_data, train_config
 
@@ -56,10 +58,10 @@ def train(msg: Message, context: Context) -> Message:
         qat_rng = numpy_rng(seed, Purpose.QAT, server_round, pid)
     stats = train_local(
         model,
-        x,
-        y,
+        TensorDataset(x, y),
+        image_classification_task(),
         cfg,
-        generator=torch_generator(seed, Purpose.SHUFFLE, server_round, pid),
+        torch_generator(seed, Purpose.SHUFFLE, server_round, pid),
         qat_spec=qat_spec,
         qat_rng=qat_rng,
     )

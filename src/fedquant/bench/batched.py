@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import TensorDataset
 
 from fedquant.errors import ConfigError
 from fedquant.fl import seeding
@@ -120,10 +121,10 @@ def batched_speedup(
             x, y = sim._client_data(c)
             train_local(
                 sim.model,
-                x,
-                y,
+                TensorDataset(x, y),
+                sim.task,
                 sim.train_cfg,
-                generator=seeding.torch_generator(cfg.seed, Purpose.SHUFFLE, round_, c),
+                seeding.torch_generator(cfg.seed, Purpose.SHUFFLE, round_, c),
             )
             out[c] = {k: v.copy() for k, v in state_numpy(sim.model).items()}  # not a view
         return out

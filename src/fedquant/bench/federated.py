@@ -828,11 +828,13 @@ def training_speed(
     the process CPU time per sample, with the load average before and after.
     """
     import torch
+    from torch.utils.data import TensorDataset
 
     from fedquant.fl import seeding
     from fedquant.fl.client import load_numpy_state, state_numpy, train_local
     from fedquant.fl.data import to_tensors
     from fedquant.fl.simulation import make_model, train_config
+    from fedquant.fl.task import image_classification_task
 
     cfg = cfg if cfg is not None else RunConfig()
     data = _load(cfg, dataset)
@@ -852,10 +854,10 @@ def training_speed(
                 c0 = time.process_time()
                 st = train_local(
                     model,
-                    tensors.train_x,
-                    tensors.train_y,
+                    TensorDataset(tensors.train_x, tensors.train_y),
+                    image_classification_task(),
                     tc,
-                    generator=seeding.torch_generator(cfg.seed, seeding.Purpose.SHUFFLE, rep),
+                    seeding.torch_generator(cfg.seed, seeding.Purpose.SHUFFLE, rep),
                 )
                 if rep:
                     times[t].append(st.seconds)

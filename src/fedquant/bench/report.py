@@ -279,6 +279,7 @@ def _speed_md(sec: Mapping[str, Any]) -> list[str]:
         )
     )
     out.append("")
+    out += _speed_goals_md(fq)
     thr = [r for r in fq if r["op"] == "threshold"]
     if thr:
         out.append(
@@ -319,6 +320,13 @@ def _speed_md(sec: Mapping[str, Any]) -> list[str]:
             )
         )
         out.append("")
+    if not sec.get("device"):
+        out += [
+            "No GPU rows: none was timed in this run (`--device cuda` adds the torch "
+            "quantizer and fedquant's device path, `fedquant.quant.device`, against "
+            "`Tensor.copy_` on the GPU).",
+            "",
+        ]
     if sec.get("device"):
         dev = sec["device"]
         out.append(
@@ -337,6 +345,64 @@ def _speed_md(sec: Mapping[str, Any]) -> list[str]:
         )
         out.append("")
     return out
+
+
+def _speed_goals_md(fq: Sequence[Row]) -> list[str]:
+    """The speed goals (:data:`fedquant.bench.speed.SPEED_GOALS`), met or the measured ratio."""
+    from fedquant.bench.speed import SPEED_GOALS, TORCH_QINT8_OP
+
+    ths = sorted({r["threads"] for r in fq})
+    body = []
+
+    def verdict(r: Row | None, goal: float | None) -> str:
+        if r is None or goal is None or r.get("ratio_memcpy") is None:
+            return "-"
+        v = r["ratio_memcpy"]
+        cpu = r.get("cpu_ratio_memcpy") if r.get("threads") == 1 else None
+        return f"{fmt(v, 3)} {'met' if v >= goal else 'not met'}" + (
+            f" (cpu {fmt(cpu, 3)})" if cpu else ""
+        )
+
+    for what, op, bits, rnd, g1, g2 in SPEED_GOALS:
+        keys = dict.fromkeys(
+            (r["bits"], r["rounding"])
+            for r in fq
+            if r["op"] == op
+            and (bits is None or r["bits"] == bits)
+            and (rnd is None or r["rounding"] == rnd)
+        )
+        for b, rd in keys:
+            rows = {
+                r["threads"]: r for r in fq if (r["op"], r["bits"], r["rounding"]) == (op, b, rd)
+            }
+            body.append(
+                [f"{what}, {b} bits {rd}".strip(), f">= {g1} / >= {g2}"]
+                + [verdict(rows.get(t), g1 if t == 1 else g2) for t in ths]
+            )
+    for t in ths:  # 8-bit nearest encode against PyTorch's qint8 kernel, same thread count
+        enc = next(
+            (
+                r
+                for r in fq
+                if (r["op"], r["bits"], r["rounding"], r["threads"]) == ("encode", 8, "nearest", t)
+            ),
+            None,
+        )
+        peer = next((r for r in fq if r["op"] == TORCH_QINT8_OP and r["threads"] == t), None)
+        if enc and peer and peer.get("ratio_memcpy"):
+            rel = enc["ratio_memcpy"] / peer["ratio_memcpy"]
+            cells = ["-"] * len(ths)
+            cells[ths.index(t)] = f"{fmt(rel, 3)}x qint8 {'met' if rel >= 1 else 'not met'}"
+            body.append([f"8-bit nearest encode vs torch qint8 ({t} thread(s))", ">= 1x", *cells])
+    if not body:
+        return []
+    return [
+        "Goals (ratio to memcpy at 1 / all threads; 'met' when the measured wall-clock ratio "
+        "reaches it; for 1 thread, in parentheses, the ratio of process CPU times):",
+        "",
+        table(["goal", "target"] + [f"{t} thread(s)" for t in ths], body),
+        "",
+    ]
 
 
 def headline(results: Mapping[str, Any]) -> list[str]:

@@ -43,7 +43,8 @@ What is timed (fedquant, CPU, numba kernels)
 
 Peers are timed the same way (encode and decode, :mod:`fedquant.bench.peers`).
 With ``device="cuda"`` (or any torch device) :func:`torch_speed` times a torch
-implementation of the same quantizer -- fedquant's kernels are CPU code -- against
+implementation of the same quantizer and fedquant's ``encode`` of a tensor on that
+device (on a GPU, :mod:`fedquant.quant.device` quantizes it there) against
 ``Tensor.copy_`` on that device.
 """
 
@@ -62,12 +63,22 @@ from fedquant.bench import peers
 from fedquant.quant import kernels
 from fedquant.quant.clipping import threshold
 from fedquant.quant.codec import decode, encode
+from fedquant.quant.device import pack_torch
 from fedquant.quant.grid import Rounding, noise_coefficient
 from fedquant.quant.packing import packed_size
 from fedquant.quant.quantizer import _coefficients, dequantize, level_table, quantize
 from fedquant.quant.spec import QuantSpec
 
 Row = dict[str, Any]
+#: the op name of the PyTorch qint8 row of :func:`fedquant_speed`
+TORCH_QINT8_OP = "torch quantize_per_tensor (qint8)"
+#: the speed goals: (what, op, bits, rounding, ratio at 1 thread, ratio at 2+ threads);
+#: bits/rounding None = every width/rounding measured; a ratio None = no goal there
+SPEED_GOALS: tuple[tuple[str, str, int | None, str | None, float | None, float | None], ...] = (
+    ("full encode", "encode", None, None, 0.25, 0.4),
+    ("decode", "decode", None, None, 0.4, 0.4),
+    ("raw-float encode", "encode(raw float32)", 32, "", 0.5, 0.5),
+)
 #: bit widths of the speed table (issue 2)
 SPEED_BITS: tuple[int, ...] = (2, 4, 8)
 #: peers of the speed table and the bit widths they are timed at
@@ -227,14 +238,17 @@ def fedquant_speed(
                     payload = encode({"w": x2}, spec, seed=key)
                     q = quantize(x, b, scale=s, rounding=rnd, seed=key)
                     inv, step = _coefficients(np.array([s], np.float32), b)
+                    step64 = np.array([2.0 * float(np.float32(s)) / ((1 << b) - 1)])
                     out = np.empty(packed_size(n, b), np.uint8)
                     values = np.empty(n, np.float32)
                     ops: dict[str, Callable[[], Any]] = {
                         "kernel(scale=s)": partial(
-                            kernels.quantize_pack_flat,
+                            kernels.quantize_pack,
                             x,
-                            inv[0],
-                            step[0],
+                            n,
+                            inv,
+                            step,
+                            step64,
                             b,
                             rnd == "stochastic",
                             np.uint64(key),
@@ -260,7 +274,31 @@ def fedquant_speed(
                     for name, op in ops.items():
                         m = measure(op, {"memcpy": memcpy}, reps=reps)
                         rows.append(_row(name, "fedquant", b, rnd, nth, n, m))
+            # a 1-D tensor travels as raw float32: one copy and a checksum
+            raw = encode({"b": x})
+            for name, op in (
+                ("encode(raw float32)", partial(encode, {"b": x})),
+                ("decode(raw float32)", partial(decode, raw)),
+            ):
+                m = measure(op, {"memcpy": memcpy}, reps=reps)
+                rows.append(_row(name, "fedquant", 32, "", nth, n, m))
+            # the peer: PyTorch's fused qint8 kernel (nearest, given scale, no clipping search)
+            m = measure(partial(torch_qint8_kernel, tx), {"memcpy": memcpy}, reps=reps)
+            rows.append(_row(TORCH_QINT8_OP, "torch-qint8", 8, "nearest", nth, n, m))
     return rows
+
+
+def torch_qint8_kernel(tx: Any) -> Any:
+    """``torch.quantize_per_tensor(x, scale, 0, qint8)`` with a fixed scale: PyTorch's
+    fused 8-bit nearest quantizer alone (no threshold search), the bar for a plain
+    8-bit pass."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():  # deprecated in torch 2.13, still the fused CPU path
+        warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*", category=UserWarning)
+        return torch.quantize_per_tensor(tx, 4.0 / 127.0, 0, torch.qint8)
 
 
 def naive_torch_stochastic(x: Any, s: float, bits: int) -> Any:
@@ -330,16 +368,7 @@ def torch_quantize_pack(x: Any, s: float, bits: int, stochastic: bool, generator
         t.clamp_(max=float(steps))
     else:
         t.add_(0.5).floor_()
-    codes = t.to(torch.uint8)
-    per = 8 // bits
-    pad = (-codes.numel()) % per
-    if pad:
-        codes = torch.cat((codes, codes.new_zeros(pad)))
-    c = codes.view(-1, per)
-    out = c[:, 0].clone()
-    for j in range(1, per):
-        out |= c[:, j] << (bits * j)
-    return out
+    return pack_torch(t.to(torch.uint8).reshape(-1), bits)
 
 
 def torch_dequantize(packed: Any, s: float, bits: int, n: int) -> Any:
@@ -414,6 +443,16 @@ def torch_speed(
                 sync=sync,
             )
             rows.append(_row("dequantize", "torch", b, rnd, 0, n, m, device=name))
+            # fedquant's own encode of a tensor on the device: on a GPU it takes the
+            # device path (fedquant.quant.device), only codes and scales cross
+            spec = QuantSpec(default_bits=b, rounding=Rounding(rnd))
+            m = measure(
+                partial(encode, {"w": x.reshape(1, -1)}, spec, seed=1234),
+                {"memcpy": memcpy},
+                reps=reps,
+                sync=sync,
+            )
+            rows.append(_row("encode", "fedquant", b, rnd, 0, n, m, device=name))
     return rows
 
 

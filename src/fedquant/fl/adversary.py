@@ -52,7 +52,6 @@ the attack.
 from __future__ import annotations
 
 import struct
-import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from statistics import NormalDist
 
@@ -196,9 +195,7 @@ def _records(payload: bytes) -> Iterator[dict[str, int]]:
 
 
 def _fix(buf: bytearray) -> bytes:
-    struct.pack_into("<Q", buf, 8, len(buf))
-    struct.pack_into("<I", buf, len(buf) - 4, zlib.crc32(bytes(buf[:-4])))
-    return bytes(buf)
+    return codec.reseal(buf)
 
 
 def _reencode(payload: bytes, edit: str, shared_key: int | None = None) -> bytes:

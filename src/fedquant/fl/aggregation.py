@@ -40,6 +40,18 @@ global model the clients started from, ``reference``). The default bound
 never binds for honest clients, and it is what stops a client that sends a
 finite but huge model.
 
+With ``spread=True`` (:func:`aggregate_payloads`) inverse-MSE also accounts
+for how much the clients' models differ: ``w_lj ~ 1 / (e_lj + s_l^2)`` where
+``s_l^2`` (:func:`client_spread`) is the variance of the clients' true tensors
+around their mean, estimated from the decoded payloads. Minimizing the
+expected squared error of ``sum_j w_j x_hat_j`` as an estimate of the clients'
+average model, with independent quantization noise of variance ``e_j`` and
+client deviations of variance ``s^2``, gives exactly these weights: plain
+inverse-MSE when the clients agree (``s^2 = 0``), equal weights when they
+disagree far more than quantization perturbs them. It matters when clients
+quantize at different widths: a 2-bit client's MSE is ~10^3 times an 8-bit
+client's, so plain inverse-MSE all but drops its data.
+
 Optionally every weight is capped at ``max_weight`` (then renormalized, the
 excess spread over the others; see :func:`cap_weights`) so that no single
 client can dominate a tensor.
@@ -165,6 +177,7 @@ def compute_weights(
     num_clients: int | None = None,
     max_weight: float | None = None,
     mse_floor_rel: float = MSE_FLOOR_REL,
+    spread: Mapping[str, float] | None = None,
 ) -> dict[str, np.ndarray]:
     """Per-tensor client weights (each array sums to 1), in client order.
 
@@ -183,6 +196,9 @@ def compute_weights(
         Cap on any client's weight for any tensor (see :func:`cap_weights`).
     mse_floor_rel : float, default 1e-2
         Relative MSE floor (see the module docstring).
+    spread : mapping of str to float, optional
+        ``inverse-mse``: per tensor, the clients' spread ``s^2``
+        (:func:`client_spread`), added to every client's floored MSE.
     """
     r = parse_rule(rule)
     if r in ROBUST_RULES:
@@ -233,7 +249,10 @@ def compute_weights(
         )
     e = np.minimum(e, MSE_CEIL)  # claims near the float64 maximum would overflow the median
     floor = np.maximum(mse_floor_rel * np.median(e, axis=1), MSE_FLOOR_ABS)
-    inv = 1.0 / np.maximum(e, floor[:, None])
+    e = np.maximum(e, floor[:, None])
+    if spread is not None:
+        e = e + np.array([max(float(spread.get(name, 0.0)), 0.0) for name in names])[:, None]
+    inv = 1.0 / e
     for row, name in enumerate(names):
         out[name] = cap_weights(inv[row], max_weight)
     return out
@@ -344,6 +363,40 @@ def _cast_back(a: np.ndarray, dt: np.dtype) -> np.ndarray:
     return np.asarray(r).astype(dt)
 
 
+def client_spread(
+    updates: Iterable[Mapping[str, np.ndarray]],
+    mse: Sequence[Mapping[str, float]],
+    names: Sequence[str],
+) -> dict[str, float]:
+    """Per tensor, ``s^2``: the variance of the clients' true values around their mean.
+
+    ``V`` = the sample variance across clients of each decoded coordinate
+    (Welford's running mean and sum of squares in float64, one client at a
+    time), averaged over the tensor's coordinates; quantization adds each
+    client's MSE to it on average, so ``s^2 = max(V - mean_j e_j, 0)``. 0 with
+    fewer than two clients.
+    """
+    mean: dict[str, np.ndarray] = {}
+    m2: dict[str, np.ndarray] = {}
+    k = 0
+    for k, upd in enumerate(updates, start=1):
+        for name in names:
+            x = np.asarray(upd[name], dtype=np.float64)
+            if k == 1:
+                mean[name], m2[name] = x.copy(), np.zeros_like(x)
+                continue
+            delta = x - mean[name]
+            mean[name] += delta / k
+            m2[name] += delta * (x - mean[name])
+    if k < 2:
+        return {name: 0.0 for name in names}
+    out = {}
+    for name in names:
+        v = float(np.mean(m2[name])) / (k - 1) if m2[name].size else 0.0
+        out[name] = max(v - float(np.mean([c[name] for c in mse])), 0.0)
+    return out
+
+
 @dataclass(frozen=True)
 class AggregateResult:
     """The aggregated tensors, the weights used, and what each client's payload said."""
@@ -379,6 +432,7 @@ def aggregate_payloads(
     norm_bound: float = NORM_BOUND,
     trim_fraction: float = TRIM_FRACTION,
     byzantine: int | None = None,
+    spread: bool = False,
 ) -> AggregateResult:
     """Decode client payloads and aggregate them with ``rule``.
 
@@ -394,7 +448,9 @@ def aggregate_payloads(
     (:func:`fedquant.fl.ingest.admit`): they are then decoded with
     :func:`~fedquant.quant.codec.decode_inspected`, without a second parse.
     ``shared_key`` is the key for rotated tensors (payloads with rotated
-    tensors need it).
+    tensors need it). ``spread=True`` (``inverse-mse`` only) adds the
+    clients' spread (:func:`client_spread`, one more decoding pass) to their
+    MSE for every quantized tensor (see the module docstring).
 
     Parameters
     ----------
@@ -490,13 +546,23 @@ def aggregate_payloads(
         equal = np.full(m, 1.0 / m)
         return AggregateResult(tensors, {n: equal for n in names}, info_list, nbytes, dropped)
 
+    mse = [{n: max(i.mse, plausible_mse(i)) for n, i in info.items()} for info in info_list]
+    spreads = None
+    if spread and parse_rule(rule) is AggregationRule.INVERSE_MSE:
+        quantized = [n for n in names if any(info[n].quantized for info in info_list)]
+        spreads = client_spread(
+            (codec.decode_inspected(u, shared_key=shared_key).tensors for u in inspected),
+            mse,
+            quantized,
+        )
     weights = compute_weights(
         r,
         names,
-        mse=[{n: max(i.mse, plausible_mse(i)) for n, i in info.items()} for info in info_list],
+        mse=mse,
         num_examples=num_examples,
         max_weight=max_weight,
         mse_floor_rel=mse_floor_rel,
+        spread=spreads,
     )
     dropped = ()
     if bound is not None:  # one pass for the norms; outliers get weight 0 on their tensors

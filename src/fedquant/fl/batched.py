@@ -11,7 +11,7 @@ What is the same as the loop, step for step
 -------------------------------------------
 * **Mini-batches.** Client ``k``'s batches come from ``torch.randperm(n_k,
   generator=generators[k])`` per epoch, cut into ``batch_size`` slices, the last
-  one partial; a last batch of one sample is skipped (BatchNorm cannot train on
+  one partial; a batch of one sample is skipped (BatchNorm cannot train on
   it), exactly as ``train_local`` does. Clients of different sizes take
   different numbers of steps, and their last batches differ in size: at every
   step the clients that still train are grouped by batch size, one vmapped pass
@@ -64,7 +64,7 @@ from torch.func import functional_call, vmap
 from torch.nn.utils import parametrize
 
 from fedquant.errors import InvalidInputError
-from fedquant.fl.client import TrainConfig, TrainStats
+from fedquant.fl.client import TrainConfig, TrainStats, check_finite_state
 
 __all__ = ["BatchedResult", "state_to_numpy", "train_batched", "unsupported_reason"]
 
@@ -212,7 +212,7 @@ def _schedule(
             order = torch.randperm(n, generator=gen)
             for b in range(0, n, cfg.batch_size):
                 idx = order[b : b + cfg.batch_size]
-                if idx.numel() < 2 and n >= 2:
+                if idx.numel() < 2:
                     continue  # BatchNorm cannot train on a batch of one (as train_local)
                 steps.append((epoch, idx))
         plans.append(steps)
@@ -307,6 +307,7 @@ def train_batched(
     for c in range(k):
         merged = {**{n: v[c] for n, v in params.items()}, **{n: v[c] for n, v in buffers.items()}}
         states.append({n: merged[n].clone() for n in keys})
+        check_finite_state(states[-1], cfg)
     share = (time.perf_counter() - start) / k
     stats = [
         TrainStats(

@@ -1,49 +1,51 @@
 """A federated client: local training (optionally quantization-aware) and its upload.
 
 Optimizer state between rounds: none is kept. Each round a client starts from
-the global model it receives and a fresh SGD optimizer (momentum buffers start
-at zero), the standard for stateless cross-device clients and what the paper's
-reference code does. Clients therefore need no memory between rounds, and the
+the global model it receives and a fresh optimizer (SGD momentum buffers and
+Adam moments start at zero), the standard for stateless cross-device clients
+and what the paper's reference code does. Clients therefore need no memory between rounds, and the
 simulator holds one working model for all clients, not one per client.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.utils.data import Dataset
 
-from fedquant.errors import InvalidInputError
+from fedquant.errors import InvalidInputError, NonFiniteError
+from fedquant.fl.task import (
+    CLIENT_OPTIMIZERS,
+    Task,
+    TrainConfig,
+    TrainStats,
+    evaluate,
+    iter_batches,
+)
 from fedquant.quant.allocation import plan_tensors
 from fedquant.quant.codec import EncodeResult, encode_with_stats
 from fedquant.quant.quantizer import fake_quantize
 from fedquant.quant.spec import QuantSpec, TensorPlan
 
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Local training settings (the paper: 1 epoch, batch 64, SGD 0.01 / 0.9 / 1e-4)."""
-
-    epochs: int = 1
-    batch_size: int = 64
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    qat: bool = False
-
-
-@dataclass(frozen=True)
-class TrainStats:
-    loss: float  # mean training loss over the last epoch
-    num_examples: int
-    seconds: float
+__all__ = [
+    "TrainConfig",
+    "TrainStats",
+    "encode_model",
+    "evaluate",
+    "load_numpy_state",
+    "make_optimizer",
+    "proximal_term",
+    "state_numpy",
+    "train_local",
+    "upload_meta",
+]
 
 
 class _FakeQuantSTE(nn.Module):
@@ -90,27 +92,81 @@ def _attach_qat(
     return attached
 
 
+def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The client optimizer ``cfg.optimizer`` over ``params`` at ``cfg.lr``."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise InvalidInputError(
+        f"train_local: optimizer {cfg.optimizer!r} is unknown; expected one of: "
+        + ", ".join(CLIENT_OPTIMIZERS)
+    )
+
+
+def proximal_term(model: nn.Module, anchor: Mapping[str, torch.Tensor], mu: float) -> torch.Tensor:
+    """FedProx's ``(mu / 2) * sum ||w - w_anchor||^2`` over the model's parameters."""
+    total = sum(
+        ((p - anchor[name]) ** 2).sum() for name, p in model.named_parameters() if name in anchor
+    )
+    return 0.5 * mu * torch.as_tensor(total)
+
+
 def train_local(
     model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
+    data: Dataset,
+    task: Task,
     cfg: TrainConfig,
-    *,
     generator: torch.Generator,
+    *,
+    global_params: Mapping[str, torch.Tensor] | None = None,
     qat_spec: QuantSpec | None = None,
     qat_rng: np.random.Generator | None = None,
 ) -> TrainStats:
-    """Train ``model`` in place on ``(x, y)`` with SGD; mini-batch order from ``generator``.
+    """Train ``model`` in place on ``data`` for ``task``; mini-batch order from ``generator``.
+
+    With :attr:`Task.train` set, that function does the training. Otherwise the
+    generic loop: ``cfg.epochs`` passes over ``data`` in shuffled mini-batches
+    (:func:`~fedquant.fl.task.iter_batches`; a last batch of one sample is
+    skipped), each a step of ``cfg.optimizer`` on ``task.loss(model, batch)``
+    plus, with ``cfg.prox_mu > 0``, FedProx's proximal term towards
+    ``global_params`` (default: the model's parameters on entry).
 
     With ``cfg.qat`` the layers ``qat_spec`` quantizes are fake-quantized in the
     forward pass (straight-through estimator); the float weights are what
     remains in the model afterwards.
+
+    A mini-batch of one example is skipped: BatchNorm's batch statistics are
+    undefined for it (the batch size is never reached when ``n % batch_size ==
+    1``, and a client with a single example leaves the model as it got it).
+
+    Raises
+    ------
+    NonFiniteError
+        If training diverges (a NaN/Inf loss, or NaN/Inf weights afterwards);
+        the message names the learning rate.
     """
     start = time.perf_counter()
-    n = int(x.shape[0])
-    opt = torch.optim.SGD(
-        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-    )
+    if task.train is not None:
+        stats = task.train(model, data, cfg, generator)
+        if not isinstance(stats, TrainStats):
+            raise InvalidInputError(
+                f"task {task.name!r}: train() returned {type(stats).__name__}, expected TrainStats"
+            )
+        return stats
+    n = len(data)  # type: ignore[arg-type]
+    opt = make_optimizer(list(model.parameters()), cfg)
+    anchor: Mapping[str, torch.Tensor] | None = None
+    if cfg.prox_mu > 0:
+        anchor = (
+            {k: v.detach().clone() for k, v in model.named_parameters()}
+            if global_params is None
+            else global_params
+        )
     attached: list[tuple[nn.Module, str, list[str]]] = []
     if cfg.qat:
         if qat_spec is None or qat_rng is None:
@@ -121,20 +177,29 @@ def train_local(
     last = 0.0
     try:
         for _ in range(cfg.epochs):
-            order = torch.randperm(n, generator=generator)
             total, seen = 0.0, 0
-            for b in range(0, n, cfg.batch_size):
-                idx = order[b : b + cfg.batch_size]
-                if idx.numel() < 2 and n >= 2:
-                    continue  # BatchNorm cannot train on a batch of one
-                xb, yb = x[idx].to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
+            for size, batch in iter_batches(
+                data,
+                cfg.batch_size,
+                device,
+                generator=generator,
+                collate=task.collate,
+                drop_single=True,
+            ):
                 opt.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(model(xb), yb)
-                loss.backward()
+                loss = task.loss(model, batch)
+                objective = (
+                    loss if anchor is None else loss + proximal_term(model, anchor, cfg.prox_mu)
+                )
+                objective.backward()
                 opt.step()
-                total += float(loss.detach()) * idx.numel()
-                seen += idx.numel()
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise diverged(cfg, f"training loss {value}")
+                total += value * size
+                seen += size
             last = total / max(seen, 1)
+        check_finite_state(model.state_dict(), cfg)
     finally:
         for module, pname, param_order in attached:
             parametrize.remove_parametrizations(module, pname, leave_parametrized=False)
@@ -143,25 +208,22 @@ def train_local(
     return TrainStats(loss=last, num_examples=n, seconds=time.perf_counter() - start)
 
 
-@torch.no_grad()
-def evaluate(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 250
-) -> tuple[float, float]:
-    """(mean cross-entropy loss, accuracy) of ``model`` on ``(x, y)``.
+def diverged(cfg: TrainConfig, what: str) -> NonFiniteError:
+    """The error of a local training run that diverged (``what`` says how it showed)."""
+    return NonFiniteError(
+        f"local training diverged ({what}): the learning rate lr={cfg.lr:g} is likely too "
+        f"large for this model and data (optimizer {cfg.optimizer}); expected a smaller --lr"
+    )
 
-    Batches of 250 keep activations under glibc's 32 MB mmap threshold: larger
-    batches made evaluation ~1.7x slower here (fresh page faults per batch).
-    """
-    model.eval()
-    device = next(model.parameters()).device
-    loss_sum, correct = 0.0, 0
-    for b in range(0, int(x.shape[0]), batch_size):
-        xb, yb = x[b : b + batch_size].to(device), y[b : b + batch_size].to(device)
-        out = model(xb)
-        loss_sum += float(F.cross_entropy(out, yb, reduction="sum"))
-        correct += int((out.argmax(1) == yb).sum())
-    n = max(int(x.shape[0]), 1)
-    return loss_sum / n, correct / n
+
+@torch.no_grad()
+def check_finite_state(state: Mapping[str, torch.Tensor], cfg: TrainConfig) -> None:
+    """Raise :func:`diverged` if a floating tensor of a trained ``state`` holds NaN/Inf."""
+    bad = [
+        k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())
+    ]
+    if bad:
+        raise diverged(cfg, f"NaN/Inf in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}")
 
 
 def state_numpy(model: nn.Module) -> dict[str, np.ndarray]:

@@ -25,7 +25,18 @@ from fedquant.quant.grid import Rounding
 from fedquant.quant.quantizer import Granularity
 from fedquant.quant.spec import QuantSpec
 
-DATASETS = ("mnist-embedded", "mnist", "fashion-mnist", "cifar10", "cifar10-jpeg", "imagefolder")
+#: fedquant.fl.data.DATASET_NAMES (not imported: it would import torch), then the text
+#: data sets (next-character prediction, fedquant.fl.text_task)
+DATASETS = (
+    "mnist-embedded",
+    "mnist",
+    "fashion-mnist",
+    "cifar10",
+    "cifar10-jpeg",
+    "imagefolder",
+    "python-stdlib-text",
+    "text",
+)
 PARTITIONS = ("iid", "dirichlet", "shards")
 #: what clients quantize: their weights (the paper) or their update (see fedquant.fl.updates)
 UPLOADS = ("weights", "delta")
@@ -58,6 +69,19 @@ class RunConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     qat: bool = False
+    # client optimizer, schedule, FedProx; server optimizer; per-client widths
+    optimizer: str = "sgd"
+    lr_schedule: str = "constant"
+    lr_step_rounds: int = 10
+    lr_gamma: float = 0.1
+    prox_mu: float = 0.0
+    server_optimizer: str = "none"
+    server_lr: float | None = None
+    server_momentum: float | None = None
+    server_beta2: float | None = None
+    server_tau: float | None = None
+    client_bits: str = ""
+    mse_spread: str = "auto"
     # uplink quantization
     bits: str = "4-2-2-4"
     rules: str = ""
@@ -121,7 +145,20 @@ class RunConfig:
                 "without the rotation, so it would train against another quantizer; "
                 "expected --no-rotation or --no-qat",
             )
+        if self.client_bits and self.bits.startswith("auto"):
+            raise ConfigError(
+                "client_bits",
+                f"gives every client one width, but bits={self.bits!r} allocates widths per "
+                "tensor; expected --client-bits '' or fixed --bits",
+            )
+        if self.client_bits and self.qat:
+            raise ConfigError(
+                "client_bits",
+                "cannot be combined with --qat (quantization-aware training uses the run's "
+                "--bits); expected --no-qat",
+            )
         self.uplink_spec()  # validates bits/rules/method/... together
+        self.server_optimizer_obj()
         self.downlink_spec()
 
     def uplink_spec(self) -> QuantSpec:
@@ -135,6 +172,27 @@ class RunConfig:
             percentile=self.percentile,
             rotation=self.rotation,
             entropy=self.entropy,
+        )
+
+    def client_widths(self) -> tuple[tuple[int, float], ...]:
+        """``client_bits`` parsed: ``((bits, fraction of clients), ...)``; empty when unset."""
+        return parse_client_bits(self.client_bits)
+
+    @property
+    def uses_spread(self) -> bool:
+        """Whether inverse-MSE adds the clients' spread (``mse_spread``)."""
+        return self.mse_spread == "on" or (self.mse_spread == "auto" and bool(self.client_bits))
+
+    def server_optimizer_obj(self) -> Any:
+        """The :class:`~fedquant.fl.server_opt.ServerOptimizer` of ``server_*``."""
+        from fedquant.fl.server_opt import ServerOptimizer
+
+        return ServerOptimizer.create(
+            self.server_optimizer,
+            lr=self.server_lr,
+            momentum=self.server_momentum,
+            beta2=self.server_beta2,
+            tau=self.server_tau,
         )
 
     def downlink_spec(self) -> QuantSpec | None:
@@ -159,24 +217,55 @@ class RunConfig:
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], *, source: str = "config") -> RunConfig:
-        """Build from a (possibly nested) mapping, e.g. a parsed TOML file; keys may use '-' or '_'."""
-        flat: dict[str, Any] = {}
+        """Build from a (possibly nested) mapping, e.g. a parsed TOML file; keys may use '-' or '_'.
 
-        def walk(d: Mapping[str, Any], path: str) -> None:
-            for k, v in d.items():
-                key = str(k).replace("-", "_")
-                if isinstance(v, Mapping):
-                    walk(v, f"{path}{k}.")
-                    continue
-                if key not in FIELDS:
-                    raise ConfigError(
-                        f"{path}{k}",
-                        f"unknown option in {source}; known options: {', '.join(FIELDS)}",
-                    )
-                flat[key] = v
+        Options the mapping leaves out take the data set's defaults
+        (:data:`DATASET_DEFAULTS`), then :class:`RunConfig`'s.
+        """
+        return cls(**with_dataset_defaults(flat_options(values, source=source)))
 
-        walk(values, "")
-        return cls(**flat)
+
+def flat_options(values: Mapping[str, Any], *, source: str = "config") -> dict[str, Any]:
+    """The options of a (possibly nested) mapping as one flat dict; unknown keys are refused."""
+    flat: dict[str, Any] = {}
+
+    def walk(d: Mapping[str, Any], path: str) -> None:
+        for k, v in d.items():
+            key = str(k).replace("-", "_")
+            if isinstance(v, Mapping):
+                walk(v, f"{path}{k}.")
+                continue
+            if key not in FIELDS:
+                raise ConfigError(
+                    f"{path}{k}",
+                    f"unknown option in {source}; known options: {', '.join(FIELDS)}",
+                )
+            flat[key] = v
+
+    walk(values, "")
+    return flat
+
+
+_TEXT_DEFAULTS: dict[str, Any] = {
+    "model": "char-transformer",
+    "bits": "4",
+    "optimizer": "adam",
+    "lr": 0.005,
+    "batch_size": 16,
+}
+#: data set -> the options it changes from RunConfig's defaults when they are not given
+#: (the CLI's flags and --config file, :meth:`RunConfig.from_mapping`): the paper's
+#: "4-2-2-4" bits and plain SGD fit its CNN, not a transformer
+DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "python-stdlib-text": _TEXT_DEFAULTS,
+    "text": _TEXT_DEFAULTS,
+}
+
+
+def with_dataset_defaults(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` plus :data:`DATASET_DEFAULTS` of its ``dataset`` for the options it lacks."""
+    extra = DATASET_DEFAULTS.get(str(values.get("dataset", "")), {})
+    return {**extra, **values}
 
 
 @dataclass(frozen=True)
@@ -248,6 +337,39 @@ def _model_check(value: str) -> None:
         )
 
 
+def parse_client_bits(value: str) -> tuple[tuple[int, float], ...]:
+    """``"2:0.5,4:0.3,8:0.2"`` -> ``((2, 0.5), (4, 0.3), (8, 0.2))``; ``""`` -> ``()``.
+
+    Widths are integers in 1..8, each at most once; fractions are > 0 and sum to 1.
+    """
+    if not value.strip():
+        return ()
+    out: list[tuple[int, float]] = []
+    for item in value.split(","):
+        bits_s, sep, frac_s = item.strip().partition(":")
+        try:
+            bits, frac = int(bits_s), float(frac_s)
+        except ValueError:
+            bits, frac = 0, math.nan
+        if not sep or not 1 <= bits <= 8 or not (math.isfinite(frac) and frac > 0):
+            raise ConfigError(
+                "client_bits",
+                f"{item.strip()!r} is not BITS:FRACTION with BITS in 1..8 and FRACTION > 0 "
+                "(e.g. '2:0.5,4:0.3,8:0.2')",
+            )
+        if any(b == bits for b, _ in out):
+            raise ConfigError("client_bits", f"width {bits} is given twice in {value!r}")
+        out.append((bits, frac))
+    total = sum(f for _, f in out)
+    if abs(total - 1.0) > 1e-6:
+        raise ConfigError("client_bits", f"the fractions in {value!r} sum to {total:g}, expected 1")
+    return tuple(out)
+
+
+def _client_bits_check(value: str) -> None:
+    parse_client_bits(value)
+
+
 def _bits_check(value: str) -> None:
     QuantSpec.from_strings(bits=value)
 
@@ -267,9 +389,16 @@ def _rules_check(value: str) -> None:
 
 
 FIELDS: dict[str, Field] = {
-    "dataset": Field("data set to train on", str, DATASETS),
+    "dataset": Field(
+        "data set to train on (python-stdlib-text and text: next-character prediction, "
+        "with defaults model=char-transformer, bits=4, optimizer=adam, lr=0.005, batch_size=16 "
+        "for the options not given)",
+        str,
+        DATASETS,
+    ),
     "data_root": Field(
-        "directory or archive holding the data set's files (not needed for mnist-embedded)",
+        "directory or archive holding the data set's files (not needed for mnist-embedded; for "
+        "python-stdlib-text another standard-library folder, default the running Python's)",
         str,
         optional=True,
     ),
@@ -286,19 +415,84 @@ FIELDS: dict[str, Field] = {
     "shards_per_client": Field("label shards per client for --partition shards", int, lo=1),
     "client_fraction": Field("fraction of clients sampled each round", float, lo=1e-9, hi=1.0),
     "model": Field(
-        "model: 'paper-cnn', or 'package.module:factory' with factory(in_shape, num_classes) -> nn.Module",
+        "model: 'paper-cnn', 'char-transformer' (for the text data sets), or "
+        "'package.module:factory' with factory(in_shape, num_classes) -> nn.Module",
         str,
         check_fn=_model_check,
     ),
     "rounds": Field("number of federated rounds", int, lo=1),
     "epochs": Field("local epochs per round", int, lo=1),
     "batch_size": Field("local mini-batch size", int, lo=1),
-    "lr": Field("local SGD learning rate", float, lo=0.0),
+    "lr": Field("local learning rate (of round 1 with --lr-schedule)", float, lo=0.0),
     "momentum": Field(
         "local SGD momentum (optimizer state is reset every round)", float, lo=0.0, hi=1.0
     ),
-    "weight_decay": Field("local SGD weight decay", float, lo=0.0),
+    "weight_decay": Field("local weight decay (L2; decoupled for adamw)", float, lo=0.0),
     "qat": Field("quantization-aware local training (straight-through estimator)", bool),
+    "optimizer": Field(
+        "client optimizer (its state starts fresh every round)", str, ("sgd", "adam", "adamw")
+    ),
+    "lr_schedule": Field(
+        "learning rate over rounds: constant; cosine (lr * (1 + cos(pi (t-1) / rounds)) / 2 in "
+        "round t); step (lr * lr_gamma ** ((t-1) // lr_step_rounds))",
+        str,
+        ("constant", "cosine", "step"),
+    ),
+    "lr_step_rounds": Field("rounds between decays for --lr-schedule step", int, lo=1),
+    "lr_gamma": Field("decay factor for --lr-schedule step", float, lo=0.0, hi=1.0),
+    "prox_mu": Field(
+        "FedProx: each client adds (prox_mu / 2) ||w - w_global||^2 to its loss; 0 = off",
+        float,
+        lo=0.0,
+    ),
+    "server_optimizer": Field(
+        "server optimizer applied to the aggregated pseudo-gradient (Reddi et al. 2021); "
+        "none = the aggregate is the new model",
+        str,
+        ("none", "fedavgm", "fedadam", "fedyogi", "fedadagrad"),
+    ),
+    "server_lr": Field(
+        "server learning rate (unset: Flower's default, 1 for fedavgm, 0.1 for fedadam and "
+        "fedadagrad, 0.01 for fedyogi)",
+        float,
+        lo=0.0,
+        optional=True,
+    ),
+    "server_momentum": Field(
+        "server momentum / beta1 (unset: 0 for fedavgm and fedadagrad, 0.9 for fedadam and "
+        "fedyogi)",
+        float,
+        lo=0.0,
+        hi=1.0,
+        optional=True,
+    ),
+    "server_beta2": Field(
+        "second-moment decay of fedadam and fedyogi (unset: 0.99)",
+        float,
+        lo=0.0,
+        hi=1.0,
+        optional=True,
+    ),
+    "server_tau": Field(
+        "adaptivity tau of fedadam, fedyogi, fedadagrad (unset: 1e-9, 1e-3 for fedyogi)",
+        float,
+        lo=0.0,
+        optional=True,
+    ),
+    "client_bits": Field(
+        "heterogeneous clients: fractions of clients per uplink width, e.g. '2:0.5,4:0.3,8:0.2' "
+        "(every quantized tensor of a client at its width, overriding --bits; seeded "
+        "assignment); empty = every client uses --bits",
+        str,
+        check_fn=_client_bits_check,
+    ),
+    "mse_spread": Field(
+        "inverse-mse: weigh clients by 1 / (MSE + s^2), s^2 the clients' disagreement "
+        "estimated from their decoded tensors (one more decoding pass), instead of 1 / MSE; "
+        "auto = on with --client-bits",
+        str,
+        ("auto", "on", "off"),
+    ),
     "bits": Field(
         "uplink bits: one width for all weight tensors ('8') or one per weight tensor in order "
         "('4-2-2-4'); 1..8, or 32 for float32; or 'auto:2.03': widths chosen per tensor and "
@@ -422,3 +616,32 @@ if set(FIELDS) != _defaults:  # pragma: no cover - a developer error caught at i
 def default_of(name: str) -> Any:
     f = next(f for f in fields(RunConfig) if f.name == name)
     return None if f.default is MISSING else f.default
+
+
+#: fields that say where or how fast a run executes, not what it computes: ``--resume``
+#: accepts a change of these (a moved data set, another device, more threads)
+OPERATIONAL_FIELDS = frozenset(
+    {"out", "data_root", "cache_dir", "device", "threads", "batched_clients"}
+)
+
+
+def config_differences(recorded: Mapping[str, Any], cfg: RunConfig) -> list[str]:
+    """The fields of ``cfg`` that differ from ``recorded`` and change a run's results.
+
+    ``recorded`` is a configuration as :meth:`RunConfig.to_dict` gave it (a key it
+    lacks counts as that field's default). :data:`OPERATIONAL_FIELDS` and
+    ``rounds`` (which a resumed run may raise to continue) are not compared.
+
+    Returns
+    -------
+    list of str
+        ``"name (recorded -> now)"`` for each differing field, in field order.
+    """
+    out = []
+    for name, value in cfg.to_dict().items():
+        if name in OPERATIONAL_FIELDS or name == "rounds":
+            continue
+        old = recorded.get(name, default_of(name))
+        if old != value:
+            out.append(f"{name} ({old!r} -> {value!r})")
+    return out

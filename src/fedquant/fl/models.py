@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from fedquant.errors import ConfigError
+from fedquant.fl.models_text import CharTransformer
 
 
 class PaperCNN(nn.Module):
@@ -53,6 +54,8 @@ class PaperCNN(nn.Module):
 #: model names the CLI accepts -> factory(in_shape, num_classes)
 MODELS: dict[str, Callable[[tuple[int, int, int], int], nn.Module]] = {
     "paper-cnn": lambda shape, k: PaperCNN(shape, k),
+    # byte windows of shape (context,), num_classes = the vocabulary
+    "char-transformer": lambda shape, k: CharTransformer(vocab_size=k, context=shape[-1]),
 }
 
 

@@ -25,6 +25,7 @@ class Purpose(IntEnum):
     PARTITION = 7  # data partitioning
     HOSTILE = 8  # which clients are hostile (robustness experiments)
     ROTATION = 9  # the shared key of the uplink's random rotation (same for all clients)
+    CLIENT_BITS = 10  # which clients upload at which width (client_bits)
 
 
 SERVER = 2**31 - 1  # the "client id" used for server-side streams

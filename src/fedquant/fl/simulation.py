@@ -6,8 +6,10 @@ One round (:meth:`Simulation.run_round`):
    encodes the global model once for the broadcast (float32, or quantized with
    the downlink spec); downlink traffic = payload length x sampled clients;
 2. each client loads the broadcast into the one shared working model, trains
-   locally (:func:`fedquant.fl.client.train_local`), and encodes its full state
-   with the uplink spec (:func:`fedquant.quant.codec.encode_with_stats`);
+   locally on its data for the run's :class:`~fedquant.fl.task.Task`
+   (:func:`fedquant.fl.client.train_local`; the image classifier by default),
+   and encodes its full state with the uplink spec, or its own width under
+   ``client_bits`` (:func:`fedquant.quant.codec.encode_with_stats`);
    uplink traffic = the payload lengths. Clients may fail (``failure_rate``).
    With ``batched_clients=K`` the clients that do not fail are trained K at a
    time as one stacked model (:func:`fedquant.fl.batched.train_batched`, same
@@ -17,8 +19,13 @@ One round (:meth:`Simulation.run_round`):
    residuals are :attr:`RunState.residuals`, checkpointed with the model);
 3. the server admits each payload (:mod:`fedquant.fl.ingest`), aggregates the
    admitted ones (:func:`fedquant.fl.aggregation.aggregate_payloads`) if at
-   least ``min_clients`` arrived (adding aggregated deltas to its model), and
-   evaluates every ``eval_every`` rounds.
+   least ``min_clients`` arrived (adding aggregated deltas to its model), steps
+   its model with the server optimizer if one is set (:mod:`fedquant.fl.server_opt`;
+   its state is :attr:`RunState.server_opt`, checkpointed too), and evaluates
+   every ``eval_every`` rounds with the task's ``evaluate``.
+
+:func:`run_to_dir` runs a simulation and writes the results directory exactly
+as ``fedquant run`` does (the CLI calls it).
 
 Only orchestration and bookkeeping live here; the math is in
 :mod:`fedquant.quant` and :mod:`fedquant.fl.aggregation`. All randomness is
@@ -33,14 +40,16 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 
-from fedquant.errors import ConfigError
+from fedquant.errors import ConfigError, DataError
 from fedquant.fl import adversary, seeding
 from fedquant.fl.aggregation import AggregationRule, aggregate_payloads, parse_rule, relative_cap
 from fedquant.fl.batched import state_to_numpy, train_batched, unsupported_reason
@@ -48,22 +57,25 @@ from fedquant.fl.client import (
     TrainConfig,
     TrainStats,
     encode_model,
-    evaluate,
     load_numpy_state,
     state_numpy,
     train_local,
     upload_meta,
 )
 from fedquant.fl.config import RunConfig
-from fedquant.fl.data import Dataset, TensorData, load_dataset, to_tensors
+from fedquant.fl.data import Dataset, load_dataset, to_tensors
 from fedquant.fl.ingest import Reference, admit
 from fedquant.fl.models import build_model
-from fedquant.fl.partition import label_counts, partition
+from fedquant.fl.partition import partition
+from fedquant.fl.results import ResultsDir
 from fedquant.fl.robust import byzantine_count
 from fedquant.fl.seeding import Purpose
+from fedquant.fl.task import FederatedData, Task, federate, image_classification_task
+from fedquant.fl.text_task import TEXT_DATASETS, load_text_workload
 from fedquant.fl.updates import apply_delta, encode_delta, payload_delta_names
 from fedquant.quant import codec
 from fedquant.quant.codec import DecodedUpdate
+from fedquant.quant.spec import QuantSpec
 
 log = logging.getLogger("fedquant.simulation")
 
@@ -71,19 +83,44 @@ log = logging.getLogger("fedquant.simulation")
 TIMING_KEYS = ("seconds_train", "seconds_codec", "seconds_eval", "seconds_round")
 
 
-def train_config(cfg: RunConfig) -> TrainConfig:
-    """The clients' local-training settings of ``cfg`` (the simulator's and the Flower app's)."""
+def round_lr(cfg: RunConfig, round_: int) -> float:
+    """The clients' learning rate in round ``round_`` (1-based) under ``cfg.lr_schedule``."""
+    if cfg.lr_schedule == "cosine":
+        t = min(max(round_ - 1, 0), cfg.rounds)
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * t / cfg.rounds))
+    if cfg.lr_schedule == "step":
+        return cfg.lr * cfg.lr_gamma ** ((max(round_, 1) - 1) // cfg.lr_step_rounds)
+    return cfg.lr
+
+
+def train_config(cfg: RunConfig, round_: int = 1) -> TrainConfig:
+    """The clients' local-training settings of ``cfg`` in round ``round_`` (the simulator's
+    and the Flower app's)."""
     return TrainConfig(
         epochs=cfg.epochs,
         batch_size=cfg.batch_size,
-        lr=cfg.lr,
+        lr=round_lr(cfg, round_),
         momentum=cfg.momentum,
         weight_decay=cfg.weight_decay,
         qat=cfg.qat,
+        optimizer=cfg.optimizer,
+        prox_mu=cfg.prox_mu,
     )
 
 
-def make_model(cfg: RunConfig, in_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+def client_parts(cfg: RunConfig, labels: np.ndarray) -> list[np.ndarray]:
+    """``cfg``'s partition of samples with ``labels`` among its clients (seeded)."""
+    return partition(
+        labels,
+        cfg.num_clients,
+        cfg.partition,
+        alpha=cfg.alpha,
+        shards_per_client=cfg.shards_per_client,
+        seed=seeding.int_seed(cfg.seed, Purpose.PARTITION),
+    )
+
+
+def make_model(cfg: RunConfig, in_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """The configured model: a registered name or ``"package.module:factory"``."""
     if ":" in cfg.model:
         mod_name, _, attr = cfg.model.partition(":")
@@ -91,13 +128,24 @@ def make_model(cfg: RunConfig, in_shape: tuple[int, int, int], num_classes: int)
             factory = getattr(importlib.import_module(mod_name), attr)
         except (ImportError, AttributeError) as e:
             raise ConfigError("model", f"cannot load {cfg.model!r}: {e}") from e
-        model = factory(in_shape, num_classes)
+        if not callable(factory):
+            raise ConfigError(
+                "model",
+                f"{cfg.model!r} is a {type(factory).__name__}, not a factory; expected "
+                "'package.module:factory' with factory(in_shape, num_classes) -> nn.Module",
+            )
+        try:
+            model = factory(in_shape, num_classes)
+        except Exception as e:  # the user's code: one line naming it, not a traceback
+            raise ConfigError(
+                "model", f"{cfg.model!r}({in_shape}, {num_classes}) failed: {type(e).__name__}: {e}"
+            ) from e
         if not isinstance(model, nn.Module):
             raise ConfigError(
                 "model", f"{cfg.model!r} returned {type(model).__name__}, not a torch.nn.Module"
             )
         return model
-    return build_model(cfg.model, in_shape, num_classes)
+    return build_model(cfg.model, in_shape, num_classes)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -109,6 +157,30 @@ class RunState:
     metrics: list[dict[str, Any]] = field(default_factory=list)
     #: error feedback (``upload="delta"``): client id -> its residual per quantized tensor
     residuals: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
+    #: the server optimizer's state (:mod:`fedquant.fl.server_opt`; empty for ``none``)
+    server_opt: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+#: a custom workload: ``cfg -> (FederatedData, Task)`` (see :data:`WORKLOADS`)
+WorkloadLoader = Callable[[RunConfig], tuple[FederatedData, Task]]
+
+#: data set name -> loader of a non-image workload, or ``"package.module:function"``
+#: naming one (imported when first used). ``Simulation(cfg)`` uses the loader when
+#: ``cfg.dataset`` is one of these names (the config's ``DATASETS`` must accept the name).
+WORKLOADS: dict[str, WorkloadLoader | str] = {name: load_text_workload for name in TEXT_DATASETS}
+
+
+def workload_loader(name: str) -> WorkloadLoader:
+    """The loader :data:`WORKLOADS` registers for ``name`` (importing it if given by name)."""
+    entry = WORKLOADS[name]
+    if isinstance(entry, str):
+        mod_name, _, attr = entry.partition(":")
+        try:
+            entry = getattr(importlib.import_module(mod_name), attr)
+        except (ImportError, AttributeError) as e:
+            raise ConfigError("dataset", f"cannot load the workload {entry!r}: {e}") from e
+        WORKLOADS[name] = entry
+    return entry
 
 
 class Simulation:
@@ -117,51 +189,87 @@ class Simulation:
     Parameters
     ----------
     cfg : RunConfig
-    dataset : Dataset, optional
-        Use this data set instead of loading ``cfg.dataset``.
+    dataset : fedquant.fl.data.Dataset, optional
+        An image data set to use instead of loading ``cfg.dataset`` (normalized
+        and partitioned as ``cfg`` says).
     model : torch.nn.Module, optional
         Use this (untrained) model instead of building ``cfg.model``; any
         module whose state dict the codec can carry works.
+    task : Task, optional
+        What the clients train and the server evaluates (default:
+        :func:`~fedquant.fl.task.image_classification_task`).
+    data : FederatedData or (train, test), optional
+        The clients' data: a :class:`~fedquant.fl.task.FederatedData` (e.g. a
+        natural partition, one data set per client), or a pair of training and
+        test data (each a :class:`torch.utils.data.Dataset`, a tensor or a
+        tuple of tensors, used as they are) that is split among
+        ``cfg.num_clients`` clients by :func:`~fedquant.fl.task.federate`.
     """
 
     def __init__(
-        self, cfg: RunConfig, *, dataset: Dataset | None = None, model: nn.Module | None = None
+        self,
+        cfg: RunConfig,
+        *,
+        dataset: Dataset | None = None,
+        model: nn.Module | None = None,
+        task: Task | None = None,
+        data: FederatedData | tuple[Any, Any] | None = None,
     ) -> None:
         self.cfg = cfg
         if cfg.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("device", "'cuda' was requested but torch sees no CUDA device")
         if cfg.device == "mps" and not torch.backends.mps.is_available():
             raise ConfigError("device", "'mps' was requested but torch sees no MPS device")
+        if dataset is not None and data is not None:
+            raise ConfigError("data", "pass either dataset= (an image data set) or data=, not both")
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.device = torch.device(cfg.device)
-        self.dataset = (
-            dataset
-            if dataset is not None
-            else load_dataset(cfg.dataset, cfg.data_root, cfg.cache_dir)
-        )
-        self.data: TensorData = to_tensors(self.dataset)
-        labels = self.dataset.train_y
-        self.parts = partition(
-            labels,
-            cfg.num_clients,
-            cfg.partition,
-            alpha=cfg.alpha,
-            shards_per_client=cfg.shards_per_client,
-            seed=seeding.int_seed(cfg.seed, Purpose.PARTITION),
-        )
-        self.label_counts = label_counts(labels, self.parts, self.dataset.num_classes)
-        # the train split in client order: a client's examples are a slice of it (a
-        # view), not rows gathered again every round; ``data.train_x`` holds them so
-        self._offsets = np.cumsum([0, *(p.size for p in self.parts)])
-        order = torch.from_numpy(np.concatenate([*self.parts, np.zeros(0, np.int64)]))
-        self.data = replace(
-            self.data, train_x=self.data.train_x[order], train_y=self.data.train_y[order]
-        )
+        self.task = task if task is not None else image_classification_task()
+        #: the image data set (``None`` for a custom workload)
+        self.dataset: Dataset | None = None
+        if data is None and dataset is None and cfg.dataset in WORKLOADS:
+            data, loaded_task = workload_loader(cfg.dataset)(cfg)
+            self.task = task if task is not None else loaded_task
+        if data is None:
+            self.dataset = (
+                dataset
+                if dataset is not None
+                else load_dataset(cfg.dataset, cfg.data_root, cfg.cache_dir)
+            )
+            self.data = self._image_data(self.dataset)
+        elif isinstance(data, FederatedData):
+            self.data = data
+        elif isinstance(data, tuple) and len(data) == 2:
+            self.data = federate(
+                data[0],
+                data[1],
+                num_clients=cfg.num_clients,
+                scheme=cfg.partition,
+                alpha=cfg.alpha,
+                shards_per_client=cfg.shards_per_client,
+                seed=seeding.int_seed(cfg.seed, Purpose.PARTITION),
+            )
+        else:
+            raise DataError(
+                f"data: expected FederatedData or a (train, test) pair, got {type(data).__name__}"
+            )
+        if self.data.num_clients != cfg.num_clients:
+            raise ConfigError(
+                "num_clients",
+                f"is {cfg.num_clients} but the data has {self.data.num_clients} clients; "
+                f"expected num_clients={self.data.num_clients}",
+            )
         if model is None:
+            if self.data.input_shape is None or self.data.num_classes is None:
+                raise ConfigError(
+                    "model",
+                    f"cannot build {cfg.model!r}: the data gives no input shape or number of "
+                    "classes; pass model= to Simulation",
+                )
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seeding.int_seed(cfg.seed, Purpose.INIT))
-                model = make_model(cfg, self.dataset.input_shape, self.dataset.num_classes)
+                model = make_model(cfg, self.data.input_shape, self.data.num_classes)
         self.model = model.to(self.device)
         self.initial_state = state_numpy(self.model)
         self.reference = Reference.from_state(self.initial_state)
@@ -169,15 +277,20 @@ class Simulation:
         self.downlink = cfg.downlink_spec()
         self.rule = parse_rule(cfg.aggregation)
         self.train_cfg = train_config(cfg)
+        self.server_opt = cfg.server_optimizer_obj()
+        #: the tensors the server optimizer steps: the model's floating-point parameters
+        self.server_opt_names = tuple(
+            n for n, p in self.model.named_parameters() if p.is_floating_point()
+        )
         self.hostile = self._hostile_clients()
         #: this round's trained (unquantized) models of the model-poisoning attackers
         self._trained_attackers: dict[int, dict[str, np.ndarray]] = {}
+        #: client id -> its uplink spec where ``client_bits`` sets widths (else the run's)
+        self.client_specs = self._client_specs()
         #: why ``batched_clients`` could not be used (clients then train one after another)
         self.batched_fallback: str | None = None
         if cfg.batched_clients > 0:
-            self.batched_fallback = unsupported_reason(
-                self.model, self.train_cfg, self.data.train_x[:2]
-            )
+            self.batched_fallback = self._batched_reason()
             if self.batched_fallback is not None:
                 log.warning(
                     "batched_clients=%d: training clients one after another instead: %s",
@@ -185,9 +298,98 @@ class Simulation:
                     self.batched_fallback,
                 )
         # validate the spec against the model now, not in round 1
-        self.uplink.resolve(
-            {k: (v.shape, v.dtype.kind == "f") for k, v in self.initial_state.items()}
+        shapes = {k: (v.shape, v.dtype.kind == "f") for k, v in self.initial_state.items()}
+        for spec in {id(s): s for s in (self.uplink, *self.client_specs.values())}.values():
+            spec.resolve(shapes)
+
+    def _image_data(self, dataset: Dataset) -> FederatedData:
+        """An image data set normalized, partitioned by ``cfg``, as tensor slices per client."""
+        cfg = self.cfg
+        tensors = to_tensors(dataset)
+        parts = client_parts(cfg, dataset.train_y)
+        # the train split in client order: a client's examples are a slice of it (a
+        # view), not rows gathered again every round
+        offsets = np.cumsum([0, *(p.size for p in parts)])
+        order = torch.from_numpy(np.concatenate([*parts, np.zeros(0, np.int64)]))
+        train_x, train_y = tensors.train_x[order], tensors.train_y[order]
+        clients = [
+            TensorDataset(train_x[lo:hi], train_y[lo:hi])
+            for lo, hi in zip(offsets[:-1].tolist(), offsets[1:].tolist(), strict=True)
+        ]
+        return FederatedData(
+            clients=clients,
+            test=TensorDataset(tensors.test_x, tensors.test_y),
+            name=dataset.name,
+            num_classes=dataset.num_classes,
+            input_shape=dataset.input_shape,
+            labels=[dataset.train_y[p] for p in parts],
         )
+
+    def _batched_reason(self) -> str | None:
+        """Why the clients cannot train as one stacked model, or ``None``."""
+        if self.task.loss is not image_classification_task().loss or self.task.train is not None:
+            return (
+                "a custom task's loss or training loop (the batched trainer is cross-entropy only)"
+            )
+        if self.train_cfg.optimizer != "sgd" or self.train_cfg.prox_mu > 0:
+            return "the batched trainer implements plain SGD only (no adam, adamw or prox_mu)"
+        if not all(isinstance(c, TensorDataset) and len(c.tensors) == 2 for c in self.data.clients):
+            return "the clients' data are not (input, label) tensor data sets"
+        return unsupported_reason(self.model, self.train_cfg, self._client_data(0)[0][:2])
+
+    def _client_specs(self) -> dict[int, QuantSpec]:
+        """Per client, its uplink spec under ``client_bits`` (seeded); empty when unset."""
+        cfg = self.cfg
+        widths = cfg.client_widths()
+        if not widths:
+            return {}
+        n = cfg.num_clients
+        exact = [f * n for _, f in widths]
+        counts = [math.floor(e) for e in exact]
+        # largest remainders get the clients left over (ties: the order given)
+        for i in sorted(range(len(widths)), key=lambda i: counts[i] - exact[i])[: n - sum(counts)]:
+            counts[i] += 1
+        order = seeding.numpy_rng(cfg.seed, Purpose.CLIENT_BITS).permutation(n)
+        specs = {b: cfg.with_(bits=str(b)).uplink_spec() for b, _ in widths}
+        out: dict[int, QuantSpec] = {}
+        pos = 0
+        for (bits, _), k in zip(widths, counts, strict=True):
+            for c in order[pos : pos + k]:
+                out[int(c)] = specs[bits]
+            pos += k
+        return out
+
+    def client_spec(self, client: int) -> QuantSpec:
+        """The uplink spec of ``client``."""
+        return self.client_specs.get(client, self.uplink)
+
+    @property
+    def parts(self) -> list[np.ndarray]:
+        """Per client, the indices of its samples (positions in its own data set)."""
+        return [np.arange(n, dtype=np.int64) for n in self.data.sizes]
+
+    @property
+    def label_counts(self) -> np.ndarray:
+        """``(clients, classes)`` label counts (an empty ``(clients, 0)`` array without labels)."""
+        counts = self.data.label_counts()
+        return counts if counts is not None else np.zeros((self.data.num_clients, 0), np.int64)
+
+    def describe_data(self) -> dict[str, Any]:
+        """The data summary of ``meta.json``."""
+        if self.dataset is not None:
+            return {
+                "name": self.dataset.name,
+                "train": int(self.dataset.train_y.size),
+                "test": int(self.dataset.test_y.size),
+                "classes": list(self.dataset.classes),
+            }
+        return {
+            "name": self.data.name,
+            "train": int(sum(self.data.sizes)),
+            "test": len(self.data.test),  # type: ignore[arg-type]
+            "task": self.task.name,
+            **self.data.meta,
+        }
 
     def _hostile_clients(self) -> dict[int, str]:
         """Client id -> hostile mode for the ``hostile_fraction`` of clients (seeded)."""
@@ -230,8 +432,10 @@ class Simulation:
         return self.cfg.batched_clients if self.batched_fallback is None else 0
 
     def _client_data(self, client: int) -> tuple[torch.Tensor, torch.Tensor]:
-        lo, hi = int(self._offsets[client]), int(self._offsets[client + 1])
-        x, y = self.data.train_x[lo:hi], self.data.train_y[lo:hi]
+        """The ``(inputs, labels)`` tensors of a client (tensor data sets only)."""
+        ds = self.data.clients[client]
+        assert isinstance(ds, TensorDataset)
+        x, y = ds.tensors
         if self.device.type != "cpu":
             x, y = x.to(self.device), y.to(self.device)
         return x, y
@@ -248,7 +452,7 @@ class Simulation:
         res = train_batched(
             self.model,
             [self._client_data(c) for c in clients],
-            self.train_cfg,
+            train_config(self.cfg, round_),
             generators=[
                 seeding.torch_generator(self.cfg.seed, Purpose.SHUFFLE, round_, c) for c in clients
             ],
@@ -275,16 +479,19 @@ class Simulation:
         (:meth:`train_clients`); then nothing is trained here and the seconds are 0.
         """
         cfg = self.cfg
+        spec = self.client_spec(client)
         if trained is None:
             load_numpy_state(self.model, start)
-            x, y = self._client_data(client)
+            data = self.data.clients[client]
+            if self.device.type != "cpu" and isinstance(data, TensorDataset):
+                data = TensorDataset(*(t.to(self.device) for t in data.tensors))
             stats = train_local(
                 self.model,
-                x,
-                y,
-                self.train_cfg,
-                generator=seeding.torch_generator(cfg.seed, Purpose.SHUFFLE, round_, client),
-                qat_spec=self.uplink,
+                data,
+                self.task,
+                train_config(cfg, round_),
+                seeding.torch_generator(cfg.seed, Purpose.SHUFFLE, round_, client),
+                qat_spec=spec,
                 qat_rng=seeding.numpy_rng(cfg.seed, Purpose.QAT, round_, client)
                 if self.train_cfg.qat
                 else None,
@@ -304,7 +511,7 @@ class Simulation:
             up = encode_delta(
                 state_numpy(self.model),
                 start,
-                self.uplink,
+                spec,
                 seed=seeding.seed_sequence(cfg.seed, Purpose.UPLINK, round_, client),
                 meta=meta,
                 residual_in=None if residuals is None else residuals.get(client),
@@ -316,7 +523,7 @@ class Simulation:
             return up.result.payload, stats.loss, train_secs
         enc = encode_model(
             self.model,
-            self.uplink,
+            spec,
             seed=seeding.seed_sequence(cfg.seed, Purpose.UPLINK, round_, client),
             meta=meta,
             shared_key=self._uplink_key(round_),
@@ -504,6 +711,7 @@ class Simulation:
                 mse_floor_rel=cfg.mse_floor,
                 inspected=inspected,
                 shared_key=key,
+                spread=cfg.uses_spread,
                 reference=start,
                 norm_bound=cfg.norm_bound,
                 trim_fraction=cfg.trim_fraction,
@@ -511,11 +719,16 @@ class Simulation:
             )
             if agg.dropped:  # clients the norm bound left out of some tensor
                 row["norm_outliers"] = len(agg.dropped)
-            state.global_state = (
+            new_global = (
                 apply_delta(state.global_state, agg.tensors, payload_delta_names(agg.infos))
                 if cfg.upload == "delta"
                 else agg.tensors
             )
+            if self.server_opt.active:
+                new_global, state.server_opt = self.server_opt.step(
+                    state.global_state, new_global, self.server_opt_names, state.server_opt
+                )
+            state.global_state = new_global
             row["clients_aggregated"] = len(payloads)
             if self.uplink.bit_budget is not None:  # the widths the clients chose
                 row["bits"] = {
@@ -540,8 +753,9 @@ class Simulation:
         t0 = time.perf_counter()
         if r % cfg.eval_every == 0 or r == cfg.rounds:
             load_numpy_state(self.model, state.global_state)
-            loss, acc = evaluate(self.model, self.data.test_x, self.data.test_y)
-            row["test_loss"], row["test_accuracy"] = loss, acc
+            scores = self.task.evaluate(self.model, self.data.test, self.device)
+            for metric, value in scores.items():
+                row[f"test_{metric}"] = float(value)
         eval_s = time.perf_counter() - t0
         prev = state.metrics[-1] if state.metrics else {}
         row["cum_uplink_bytes"] = prev.get("cum_uplink_bytes", 0) + row["uplink_bytes"]
@@ -553,6 +767,19 @@ class Simulation:
         state.round = r
         state.metrics.append(row)
         return row
+
+    def title(self) -> str:
+        """A one-line description of the run (plot titles)."""
+        cfg = self.cfg
+        bits = f"client bits {cfg.client_bits}" if cfg.client_bits else f"bits {cfg.bits}"
+        return (
+            f"{self.data.name}, {cfg.num_clients} clients, {bits}, {cfg.method}/{cfg.rounding}, "
+            f"{cfg.aggregation}" + (f", {cfg.server_optimizer}" if self.server_opt.active else "")
+        )
+
+    def run_to_dir(self, out: str | Path | None = None, **kwargs: Any) -> RunResult:
+        """:func:`run_to_dir` of this simulation: run it and write the results directory."""
+        return run_to_dir(self, out, **kwargs)
 
     def run(
         self,
@@ -569,9 +796,145 @@ class Simulation:
         return state
 
 
+def final_metric(metrics: list[dict[str, Any]], metric: str = "accuracy") -> float:
+    """The test ``metric`` of the last evaluated round (NaN if none)."""
+    key = f"test_{metric}"
+    for row in reversed(metrics):
+        if row.get(key) is not None:
+            return float(row[key])
+    return math.nan
+
+
 def final_accuracy(metrics: list[dict[str, Any]]) -> float:
     """Test accuracy of the last evaluated round (NaN if none)."""
-    for row in reversed(metrics):
-        if "test_accuracy" in row:
-            return float(row["test_accuracy"])
-    return math.nan
+    return final_metric(metrics, "accuracy")
+
+
+def run_summary(
+    metrics: list[dict[str, Any]], task: Task, *, wall_seconds: float, results_dir: str
+) -> dict[str, Any]:
+    """The figures of ``summary.json``: final and best headline metric, traffic, timings."""
+    m = metrics
+    timing = {k: float(sum(r.get(k, 0.0) for r in m)) for k in TIMING_KEYS}
+    last_up = next((r for r in reversed(m) if r["uplink_bytes"]), m[-1])
+    key = f"test_{task.metric}"
+    scores = [r[key] for r in m if r.get(key) is not None]
+    pick = max if task.higher_is_better else min
+    return {
+        f"final_{task.metric}": final_metric(m, task.metric),
+        f"best_{task.metric}": pick(scores, default=math.nan),
+        "rounds": m[-1]["round"],
+        "uplink_bytes_per_client_round": last_up["uplink_bytes"]
+        / max(1, last_up["clients_aggregated"]),
+        "uplink_ratio_vs_float32": last_up["uplink_ratio"],
+        "total_uplink_bytes": m[-1]["cum_uplink_bytes"],
+        "total_downlink_bytes": m[-1]["cum_downlink_bytes"],
+        "wall_seconds": wall_seconds,
+        **timing,
+        "results_dir": results_dir,
+    }
+
+
+@dataclass
+class RunResult:
+    """What :meth:`Simulation.run_to_dir` returns."""
+
+    state: RunState
+    summary: dict[str, Any]
+    path: Path
+
+
+def start_info(sim: Simulation) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(``meta.json`` extras, ``clients.json``) of a run about to start."""
+    meta = {
+        "dataset": sim.describe_data(),
+        "float32_model_bytes": sim.reference.float32_nbytes,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    clients = {"label_counts": sim.label_counts.tolist(), "sizes": [int(n) for n in sim.data.sizes]}
+    return meta, clients
+
+
+def create_results_dir(
+    sim: Simulation, out: str | Path | None = None, *, option: str = "out"
+) -> ResultsDir:
+    """A new results directory under ``out`` (default ``cfg.out``) with the run's
+    ``config.toml``, ``meta.json`` and ``clients.json``, all there before round 1
+    (see :meth:`ResultsDir.create`); ``option`` names the setting in errors."""
+    cfg = sim.cfg
+    name = None if sim.dataset is not None else sim.data.name  # a custom workload's name
+    meta, clients = start_info(sim)
+    return ResultsDir.create(
+        str(out if out is not None else cfg.out), cfg, meta, clients, option=option, data_name=name
+    )
+
+
+def resume_state(sim: Simulation, rd: ResultsDir) -> RunState:
+    """The state of ``rd``'s last checkpoint, checked against ``sim``'s model and
+    configuration (a new run's state if it has none; its start files are then
+    written again, so they match the run)."""
+    rd.remove_stale_temps()
+    if rd.config is None:
+        rd.config = sim.cfg
+    ck = rd.read_checkpoint()
+    if ck is None:
+        meta, clients = start_info(sim)
+        rd.write_start(sim.cfg, meta, clients)
+        return sim.new_state()
+    rd.check_checkpoint(ck, sim.initial_state)
+    return RunState(
+        round=ck.round,
+        global_state=ck.global_state,
+        metrics=ck.metrics,
+        residuals=ck.residuals,
+        server_opt=ck.server_opt,
+    )
+
+
+def run_to_dir(
+    sim: Simulation,
+    out: str | Path | None = None,
+    *,
+    results: ResultsDir | None = None,
+    state: RunState | None = None,
+    on_round: Callable[[RunState, dict[str, Any]], None] | None = None,
+    title: str | None = None,
+) -> RunResult:
+    """Run ``sim`` to its last round, writing the results directory as ``fedquant run`` does.
+
+    Parameters
+    ----------
+    sim : Simulation
+    out : str or Path, optional
+        Where a new results directory is created (default ``cfg.out``).
+    results : ResultsDir, optional
+        An existing directory to continue (with ``state``, e.g. from
+        :func:`resume_state`) instead of a new one.
+    state : RunState, optional
+    on_round : callable, optional
+        Called after each round's checkpoint is written.
+    title : str, optional
+        The plots' title.
+    """
+    rd = results if results is not None else create_results_dir(sim, out)
+    #: time spent on the rounds restored from a checkpoint (earlier processes)
+    earlier = sum(float(r.get("seconds_round", 0.0)) for r in (state.metrics if state else []))
+    start = time.perf_counter()
+
+    def each_round(st: RunState, row: dict[str, Any]) -> None:
+        rd.write_round(
+            st.round, st.global_state, st.metrics, residuals=st.residuals, server_opt=st.server_opt
+        )
+        if on_round is not None:
+            on_round(st, row)
+
+    final = sim.run(state, on_round=each_round)
+    summary = run_summary(
+        final.metrics,
+        sim.task,
+        wall_seconds=earlier + time.perf_counter() - start,
+        results_dir=str(rd.path),
+    )
+    rd.write_summary(summary)
+    rd.write_plots(final.metrics, title if title is not None else sim.title(), sim.task.metric)
+    return RunResult(final, summary, rd.path)

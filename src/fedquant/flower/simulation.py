@@ -65,24 +65,15 @@ def _client_setup(run_json: str) -> tuple[Any, Any, list[np.ndarray], Any, Any]:
     Returns ``(cfg, tensors, parts, model, train_cfg)`` with the simulator's
     partition and model.
     """
-    from fedquant.fl import seeding
     from fedquant.fl.data import load_dataset, to_tensors
-    from fedquant.fl.partition import partition
-    from fedquant.fl.simulation import make_model, train_config
+    from fedquant.fl.simulation import client_parts, make_model, train_config
 
     spec = json.loads(run_json)
     cfg = RunConfig.from_mapping(spec["config"])
     data = small_dataset(
         load_dataset(cfg.dataset, cfg.data_root, cfg.cache_dir), spec["n_train"], spec["n_test"]
     )
-    parts = partition(
-        data.train_y,
-        cfg.num_clients,
-        cfg.partition,
-        alpha=cfg.alpha,
-        shards_per_client=cfg.shards_per_client,
-        seed=seeding.int_seed(cfg.seed, seeding.Purpose.PARTITION),
-    )
+    parts = client_parts(cfg, data.train_y)
     model = make_model(cfg, data.input_shape, data.num_classes)
     train_cfg = train_config(cfg)
     return cfg, to_tensors(data), parts, model, train_cfg
@@ -92,9 +83,12 @@ def _train(msg: Any, context: Any) -> Any:
     """The ClientApp's train function: the simulator's client, as a Flower app."""
     import torch
     from flwr.app import Message, MetricRecord, RecordDict
+    from torch.utils.data import TensorDataset
 
     from fedquant.fl import seeding
     from fedquant.fl.client import load_numpy_state, state_numpy, train_local
+    from fedquant.fl.simulation import train_config
+    from fedquant.fl.task import image_classification_task
     from fedquant.flower.records import numpy_from_record, record_from_numpy
 
     t0 = time.time()
@@ -106,10 +100,10 @@ def _train(msg: Any, context: Any) -> Any:
     idx = torch.from_numpy(parts[pid])
     stats = train_local(
         model,
-        data.train_x[idx],
-        data.train_y[idx],
-        train_cfg,
-        generator=seeding.torch_generator(cfg.seed, seeding.Purpose.SHUFFLE, server_round, pid),
+        TensorDataset(data.train_x[idx], data.train_y[idx]),
+        image_classification_task(),
+        train_config(cfg, server_round) if cfg.lr_schedule != "constant" else train_cfg,
+        seeding.torch_generator(cfg.seed, seeding.Purpose.SHUFFLE, server_round, pid),
         qat_spec=cfg.uplink_spec(),
         qat_rng=seeding.numpy_rng(cfg.seed, seeding.Purpose.QAT, server_round, pid),
     )

@@ -3,11 +3,11 @@
 The byte length of an encoded payload is the traffic fedquant reports: nothing
 is simulated. There is no pickle anywhere; every field is checked on decode.
 
-Layout (version 1, all integers little-endian)::
+Layout (version 2, all integers little-endian)::
 
     header (24 bytes)
       magic        4s   b"FQNT"
-      version      u16  1
+      version      u16  2 (1 is read too: the same layout, another checksum)
       flags        u16  0 (reserved)
       total_len    u64  bytes in the whole payload, header and checksum included
       n_tensors    u32
@@ -30,7 +30,8 @@ Layout (version 1, all integers little-endian)::
       data_len     u64  must equal ceil(numel*bits/8), 4*numel or itemsize*numel
                         (transform = coding = 0; otherwise see below)
       data         packed codes (fedquant.quant.packing) / raw little-endian values
-    crc32          u32  zlib.crc32 of every byte before it
+    crc32c         u32  CRC-32C (Castagnoli) of every byte before it; in version 1,
+                        zlib.crc32 (see :func:`checksum`)
 
 A quantized record's data, when ``transform`` or ``coding`` is not 0::
 
@@ -50,7 +51,9 @@ The rotation's signs are never sent: the receiver derives them from a shared
 key it already has (``decode(payload, shared_key=...)``). ``key_check`` lets it
 refuse a payload made with another key instead of decoding garbage. A version-1
 decoder that predates these features refuses any nonzero ``transform`` or
-``coding`` byte, so the version stays 1.
+``coding`` byte, so they did not change the version. Version 2 changed the
+checksum from zlib's CRC-32 to CRC-32C, which CPUs compute
+with dedicated instructions at about memory speed; version-1 payloads still decode.
 
 Decoding validates the header, the total length and the checksum first, then
 every field against the bytes actually present before allocating anything, so
@@ -61,19 +64,22 @@ expands by at most 32/bits, an entropy-coded one by at most 32) and raises
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import json
 import math
 import struct
+import sys
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+import crc32c
 import numpy as np
 
-from fedquant.errors import DecodeError, InvalidInputError
-from fedquant.quant import allocation, entropy, interop, rotation
+from fedquant.errors import DecodeError, InvalidInputError, NonFiniteError
+from fedquant.quant import allocation, device, entropy, interop, kernels, rotation
 from fedquant.quant.clipping import _threshold_flat
 from fedquant.quant.entropy import EntropyCoding
 from fedquant.quant.grid import FLOAT_BITS, Rounding, num_steps
@@ -90,7 +96,10 @@ from fedquant.quant.quantizer import (
 from fedquant.quant.spec import QuantSpec, TensorPlan
 
 MAGIC = b"FQNT"
-VERSION = 1
+#: the version encode writes
+VERSION = 2
+#: the versions decode reads (1: the same layout with a zlib CRC-32)
+READ_VERSIONS = (1, 2)
 MAX_NAME = 1024
 MAX_NDIM = 16
 MAX_META = 1 << 20
@@ -137,6 +146,91 @@ _NO_SCALES.flags.writeable = False
 _NO_SCALES_COUNT = _U32.pack(0)
 #: ``str(dtype)`` of the native dtypes (``str`` of a dtype is slow: ~10 us per tensor)
 _NAMES = {np.dtype(n): n for n in _DTYPE_CODE if n != "bfloat16"}
+
+
+def checksum(data: bytes | bytearray | memoryview, version: int = VERSION) -> int:
+    """The payload checksum of ``data`` for a format version.
+
+    Version 2 uses CRC-32C (Castagnoli), computed with the CPU's CRC instructions
+    by the ``crc32c`` package (about memory speed); version 1 used zlib's CRC-32
+    (several times slower). Any other version gets the current one's.
+    """
+    if version == 1:
+        return zlib.crc32(data)
+    return int(crc32c.crc32c(data))
+
+
+def reseal(data: bytes | bytearray | memoryview) -> bytes:
+    """``data`` with the header's total length and the trailing checksum rewritten to
+    match it (for tests and fuzzers that edit fields behind the checksum).
+
+    The checksum follows the version field of the header; inputs shorter than a
+    header plus checksum come back unchanged.
+    """
+    buf = bytearray(data)
+    if len(buf) >= _HEADER.size + _CRC.size:
+        struct.pack_into("<Q", buf, 8, len(buf))
+        version = _U16.unpack_from(buf, 4)[0]
+        _CRC.pack_into(buf, len(buf) - _CRC.size, checksum(memoryview(buf)[: -_CRC.size], version))
+    return bytes(buf)
+
+
+def _bytes_api() -> tuple[Any, Any] | None:
+    """CPython's ``PyBytes_FromStringAndSize`` and ``PyBytes_AsString``, if reachable."""
+    try:
+        api = ctypes.pythonapi
+        new = api.PyBytes_FromStringAndSize
+        new.restype, new.argtypes = ctypes.py_object, (ctypes.c_void_p, ctypes.c_ssize_t)
+        addr = api.PyBytes_AsString
+        addr.restype, addr.argtypes = ctypes.c_void_p, (ctypes.py_object,)
+    except (AttributeError, OSError):  # not CPython
+        return None
+    return new, addr
+
+
+_BYTES_API = _bytes_api()
+#: payloads from this size on ask the kernel for huge pages, as NumPy does for its
+#: large arrays: a fresh buffer then costs a few hundred page faults, not thousands
+_HUGE_MIN = 1 << 22
+_MADV_HUGEPAGE = 14  # Linux
+
+
+def _madvise() -> Any:
+    """libc's ``madvise``, where there is one (Linux); else ``None``."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (AttributeError, OSError):
+        return None
+    fn.restype, fn.argtypes = ctypes.c_int, (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return fn
+
+
+_MADVISE = _madvise() if sys.platform.startswith("linux") else None
+
+
+def _new_payload(n: int) -> tuple[bytes | bytearray, np.ndarray]:
+    """A new ``bytes`` object of ``n`` bytes and a writable uint8 view of its storage.
+
+    The C-API idiom for building a ``bytes`` without a final copy: a bytes object
+    made with ``PyBytes_FromStringAndSize(NULL, n)`` may be filled in place until it
+    is shared (its hash is not computed before). The caller fills it through the
+    view and drops the view before it returns the object (the view does not keep
+    the object alive). Without CPython's C API: a ``bytearray``, which the caller
+    turns into ``bytes`` (same bytes, one copy more).
+    """
+    if _BYTES_API is not None and n > 1:  # 0- and 1-byte objects are shared singletons
+        new, addr = _BYTES_API
+        obj = new(None, n)
+        start = addr(obj)
+        if _MADVISE is not None and n >= _HUGE_MIN:  # advice only: failure changes nothing
+            page = 4096
+            lo = -(-start // page) * page
+            _MADVISE(lo, (start + n - lo) // page * page, _MADV_HUGEPAGE)
+        storage = (ctypes.c_char * n).from_address(start)
+        view = np.frombuffer(storage, dtype=np.uint8)  # type: ignore[call-overload]
+        return obj, view
+    arr = bytearray(n)
+    return arr, np.frombuffer(arr, dtype=np.uint8)
 
 
 class TensorInfo(NamedTuple):
@@ -232,6 +326,7 @@ class _Source:
 
     buf: memoryview
     crc: int
+    version: int
     data: tuple[_Data, ...]
 
 
@@ -242,6 +337,25 @@ def _float32_size(info: TensorInfo) -> int:
 
 
 # --------------------------------------------------------------------------- encode
+
+
+class _OnDevice:
+    """A floating torch tensor left on its device (a GPU) until its record is made:
+    quantized there when the plan allows (:mod:`fedquant.quant.device`), else copied
+    to the host. Looks like a float32 array where the encoder inspects it."""
+
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, t: Any) -> None:
+        self.tensor = t.detach()
+        self.shape = tuple(int(d) for d in t.shape)
+        self.ndim = len(self.shape)
+
+    def host(self) -> np.ndarray:
+        return np.asarray(self.tensor.to("cpu").float().numpy())
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        return self.host() if dtype is None else self.host().astype(dtype)
 
 
 def _unsupported_dtype(name: str, dtype: str) -> InvalidInputError:
@@ -268,6 +382,8 @@ def _as_numpy(name: str, t: Any) -> tuple[np.ndarray, str]:
                 f"{where} has layout {layout}; expected a dense (strided) tensor, e.g. t.to_dense()"
             )
         try:
+            if t.is_floating_point() and device.is_device_tensor(t):
+                return _OnDevice(t), dtype  # type: ignore[return-value]
             if t.is_floating_point():
                 return t.detach().to("cpu").float().numpy(), dtype
             return t.detach().to("cpu").numpy(), dtype
@@ -454,20 +570,13 @@ def encode_with_stats(
         )
     meta_raw = _meta_bytes(meta)
 
-    chunks: list[bytes] = []
-    infos: dict[str, TensorInfo] = {}
-    for idx, (name, (arr, dtype)) in enumerate(arrays.items()):
-        plan = plans[name]
-        key = keys[idx] if keys is not None else np.uint64(0)
-        rec, info = _encode_tensor(name, arr, dtype, plan, key, shared_key)
-        chunks.append(rec)
-        infos[name] = info
-
-    body = b"".join(chunks)
-    total = _HEADER.size + len(meta_raw) + len(body) + _CRC.size
-    head = _HEADER.pack(MAGIC, VERSION, 0, total, len(arrays), len(meta_raw))
-    crc = zlib.crc32(body, zlib.crc32(meta_raw, zlib.crc32(head)))
-    payload = b"".join((head, meta_raw, body, _CRC.pack(crc)))
+    records = [
+        _encode_tensor(
+            name, arr, dtype, plans[name], keys[i] if keys is not None else np.uint64(0), shared_key
+        )
+        for i, (name, (arr, dtype)) in enumerate(arrays.items())
+    ]
+    payload, infos = _assemble(records, meta_raw)
     return EncodeResult(payload=payload, tensors=infos, meta=dict(meta or {}))
 
 
@@ -489,6 +598,57 @@ def encode(
     return encode_with_stats(tensors, spec, seed=seed, meta=meta, shared_key=shared_key).payload
 
 
+class _Record(NamedTuple):
+    """A record before it is written: its bytes up to the MSE, the size of its data,
+    and what writes the data into its place in the payload (returning the MSE)."""
+
+    head: bytes
+    data_len: int
+    write: Callable[[np.ndarray], float]
+    info: TensorInfo  # nbytes and mse are filled in once written
+
+
+def _assemble(records: list[_Record], meta_raw: bytes) -> tuple[bytes, dict[str, TensorInfo]]:
+    """Write the header, metadata and records into one preallocated payload, then the
+    checksum: no record is copied more than once."""
+    total = (
+        _HEADER.size
+        + len(meta_raw)
+        + sum(len(r.head) + _MSE_LEN.size + r.data_len for r in records)
+        + _CRC.size
+    )
+    payload, buf = _new_payload(total)
+    raw = buf.data  # the same storage, as a memoryview for struct
+    _HEADER.pack_into(raw, 0, MAGIC, VERSION, 0, total, len(records), len(meta_raw))
+    pos = _HEADER.size
+    buf[pos : pos + len(meta_raw)] = np.frombuffer(meta_raw, np.uint8)
+    pos += len(meta_raw)
+    infos: dict[str, TensorInfo] = {}
+    for r in records:
+        buf[pos : pos + len(r.head)] = np.frombuffer(r.head, np.uint8)
+        mse_at = pos + len(r.head)
+        data_at = mse_at + _MSE_LEN.size
+        mse = r.write(buf[data_at : data_at + r.data_len])
+        _MSE_LEN.pack_into(raw, mse_at, mse, r.data_len)
+        end = data_at + r.data_len
+        infos[r.info.name] = r.info._replace(mse=mse, nbytes=end - pos)
+        pos = end
+    _CRC.pack_into(raw, pos, checksum(raw[:pos], VERSION))
+    del buf, raw  # the views must not outlive this function (see _new_payload)
+    return payload if isinstance(payload, bytes) else bytes(payload), infos
+
+
+def _writer(data: bytes | np.ndarray, mse: float = 0.0) -> Callable[[np.ndarray], float]:
+    """A record's ``write`` for data that is already at hand."""
+    raw = np.frombuffer(data, np.uint8) if isinstance(data, bytes) else data.view(np.uint8)
+
+    def write(out: np.ndarray) -> float:
+        out[:] = raw.reshape(-1)
+        return mse
+
+    return write
+
+
 def _encode_tensor(
     name: str,
     arr: np.ndarray,
@@ -496,106 +656,155 @@ def _encode_tensor(
     plan: TensorPlan,
     key: np.uint64,
     shared_key: int | None = None,
-) -> tuple[bytes, TensorInfo]:
+) -> _Record:
+    if isinstance(arr, _OnDevice):
+        if device_plan(plan):
+            return _encode_on_device(name, arr, dtype, plan, key)
+        arr = arr.host()
     if arr.dtype.kind == "f" and not plan.quantized:
         return _encode_raw_float(name, arr, dtype)
     shape = tuple(int(d) for d in arr.shape)
-    gran = Granularity.TENSOR
-    scales = _NO_SCALES
-    mse = 0.0
-    transform, coding, block, ncodes = TRANSFORM_NONE, CODING_PACKED, 0, 0
-    if arr.dtype.kind == "f":
-        flat32 = np.ascontiguousarray(arr, dtype=np.float32)
-        # quantized (unquantized floats took the short path above)
-        rows, gran = _row_view(flat32, plan.granularity)
-        sub = b""
-        qrows = rows
-        if plan.rotation:
-            assert shared_key is not None  # checked by encode_with_stats
-            tk = rotation.tensor_key(shared_key, name)
-            block, min_block = rotation.DEFAULT_BLOCK, rotation.DEFAULT_MIN_BLOCK
-            try:
-                qrows = rotation.rotate(rows, tk.key, block=block, min_block=min_block)
-            except InvalidInputError as e:
-                raise type(e)(f"encode: tensor {name!r}: {str(e).split(': ', 1)[-1]}") from e
-            transform = TRANSFORM_HADAMARD
-            sub = _ROT_HEADER.pack(block.bit_length() - 1, min_block.bit_length() - 1, tk.check)
-        scales = np.array(
-            [
-                _threshold_flat(qrows[r], plan.bits, plan.rounding, plan.method, plan.percentile)
-                for r in range(qrows.shape[0])
-            ],
-            dtype=np.float32,
-        )
-        if transform:  # decoders refuse thresholds that could overflow once rotated back
-            limit = rotation.scale_limit(qrows.shape[1], block)
-            scales = np.minimum(scales, np.float32(limit))
-        packed, sq = _quantize_rows(qrows, scales, plan.bits, plan.rounding, key)
+    if arr.dtype.kind in "biu":
+        raw_dtype = DTYPES[_DTYPE_CODE[dtype]][1]
+        assert raw_dtype is not None
+        bits = 8 * raw_dtype.itemsize
+        values = np.ascontiguousarray(np.ascontiguousarray(arr).astype(raw_dtype).reshape(-1))
+        head = _record_head(name, _DTYPE_CODE[dtype], KIND_INT, bits, 0, 0, 0, shape)
+        info = TensorInfo(name, shape, dtype, bits, Granularity.TENSOR, _NO_SCALES, 0.0, 0)
+        return _Record(head + _NO_SCALES_COUNT, values.nbytes, _writer(values), info)
+    if arr.dtype.kind != "f":
+        raise InvalidInputError(f"encode: tensor {name!r} has unsupported dtype {arr.dtype}")
+    flat32 = np.ascontiguousarray(arr, dtype=np.float32)
+    rows, gran = _row_view(flat32, plan.granularity)
+    transform, coding, block, min_block = TRANSFORM_NONE, CODING_PACKED, 0, 0
+    sub = b""
+    qrows = rows
+    if plan.rotation:
+        assert shared_key is not None  # checked by encode_with_stats
+        tk = rotation.tensor_key(shared_key, name)
+        block, min_block = rotation.DEFAULT_BLOCK, rotation.DEFAULT_MIN_BLOCK
+        try:
+            qrows = rotation.rotate(rows, tk.key, block=block, min_block=min_block)
+        except InvalidInputError as e:
+            raise type(e)(f"encode: tensor {name!r}: {str(e).split(': ', 1)[-1]}") from e
+        transform = TRANSFORM_HADAMARD
+        sub = _ROT_HEADER.pack(block.bit_length() - 1, min_block.bit_length() - 1, tk.check)
+    scales = np.array(
+        [
+            _threshold_flat(qrows[r], plan.bits, plan.rounding, plan.method, plan.percentile)
+            for r in range(qrows.shape[0])
+        ],
+        dtype=np.float32,
+    )
+    if transform:  # decoders refuse thresholds that could overflow once rotated back
+        limit = rotation.scale_limit(qrows.shape[1], block)
+        scales = np.minimum(scales, np.float32(limit))
+    bits = plan.bits
+
+    def quantize_into(out: np.ndarray | None) -> tuple[np.ndarray, float]:
+        """Quantize into ``out`` (or a new buffer); returns the codes and the MSE."""
+        packed, sq = _quantize_rows(qrows, scales, bits, plan.rounding, key, out=out)
         if not math.isfinite(sq):
             check_finite(flat32, f"encode: tensor {name!r}")
-            packed, sq = _quantize_rows(qrows, scales, plan.bits, plan.rounding, key, wide=True)
+            packed, sq = _quantize_rows(qrows, scales, bits, plan.rounding, key, wide=True, out=out)
         if transform:  # the error on the padding is not the tensor's
             sq = max(
                 0.0,
                 sq
                 - rotation.padding_error(
-                    qrows,
-                    packed,
-                    plan.bits,
-                    scales,
-                    rows.shape[1],
-                    block=block,
-                    min_block=min_block,
+                    qrows, packed, bits, scales, rows.shape[1], block=block, min_block=min_block
                 ),
             )
-        mse = sq / rows.size if rows.size else 0.0
-        ncodes = qrows.size
-        kind, bits, data = KIND_QUANT, plan.bits, packed.tobytes()
-        if plan.entropy is EntropyCoding.RANS:
-            coded = entropy.encode_codes_if_smaller(unpack(packed, bits, ncodes), bits)
-            if coded is not None:
-                coding, data = CODING_RANS, coded
-        data = sub + data
-    elif arr.dtype.kind in "biu":
-        raw_dtype = DTYPES[_DTYPE_CODE[dtype]][1]
-        assert raw_dtype is not None
-        kind, bits = KIND_INT, 8 * raw_dtype.itemsize
-        data = np.ascontiguousarray(arr).astype(raw_dtype).tobytes()
+        return packed, sq / rows.size if rows.size else 0.0
+
+    ncodes = qrows.size
+    data_len = len(sub) + packed_size(ncodes, bits)
+    write: Callable[[np.ndarray], float]
+    if plan.entropy is EntropyCoding.RANS:
+        packed, mse = quantize_into(None)
+        coded = entropy.encode_codes_if_smaller(unpack(packed, bits, ncodes), bits)
+        if coded is not None:
+            coding = CODING_RANS
+            data_len = len(sub) + len(coded)
+            write = _writer(sub + coded, mse)
+        else:
+            write = _writer(sub + packed.tobytes(), mse)
     else:
-        raise InvalidInputError(f"encode: tensor {name!r} has unsupported dtype {arr.dtype}")
-    rec = b"".join(
-        (
-            _record_head(
-                name, _DTYPE_CODE[dtype], kind, bits, _GRAN[gran], transform, coding, shape
-            ),
-            _U32.pack(scales.size),
-            np.ascontiguousarray(scales, dtype="<f4").tobytes(),
-            _MSE_LEN.pack(mse, len(data)),
-            data,
-        )
+
+        def write(out: np.ndarray) -> float:
+            out[: len(sub)] = np.frombuffer(sub, np.uint8)
+            return quantize_into(out[len(sub) :])[1]
+
+    head = _record_head(
+        name, _DTYPE_CODE[dtype], KIND_QUANT, bits, _GRAN[gran], transform, coding, shape
     )
+    head += _U32.pack(scales.size) + np.ascontiguousarray(scales, dtype="<f4").tobytes()
     info = TensorInfo(
-        name, shape, dtype, bits, gran, scales, mse, len(rec), transform, coding, block, ncodes
+        name, shape, dtype, bits, gran, scales, 0.0, 0, transform, coding, block, ncodes
     )
-    return rec, info
+    return _Record(head, data_len, write, info)
 
 
-def _encode_raw_float(name: str, arr: np.ndarray, dtype: str) -> tuple[bytes, TensorInfo]:
-    """The record of a floating tensor that travels raw as float32 (biases, BatchNorm)."""
-    flat = np.ascontiguousarray(arr, dtype="<f4")
-    check_finite(flat, f"encode: tensor {name!r}")
-    data = flat.tobytes()
+def device_plan(plan: TensorPlan) -> bool:
+    """Whether a tensor on a GPU is quantized there under ``plan`` (else it is copied to
+    the host first): quantized, OCTAV threshold, no rotation, no entropy coding."""
+    return (
+        plan.quantized
+        and not plan.rotation
+        and plan.entropy is EntropyCoding.NONE
+        and plan.method in device.DEVICE_METHODS
+    )
+
+
+def _encode_on_device(
+    name: str, arr: _OnDevice, dtype: str, plan: TensorPlan, key: np.uint64
+) -> _Record:
+    """The record of a tensor quantized on its device: only codes and scales cross."""
+    t = arr.tensor.float()
+    if plan.granularity is Granularity.CHANNEL and t.ndim >= 2 and t.shape[0] > 0:
+        rows, gran = t.reshape(t.shape[0], -1), Granularity.CHANNEL
+    else:
+        rows, gran = t.reshape(1, -1), Granularity.TENSOR
+    rows = rows.contiguous()
+    where = f"encode: tensor {name!r}"
+    scales = device.octav_thresholds(rows, plan.bits, plan.rounding, plan.method, where)
+    q = device.quantize_on_device(rows, scales, plan.bits, plan.rounding, int(key))
+    head = _record_head(
+        name, _DTYPE_CODE[dtype], KIND_QUANT, plan.bits, _GRAN[gran], 0, 0, arr.shape
+    )
+    head += _U32.pack(scales.size) + np.ascontiguousarray(scales, dtype="<f4").tobytes()
+    info = TensorInfo(
+        name, arr.shape, dtype, plan.bits, gran, scales, 0.0, 0, codes=int(rows.numel())
+    )
+    return _Record(head, q.packed.size, _writer(q.packed, q.mse), info)
+
+
+def _copy_checked(flat: np.ndarray, out: np.ndarray) -> int:
+    """Copy float32 ``flat`` into the bytes ``out`` (any alignment); returns the number
+    of NaN/Inf values (counted on the bit patterns, a read-only pass)."""
+    bad = int(kernels.count_nonfinite(flat.view(np.uint32))) if flat.size else 0
+    out[:] = flat.view(np.uint8)
+    return bad
+
+
+def _encode_raw_float(name: str, arr: np.ndarray, dtype: str) -> _Record:
+    """The record of a floating tensor that travels raw as float32 (biases, BatchNorm):
+    copied into the payload and checked for NaN/Inf in one pass."""
+    flat = np.ascontiguousarray(arr, dtype="<f4").reshape(-1)
     shape = tuple(int(d) for d in arr.shape)
-    rec = b"".join(
-        (
-            _record_head(name, _DTYPE_CODE[dtype], KIND_FLOAT, FLOAT_BITS, 0, 0, 0, shape),
-            _NO_SCALES_COUNT,
-            _MSE_LEN.pack(0.0, len(data)),
-            data,
-        )
-    )
-    info = TensorInfo(name, shape, dtype, FLOAT_BITS, Granularity.TENSOR, _NO_SCALES, 0.0, len(rec))
-    return rec, info
+
+    def write(out: np.ndarray) -> float:
+        bad = _copy_checked(flat, out)
+        if bad:
+            raise NonFiniteError(
+                f"encode: tensor {name!r}: input holds {bad} NaN/Inf value(s); "
+                "expected finite values"
+            )
+        return 0.0
+
+    head = _record_head(name, _DTYPE_CODE[dtype], KIND_FLOAT, FLOAT_BITS, 0, 0, 0, shape)
+    info = TensorInfo(name, shape, dtype, FLOAT_BITS, Granularity.TENSOR, _NO_SCALES, 0.0, 0)
+    return _Record(head + _NO_SCALES_COUNT, flat.nbytes, write, info)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -673,9 +882,10 @@ def peek_header(payload: bytes | bytearray | memoryview) -> tuple[int, int, int]
         raise DecodeError(
             f"decode: wrong magic {bytes(magic)!r}; expected {MAGIC!r} (not a fedquant payload)"
         )
-    if version != VERSION:
+    if version not in READ_VERSIONS:
         raise DecodeError(
-            f"decode: unknown format version {version}; this fedquant reads version {VERSION}"
+            f"decode: unknown format version {version}; this fedquant reads versions "
+            f"{', '.join(map(str, READ_VERSIONS))}"
         )
     if flags != 0:
         raise DecodeError(f"decode: header flags {flags:#x} are not supported; expected 0")
@@ -749,9 +959,9 @@ def _decode(
         )
     except ValueError as e:  # a released memoryview
         raise DecodeError(f"decode: unusable memoryview: {e}") from None
-    _, total, count = peek_header(buf)
+    version, total, count = peek_header(buf)
     (stored_crc,) = _CRC.unpack_from(buf, total - _CRC.size)
-    if zlib.crc32(buf[: total - _CRC.size]) != stored_crc:
+    if checksum(buf[: total - _CRC.size], version) != stored_crc:
         raise DecodeError("decode: checksum mismatch: the payload is corrupted")
     meta_len = _HEADER.unpack_from(buf, 0)[5]
     reader = _Reader(buf, _HEADER.size, total - _CRC.size)
@@ -779,7 +989,7 @@ def _decode(
             f"decode: inconsistent length: {reader.end - reader.pos} unexplained byte(s) after "
             f"the last of {count} tensors"
         )
-    source = None if values else _Source(buf, stored_crc, tuple(records))
+    source = None if values else _Source(buf, stored_crc, version, tuple(records))
     return DecodedUpdate(tensors=tensors, info=infos, meta=meta, nbytes=total, _source=source)
 
 
@@ -810,7 +1020,7 @@ def decode_inspected(update: DecodedUpdate, *, shared_key: int | None = None) ->
         )
     if shared_key is not None:
         shared_key = rotation.check_shared_key(shared_key, "decode")
-    if zlib.crc32(src.buf[: len(src.buf) - _CRC.size]) != src.crc:
+    if checksum(src.buf[: len(src.buf) - _CRC.size], src.version) != src.crc:
         raise DecodeError("decode: checksum mismatch: the payload changed after it was inspected")
     tensors = {
         name: _record_values(info, rec, shared_key)
@@ -979,7 +1189,7 @@ def _decode_record(
         if spare and data[-1] >> (8 - spare):
             raise DecodeError(f"decode: {where}: padding bits of the last byte are not zero")
     elif kind == KIND_FLOAT:
-        if not np.isfinite(np.frombuffer(data, dtype="<f4")).all():
+        if kernels.count_nonfinite(np.frombuffer(data, dtype="<u4")):
             raise DecodeError(f"decode: {where}: float32 data holds NaN/Inf")
     elif dtype == "bool" and (np.frombuffer(data, dtype=np.uint8) > 1).any():
         raise DecodeError(f"decode: {where}: bool data holds values other than 0/1")

@@ -14,10 +14,15 @@ vectorizes (AVX-512 where present) and numba runs on all cores.
 
 Determinism
 -----------
-* Random numbers come from a counter-based generator: the uniform for element
-  ``i`` is a SplitMix64 finalizer of ``key + (i + 1) * 0x9E3779B97F4A7C15``
-  (Steele, Lea & Flood, OOPSLA 2014), so the codes depend only on the key and the
-  element index -- not on the number of threads or on chunking.
+* Random numbers come from a counter-based generator: one SplitMix64 finalizer
+  of ``key + (g + 1) * 0x9E3779B97F4A7C15`` (Steele, Lea & Flood, OOPSLA 2014)
+  gives the 64 random bits of the group of 4 elements ``4g .. 4g+3``; element
+  ``4g + j`` takes bits ``[16j, 16j + 16)`` as ``r = (u + 1/2) / 2**16``. The codes
+  depend only on the key and the element index -- not on the number of threads
+  or on chunking (chunks are multiples of 4 elements). Codes of at most 8 bits
+  need no more than 16 random bits: rounding up when ``r < frac`` rounds up with
+  probability ``frac`` to within ``2**-17`` (the half offset centres the error on 0),
+  and one hash per 4 elements costs a quarter of one per element.
 * Reductions (squared error, histograms) are summed per fixed-size chunk and the
   chunk partials are added in index order, so results do not depend on the
   number of threads either.
@@ -60,27 +65,46 @@ HIST_GROUPS = 16
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
-_U24 = np.float32(1.0 / 16777216.0)
+_U16 = np.float32(1.0 / 65536.0)
+_HALF16 = np.float32(0.5)
+_LO16 = np.uint64(0xFFFF)
 
 
 @njit(inline="always")
-def _uniform24(key, i):  # pragma: no cover - compiled
-    """Uniform float32 in [0, 1) with 24 random bits, a pure function of (key, i)."""
-    z = key + np.uint64(i + 1) * _GAMMA
+def _mix64(key, g):  # pragma: no cover - compiled
+    """SplitMix64 finalizer of ``key + (g + 1) * gamma``: 64 random bits for group ``g``."""
+    z = key + np.uint64(g + 1) * _GAMMA
     z = (z ^ (z >> np.uint64(30))) * _M1
     z = (z ^ (z >> np.uint64(27))) * _M2
-    z = z ^ (z >> np.uint64(31))
-    return np.float32(np.uint32(z >> np.uint64(40))) * _U24
+    return z ^ (z >> np.uint64(31))
 
 
-def uniform24_reference(key: int, index: np.ndarray) -> np.ndarray:
-    """NumPy twin of the kernels' random stream (for tests and non-numba callers)."""
+@njit(inline="always")
+def _uniforms_into(key, lo, m, u):  # pragma: no cover - compiled
+    """``u[j]`` = the uniform of element ``lo + j`` for ``j < m``; ``lo`` a multiple of 4.
+
+    ``u`` must hold at least ``m`` rounded up to a multiple of 4 values.
+    """
+    g0 = lo >> 2
+    for g in range((m + 3) >> 2):
+        z = _mix64(key, g0 + g)
+        u[4 * g] = (np.float32(np.uint32(z & _LO16)) + _HALF16) * _U16
+        u[4 * g + 1] = (np.float32(np.uint32((z >> np.uint64(16)) & _LO16)) + _HALF16) * _U16
+        u[4 * g + 2] = (np.float32(np.uint32((z >> np.uint64(32)) & _LO16)) + _HALF16) * _U16
+        u[4 * g + 3] = (np.float32(np.uint32(z >> np.uint64(48))) + _HALF16) * _U16
+
+
+def uniform_reference(key: int, index: np.ndarray) -> np.ndarray:
+    """NumPy twin of the kernels' random stream (for tests and non-numba callers):
+    the float32 uniform in ``(0, 1)`` that element ``index`` is rounded with."""
+    idx = np.asarray(index).astype(np.uint64)
     with np.errstate(over="ignore"):
-        z = np.uint64(key) + (index.astype(np.uint64) + np.uint64(1)) * _GAMMA
+        z = np.uint64(key) + ((idx >> np.uint64(2)) + np.uint64(1)) * _GAMMA
         z = (z ^ (z >> np.uint64(30))) * _M1
         z = (z ^ (z >> np.uint64(27))) * _M2
         z = z ^ (z >> np.uint64(31))
-    return (z >> np.uint64(40)).astype(np.float32) * _U24
+    u = (z >> ((idx & np.uint64(3)) * np.uint64(16))) & _LO16
+    return (u.astype(np.float32) + _HALF16) * _U16
 
 
 # --------------------------------------------------------------------------- stats
@@ -267,20 +291,6 @@ def octav_histogram(cnt, s1, edges, c, iterations, tol, max_iter):  # pragma: no
 
 
 @njit(inline="always")
-def _code(v, inv, half, steps_f, stochastic, key, i):  # pragma: no cover - compiled
-    """Code of one value: clip to the grid, scale to [0, L], round, clamp."""
-    t = v * inv + half
-    t = min(max(t, 0.0), steps_f)  # clipping to [-s, s], in grid units
-    f = np.floor(t)
-    if stochastic:
-        # up with probability frac(t): E[code] = t (to 2**-24 of a step)
-        f = f + (_uniform24(key, i) < (t - f))
-    else:
-        f = np.floor(t + 0.5)
-    return min(f, steps_f)
-
-
-@njit(inline="always")
 def _pack_into(buf, m, bits, out, ob):  # pragma: no cover - compiled
     """Pack the ``m`` codes of ``buf`` into ``out[ob:]`` (see :func:`pack` for the layout).
 
@@ -328,82 +338,107 @@ def _pack_into(buf, m, bits, out, ob):  # pragma: no cover - compiled
                     out[ob + g * bits + b] = np.uint8((word >> np.uint64(8 * b)) & np.uint64(0xFF))
 
 
-def _quantize_pack_flat_impl(
-    x, inv, step, bits, stochastic, key, out
+@njit(inline="always")
+def _round_nearest(xs, codes, inv, step, half, steps_f):  # pragma: no cover - compiled
+    """Nearest-rounding codes of ``xs`` into ``codes``; returns the sum of squared errors."""
+    acc = half * 0
+    for j in range(xs.size):
+        v = xs[j]
+        t = v * inv + half
+        t = min(max(t, 0.0), steps_f)  # clipping to [-s, s], in grid units
+        k = np.floor(t + 0.5)
+        codes[j] = np.uint8(k)
+        d = v - (k - half) * step
+        acc += d * d
+    return acc
+
+
+@njit(inline="always")
+def _round_stochastic(
+    xs, codes, us, inv, step, step64, half, half64, steps_f
 ):  # pragma: no cover - compiled
-    """Per-tensor quantization of flat ``x`` straight into packed bytes ``out``.
+    """Stochastic-rounding codes of ``xs`` with the uniforms ``us``; returns the squared error.
 
-    ``inv = L / (2 s)`` and ``step = 2 s / L`` are scalars whose dtype (float32
-    or float64) selects the arithmetic precision. Returns the sum of squared
-    errors. Codes of one chunk go through a small local buffer, so the unpacked
-    codes never touch main memory.
+    Rounds up with probability ``frac(t)``: ``E[code] = t`` to within ``2**-17`` of a
+    step. A value equal to a level as the decoder computes it
+    (``float32((k - L/2) * step64)``) keeps code ``k``: its grid position, computed
+    in float32 from a float32-rounded level, may miss ``k`` by a few ulps, and
+    would otherwise move one step with that small probability.
+    """
+    acc = half * 0
+    for j in range(xs.size):
+        v = xs[j]
+        t = v * inv + half
+        t = min(max(t, 0.0), steps_f)
+        f = np.floor(t)
+        k = min(f + (us[j] < (t - f)), steps_f)
+        kn = np.floor(t + 0.5)
+        if v == np.float32((kn - half64) * step64):  # on the grid: stays
+            k = kn
+        codes[j] = np.uint8(k)
+        d = v - (k - half) * step
+        acc += d * d
+    return acc
 
-    With stochastic rounding the chunk's uniforms are drawn first into a local
-    buffer (L2-resident), then consumed by the rounding loop: two simple loops
-    that LLVM vectorizes fully, 1.3-1.5x faster on one core than one loop doing
-    both (measured), with the same random stream and the same codes as
-    :func:`_code` (the comparison is the same float32 uniform against the same
-    fraction).
+
+def _quantize_pack_impl(
+    x, row_len, inv, step, step64, bits, stochastic, key, out
+):  # pragma: no cover - compiled
+    """Quantize flat ``x`` (rows of ``row_len`` values) straight into packed bytes ``out``.
+
+    Row ``r`` uses ``inv[r] = L / (2 s_r)`` and ``step[r] = 2 s_r / L``, whose
+    dtype (float32 or float64) selects the arithmetic precision; ``step64`` is
+    ``step`` in float64, the arithmetic of the decoder's levels. Returns the sum
+    of squared errors (chunk partials added in index order).
+
+    Codes of one chunk of :data:`CHUNK` elements go through a small local
+    buffer, so the unpacked codes never touch main memory. With stochastic
+    rounding the chunk's uniforms are drawn first into a local buffer
+    (L2-resident), then consumed by the rounding loop: simple loops over
+    contiguous slices, one per row segment, that LLVM vectorizes.
     """
     n = x.size
-    steps_f = inv * 0 + ((1 << bits) - 1)
+    steps_f = inv[0] * 0 + ((1 << bits) - 1)
     half = steps_f * 0.5
+    half64 = np.float64(((1 << bits) - 1) * 0.5)
     nch = (n + CHUNK - 1) // CHUNK
     part = np.zeros(nch)
     for c in prange(nch):
         lo = c * CHUNK
         hi = min(n, lo + CHUNK)
         m = hi - lo
-        buf = np.empty(m, np.uint8)
-        acc = half * 0
+        # 8-bit codes are their own packing: written in place
+        buf = out[lo:hi] if bits == 8 else np.empty(m, np.uint8)
+        u = np.empty(m + 3 if stochastic else 0, np.float32)
         if stochastic:
-            u = np.empty(m, np.float32)
-            for j in range(m):
-                u[j] = _uniform24(key, lo + j)
-            for j in range(m):
-                v = x[lo + j]
-                t = v * inv + half
-                t = min(max(t, 0.0), steps_f)  # clipping to [-s, s], in grid units
-                f = np.floor(t)
-                f = f + (u[j] < (t - f))  # as in _code: up with probability frac(t)
-                k = min(f, steps_f)
-                buf[j] = np.uint8(k)
-                d = v - (k - half) * step
-                acc += d * d
-        else:
-            for j in range(m):
-                v = x[lo + j]
-                k = _code(v, inv, half, steps_f, False, key, lo + j)
-                buf[j] = np.uint8(k)
-                d = v - (k - half) * step
-                acc += d * d
+            _uniforms_into(key, lo, m, u)
+        acc = 0.0
+        a = lo
+        while a < hi:  # segments of one row each
+            r = a // row_len
+            b = min(hi, (r + 1) * row_len)
+            if stochastic:
+                acc += _round_stochastic(
+                    x[a:b],
+                    buf[a - lo : b - lo],
+                    u[a - lo : b - lo],
+                    inv[r],
+                    step[r],
+                    step64[r],
+                    half,
+                    half64,
+                    steps_f,
+                )
+            else:
+                acc += _round_nearest(x[a:b], buf[a - lo : b - lo], inv[r], step[r], half, steps_f)
+            a = b
         part[c] = acc
-        _pack_into(buf, m, bits, out, (lo // 8) * bits)
+        if bits != 8:
+            _pack_into(buf, m, bits, out, (lo // 8) * bits)
     total = 0.0
     for c in range(nch):
         total += part[c]
     return total
-
-
-def _quantize_rows_impl(x, inv, step, bits, stochastic, key, codes):  # pragma: no cover - compiled
-    """Per-row (per output channel) quantization of 2-D ``x``; returns per-row squared error."""
-    rows, m = x.shape
-    steps_f = inv[0] * 0 + ((1 << bits) - 1)
-    half = steps_f * 0.5
-    err = np.zeros(rows)
-    for r in prange(rows):
-        ir = inv[r]
-        sr = step[r]
-        base = r * m
-        acc = 0.0
-        for j in range(m):
-            v = x[r, j]
-            k = _code(v, ir, half, steps_f, stochastic, key, base + j)
-            codes[base + j] = np.uint8(k)
-            d = np.float64(v) - np.float64((k - half) * sr)
-            acc += d * d
-        err[r] = acc
-    return err
 
 
 # --------------------------------------------------------------------------- packing
@@ -467,6 +502,73 @@ def _unpack_dequantize_impl(packed, bits, n, lut, row_len, out):  # pragma: no c
                         out[i] = lut[i // row_len, code]
 
 
+def _dequantize_bytes_impl(packed, n, lutx, out):  # pragma: no cover - compiled
+    """Per-tensor unpack + lookup for widths that divide 8, a whole byte at a time:
+    ``lutx[b]`` holds the ``8 // bits`` values that byte ``b`` decodes to (from
+    :func:`fedquant.quant.quantizer.byte_table`), so a byte costs one table row."""
+    per = lutx.shape[1]
+    nch = (n + CHUNK - 1) // CHUNK
+    for c in prange(nch):
+        lo = c * CHUNK
+        hi = min(n, lo + CHUNK)
+        b0 = lo // per
+        b1 = hi // per  # whole bytes of this chunk (CHUNK is a multiple of 8)
+        if per == 1:
+            for j in range(b0, b1):
+                out[j] = lutx[packed[j], 0]
+        elif per == 2:
+            for j in range(b0, b1):
+                row = lutx[packed[j]]
+                out[2 * j] = row[0]
+                out[2 * j + 1] = row[1]
+        elif per == 4:
+            for j in range(b0, b1):
+                row = lutx[packed[j]]
+                for t in range(4):
+                    out[4 * j + t] = row[t]
+        else:
+            for j in range(b0, b1):
+                row = lutx[packed[j]]
+                for t in range(8):
+                    out[8 * j + t] = row[t]
+        for i in range(b1 * per, hi):  # the codes of a last, partial byte
+            out[i] = lutx[packed[b1], i - b1 * per]
+
+
+def _dequantize_linear_impl(codes, half, step, out):  # pragma: no cover - compiled
+    """Per-tensor 8-bit codes to values: ``float32((code - half) * step)`` in float64,
+    the arithmetic of :func:`fedquant.quant.quantizer.level_table` (so the values are
+    identical), vectorized instead of one table lookup per element."""
+    n = codes.size
+    nch = (n + CHUNK - 1) // CHUNK
+    for c in prange(nch):
+        for j in range(c * CHUNK, min(n, (c + 1) * CHUNK)):
+            out[j] = np.float32((np.float64(codes[j]) - half) * step)
+
+
+# --------------------------------------------------------------------------- raw floats
+
+
+@njit(inline="always")
+def _nonfinite(bits):  # pragma: no cover - compiled
+    expo = np.uint32(0x7F800000)
+    b = 0
+    for i in range(bits.size):
+        if (bits[i] & expo) == expo:
+            b += 1
+    return b
+
+
+def _count_nonfinite_impl(bits):  # pragma: no cover - compiled
+    """Number of float32 bit patterns ``bits`` (uint32) that are NaN/Inf."""
+    n = bits.size
+    nch = (n + CHUNK - 1) // CHUNK
+    bad = np.zeros(nch, dtype=np.int64)
+    for c in prange(nch):
+        bad[c] = _nonfinite(bits[c * CHUNK : min(n, (c + 1) * CHUNK)])
+    return bad.sum()
+
+
 # --------------------------------------------------------------------------- aggregation
 
 
@@ -518,8 +620,10 @@ def _dispatcher(impl: Callable[..., Any], size_arg: int, *, fastmath: bool = Fal
 
 abs_stats = _dispatcher(_abs_stats_impl, 0)
 abs_histogram = _dispatcher(_abs_histogram_impl, 0)
-quantize_pack_flat = _dispatcher(_quantize_pack_flat_impl, 0, fastmath=True)
-quantize_rows = _dispatcher(_quantize_rows_impl, 0, fastmath=True)
+quantize_pack = _dispatcher(_quantize_pack_impl, 0, fastmath=True)
 pack = _dispatcher(_pack_impl, 0)
+count_nonfinite = _dispatcher(_count_nonfinite_impl, 0)
 unpack = _dispatcher(_unpack_impl, 2)
 unpack_dequantize = _dispatcher(_unpack_dequantize_impl, 2)
+dequantize_bytes = _dispatcher(_dequantize_bytes_impl, 1)
+dequantize_linear = _dispatcher(_dequantize_linear_impl, 0)

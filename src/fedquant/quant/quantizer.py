@@ -30,6 +30,8 @@ from fedquant.quant.clipping import ThresholdMethod, _threshold_flat, parse_meth
 from fedquant.quant.grid import Rounding, check_bits, num_steps, parse_rounding
 from fedquant.quant.packing import packed_size, unpack
 
+#: packed bytes from which per-tensor codes are decoded a whole byte at a time
+_BYTE_TABLE_MIN = 1 << 14
 #: scales inside this range use float32 arithmetic; outside it, float64 (no overflow).
 _F32_SAFE = (1e-30, 1e30)
 
@@ -265,20 +267,30 @@ def _quantize_rows(
     key: np.uint64,
     *,
     wide: bool = False,
+    out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, float]:
+    """Packed codes of the C-contiguous 2-D ``rows`` (one scale per row) and the sum of
+    squared errors; the codes are written into ``out`` (uint8, exactly the packed size)
+    when given."""
     inv, step = _coefficients(scales, bits)
     if wide:
         inv, step = inv.astype(np.float64), step.astype(np.float64)
-    stochastic = rnd is Rounding.STOCHASTIC
-    packed = np.empty(packed_size(rows.size, bits), dtype=np.uint8)
-    if rows.shape[0] == 1:
-        flat = rows.reshape(-1)
-        err = kernels.quantize_pack_flat(flat, inv[0], step[0], bits, stochastic, key, packed)
-        return packed, float(err)
-    codes = np.empty(rows.size, dtype=np.uint8)
-    errs = kernels.quantize_rows(rows, inv, step, bits, stochastic, key, codes)
-    kernels.pack(codes, bits, packed)
-    return packed, float(errs.sum())
+    step64 = 2.0 * scales.astype(np.float64).reshape(-1) / num_steps(bits)
+    packed = np.empty(packed_size(rows.size, bits), dtype=np.uint8) if out is None else out
+    if rows.size == 0:
+        return packed, 0.0
+    err = kernels.quantize_pack(
+        rows.reshape(-1),
+        rows.shape[1],
+        inv,
+        step,
+        step64,
+        bits,
+        rnd is Rounding.STOCHASTIC,
+        key,
+        packed,
+    )
+    return packed, float(err)
 
 
 def level_table(scales: np.ndarray, bits: int) -> np.ndarray:
@@ -295,11 +307,29 @@ def dequantize_packed(
     """Values of packed codes (validated sizes assumed), float32 of ``shape``."""
     n = int(np.prod(shape, dtype=np.int64))
     out = np.empty(n, dtype=np.float32)
-    if n:
+    if n and bits == 8 and np.size(scales) == 1:  # arithmetic beats a table lookup here
+        steps = num_steps(bits)
+        step = 2.0 * float(np.asarray(scales, dtype=np.float64).reshape(-1)[0]) / steps
+        kernels.dequantize_linear(packed, steps / 2.0, step, out)
+    elif n:
         lut = level_table(scales, bits)
-        row_len = max(1, n // lut.shape[0])
-        kernels.unpack_dequantize(packed, bits, n, lut, row_len, out)
+        # the byte table (256 rows, up to 8 KiB, ~20 KiB while built) pays off on large
+        # tensors; on small ones it would outweigh the output (decode's memory bound)
+        if lut.shape[0] == 1 and 8 % bits == 0 and packed.size >= _BYTE_TABLE_MIN:
+            kernels.dequantize_bytes(packed, n, byte_table(lut[0], bits), out)
+        else:
+            row_len = max(1, n // lut.shape[0])
+            kernels.unpack_dequantize(packed, bits, n, lut, row_len, out)
     return out.reshape(shape)
+
+
+def byte_table(levels: np.ndarray, bits: int) -> np.ndarray:
+    """``(256, 8 // bits)`` float32: the levels of the codes packed in each byte value
+    (``bits`` divides 8; code ``t`` of a byte sits in bits ``[t*bits, (t+1)*bits)``)."""
+    per = 8 // bits
+    b = np.arange(256, dtype=np.uint8)[:, None]
+    codes = (b >> (np.arange(per, dtype=np.uint8) * bits)) & ((1 << bits) - 1)
+    return np.ascontiguousarray(levels[codes], dtype=np.float32)
 
 
 def dequantize(q: QuantizedTensor) -> np.ndarray:

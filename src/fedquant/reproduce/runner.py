@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from fedquant.errors import FedquantError
+from fedquant.errors import ConfigError, FedquantError
 from fedquant.fl.results import ResultsDir, atomic_write, write_json
 from fedquant.reproduce.grid import Job
 
@@ -392,11 +392,127 @@ def run_job(
         _release(d)
 
 
+def _provenance(
+    cfg: Any, t_start: float, cpu_start: float, load_start: float, resumed_from: int
+) -> dict[str, Any]:
+    """The summary entries every job records: time, load, where it ran, which code."""
+    return {
+        "wall_seconds": time.perf_counter() - t_start,
+        # CPU time of this process (all its threads): what the run costs on an idle machine
+        "cpu_seconds": time.process_time() - cpu_start,
+        "resumed_from_round": resumed_from,
+        "load_avg_1min_start": load_start,
+        "load_avg_1min_end": os.getloadavg()[0],
+        "threads": cfg.threads,
+        "device": cfg.device,
+        "source_sha256": source_fingerprint(),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _finish(job: Job, d: Path, rd: ResultsDir, summary: dict[str, Any]) -> JobResult:
+    rd.write_summary(summary)
+    for leftover in ("checkpoint.npz", "error.txt"):  # keep the committed folder small
+        with contextlib.suppress(FileNotFoundError):
+            (d / leftover).unlink()
+    acc = summary.get("final_accuracy")
+    return JobResult(
+        job.key,
+        "done",
+        final_accuracy=None if acc is None else float(acc),
+        seconds=summary["wall_seconds"],
+        resumed_from=summary["resumed_from_round"],
+        load_avg=summary["load_avg_1min_end"],
+    )
+
+
+#: bit widths of :func:`tensor_vnmse`
+VNMSE_BITS = (2, 4, 8)
+
+
+def tensor_vnmse(
+    state: Mapping[str, np.ndarray], bits: Sequence[int] = VNMSE_BITS
+) -> dict[str, dict[str, float]]:
+    """Per floating tensor, ``||w - Q(w)||^2 / ||w||^2`` at each width (OCTAV, nearest rounding).
+
+    Returns ``{"<bits>": {tensor name: vNMSE}}``: which tensors of a trained
+    model lose the most to quantization, one-dimensional ones (LayerNorm,
+    biases) included even though uploads keep them in float32 by default.
+    A tensor of zeros has vNMSE 0.
+    """
+    from fedquant.quant.quantizer import fake_quantize
+
+    out: dict[str, dict[str, float]] = {}
+    for b in bits:
+        row = {}
+        for name, w in state.items():
+            if w.dtype.kind != "f" or w.size == 0:
+                continue
+            x = w.astype(np.float64)
+            power = float(np.sum(x * x))
+            err = fake_quantize(w, b, method="octav", rounding="nearest") - x
+            row[name] = float(np.sum(err * err)) / power if power > 0 else 0.0
+        out[str(b)] = row
+    return out
+
+
+def _run_workload(job: Job, d: Path) -> JobResult:
+    """A job on a registered non-image workload (:data:`fedquant.fl.simulation.WORKLOADS`).
+
+    The workload's own data and test set are used whole (a scale's
+    ``samples_per_client`` and ``test_samples`` must be 0); the summary holds
+    :func:`~fedquant.fl.simulation.run_summary`'s figures (``final_<metric>``,
+    ``best_<metric>``) and the final value of every test metric.
+    """
+    from fedquant.fl.simulation import Simulation, resume_state, run_summary
+
+    t_start, cpu_start, load_start = time.perf_counter(), time.process_time(), os.getloadavg()[0]
+    if job.samples_per_client or job.test_samples:
+        raise ConfigError(
+            "samples_per_client",
+            f"{job.dataset} is a workload with its own data; expected samples_per_client = 0 "
+            "and test_samples = 0 in the scale",
+        )
+    cfg = job.config
+    sim = Simulation(cfg)
+    rd = ResultsDir(d)
+    state = resume_state(sim, rd)
+    resumed_from = state.round  # a new run's start files are written by resume_state
+
+    def on_round(st: Any, row: dict[str, Any]) -> None:
+        rd.write_round(
+            st.round, st.global_state, st.metrics, residuals=st.residuals, server_opt=st.server_opt
+        )
+
+    state = sim.run(state, on_round=on_round)
+    m = state.metrics
+    last_eval: dict[str, Any] = next(
+        (r for r in reversed(m) if any(k.startswith("test_") for k in r)), {}
+    )
+    summary = {
+        **run_summary(m, sim.task, wall_seconds=0.0, results_dir=str(d)),
+        **{f"final_{k[5:]}": v for k, v in last_eval.items() if k.startswith("test_")},
+        "metric": sim.task.metric,
+        "higher_is_better": sim.task.higher_is_better,
+        "final_model_vnmse": tensor_vnmse(state.global_state),
+        **_provenance(cfg, t_start, cpu_start, load_start, resumed_from),
+    }
+    return _finish(job, d, rd, summary)
+
+
 def _run(job: Job, d: Path) -> JobResult:
     from fedquant.fl.client import evaluate, load_numpy_state
     from fedquant.fl.data import Dataset, to_tensors
-    from fedquant.fl.simulation import TIMING_KEYS, RunState, Simulation, final_accuracy
+    from fedquant.fl.simulation import (
+        TIMING_KEYS,
+        WORKLOADS,
+        RunState,
+        Simulation,
+        final_accuracy,
+    )
 
+    if job.config.dataset in WORKLOADS:
+        return _run_workload(job, d)
     t_start = time.perf_counter()
     cpu_start = time.process_time()
     load_start = os.getloadavg()[0]
@@ -474,32 +590,12 @@ def _run(job: Job, d: Path) -> JobResult:
         "uplink_ratio_vs_float32": last_up["uplink_ratio"],
         "total_uplink_bytes": m[-1]["cum_uplink_bytes"],
         "total_downlink_bytes": m[-1]["cum_downlink_bytes"],
-        "wall_seconds": time.perf_counter() - t_start,
-        # CPU time of this process (all its threads): what the run costs on an idle machine
-        "cpu_seconds": time.process_time() - cpu_start,
         "compute_seconds": timing["seconds_round"] + final_eval_s,
         "seconds_final_eval": final_eval_s,
         **timing,
-        "resumed_from_round": resumed_from,
-        "load_avg_1min_start": load_start,
-        "load_avg_1min_end": os.getloadavg()[0],
-        "threads": cfg.threads,
-        "device": cfg.device,
-        "source_sha256": source_fingerprint(),
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **_provenance(cfg, t_start, cpu_start, load_start, resumed_from),
     }
-    rd.write_summary(summary)
-    for leftover in ("checkpoint.npz", "error.txt"):  # keep the committed folder small
-        with contextlib.suppress(FileNotFoundError):
-            (d / leftover).unlink()
-    return JobResult(
-        job.key,
-        "done",
-        final_accuracy=final_acc,
-        seconds=summary["wall_seconds"],
-        resumed_from=resumed_from,
-        load_avg=summary["load_avg_1min_end"],
-    )
+    return _finish(job, d, rd, summary)
 
 
 # --------------------------------------------------------------------------- many jobs

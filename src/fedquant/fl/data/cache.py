@@ -7,16 +7,15 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 
 from fedquant.errors import DataError
 from fedquant.fl.data.dataset import Dataset
+from fedquant.fl.files import atomic_write, remove_stale_temps
 
 #: bump when the cache layout or a decoder's output changes: old entries are then ignored.
 _CACHE_VERSION = 1
@@ -44,20 +43,6 @@ def _fingerprint(name: str, sources: Sequence[Path], extra: str = "") -> tuple[s
     ]
 
 
-@contextlib.contextmanager
-def _atomic_file(path: Path) -> Iterator[BinaryIO]:
-    """A file object whose content replaces ``path`` only once it is completely written."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def _cache_read(entry: Path, fingerprint: str) -> Dataset | None:
     """The cached data set in ``entry``, or None if it is absent, stale or corrupt."""
     try:
@@ -74,10 +59,11 @@ def _cache_read(entry: Path, fingerprint: str) -> Dataset | None:
 
 def _cache_write(entry: Path, ds: Dataset, fingerprint: str, source_id: str) -> None:
     entry.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(entry)  # left by a process killed while writing this entry
     with contextlib.suppress(FileNotFoundError):
         (entry / "meta.json").unlink()  # the entry is invalid until meta.json is back
     for k in _ARRAYS:
-        with _atomic_file(entry / f"{k}.npy") as f:
+        with atomic_write(entry / f"{k}.npy", fsync=False) as f:
             np.save(f, getattr(ds, k), allow_pickle=False)
     meta = {
         "fingerprint": fingerprint,
@@ -86,7 +72,7 @@ def _cache_write(entry: Path, ds: Dataset, fingerprint: str, source_id: str) -> 
         "classes": list(ds.classes),
         "shapes": {k: list(getattr(ds, k).shape) for k in _ARRAYS},
     }
-    with _atomic_file(entry / "meta.json") as f:
+    with atomic_write(entry / "meta.json", fsync=False) as f:
         f.write(json.dumps(meta).encode())
     # entries of the same sources with an older fingerprint can never be read again
     for old in entry.parent.glob(f"{ds.name}-*"):

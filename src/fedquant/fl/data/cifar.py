@@ -5,8 +5,6 @@ from __future__ import annotations
 import importlib
 import io
 import pickle
-import tarfile
-import zlib
 from collections.abc import Callable, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -14,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from fedquant.errors import DataError
+from fedquant.fl.data.archive import open_tar
 from fedquant.fl.data.dataset import CIFAR10_CLASSES, Dataset, StrPath, _describe
 
 _CIFAR_DIR = "cifar-10-batches-py"
@@ -126,18 +125,16 @@ def _cifar_members(src: Path) -> dict[str, bytes]:
     if src.is_dir():
         for n in wanted:
             if (src / n).is_file():
-                out[n] = (src / n).read_bytes()
+                try:
+                    out[n] = (src / n).read_bytes()
+                except OSError as e:
+                    raise DataError(f"{src / n}: cannot read: {e.strerror or e}") from e
         return out
-    try:
-        with tarfile.open(src, "r:*") as tf:
-            for m in tf:
-                base = PurePosixPath(m.name).name
-                if m.isfile() and base in wanted:
-                    f = tf.extractfile(m)
-                    if f is not None:
-                        out[base] = f.read()
-    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-        raise DataError(f"{src}: corrupt or truncated tar archive: {e}") from e
+    with open_tar(src) as members:
+        for m, f in members:
+            base = PurePosixPath(m.name).name
+            if f is not None and base in wanted:
+                out[base] = f.read()
     return out
 
 
@@ -181,7 +178,10 @@ def load_cifar10_batches(root: StrPath, *, name: str = "cifar10") -> Dataset:
         names = _get(_unpickle(members[_CIFAR_META], where), "label_names", where)
         if not isinstance(names, list) or not all(isinstance(n, bytes | str) for n in names):
             raise DataError(f"{where}: 'label_names' must be a list of strings")
-        classes = tuple(n.decode() if isinstance(n, bytes) else n for n in names)
+        try:
+            classes = tuple(n.decode() if isinstance(n, bytes) else n for n in names)
+        except UnicodeDecodeError as e:
+            raise DataError(f"{where}: 'label_names' are not UTF-8 text: {e}") from e
     return Dataset(
         name=name,
         train_x=np.concatenate([p[0] for p in parts]),

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import gzip
-import zlib
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from fedquant.errors import DataError
+from fedquant.fl.data.archive import expansion_limit, open_decompressed
 from fedquant.fl.data.dataset import MNIST_CLASSES, Dataset, StrPath
 
 _IDX_FILES = {
@@ -70,18 +70,8 @@ def parse_idx(buf: bytes, *, ndim: int, source: str) -> np.ndarray:
         not match the header.
     """
     header = 4 + 4 * ndim
-    if len(buf) < header:
-        raise DataError(
-            f"{source}: file is {len(buf)} bytes, too short for an IDX header ({header} bytes)"
-        )
-    magic = int.from_bytes(buf[:4], "big")
-    if magic != _IDX_MAGIC[ndim]:
-        raise DataError(
-            f"{source}: wrong magic number 0x{magic:08x}, expected 0x{_IDX_MAGIC[ndim]:08x} "
-            f"(IDX {'label' if ndim == 1 else 'image'} file of unsigned bytes)"
-        )
-    dims = tuple(int(d) for d in np.frombuffer(buf, dtype=">u4", count=ndim, offset=4))
-    expected = int(np.prod(dims, dtype=np.int64))
+    dims = _idx_dims(buf[:header], ndim, source)
+    expected = math.prod(dims)  # a Python int: dimensions near 2**32 cannot overflow it
     have = len(buf) - header
     if have < expected:
         raise DataError(
@@ -96,17 +86,36 @@ def parse_idx(buf: bytes, *, ndim: int, source: str) -> np.ndarray:
     return np.frombuffer(buf, dtype=np.uint8, offset=header).reshape(dims).copy()
 
 
-def _read_maybe_gzip(path: Path) -> bytes:
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise DataError(f"{path}: cannot read: {e}") from e
-    if raw[:2] != b"\x1f\x8b":
-        return raw
-    try:
-        return gzip.decompress(raw)
-    except (OSError, EOFError, zlib.error) as e:
-        raise DataError(f"{path}: corrupt or truncated gzip data: {e}") from e
+def _idx_dims(head: bytes, ndim: int, source: str) -> tuple[int, ...]:
+    """The dimensions an IDX header announces (after checking its length and magic)."""
+    header = 4 + 4 * ndim
+    if len(head) < header:
+        raise DataError(
+            f"{source}: file is {len(head)} bytes, too short for an IDX header ({header} bytes)"
+        )
+    magic = int.from_bytes(head[:4], "big")
+    if magic != _IDX_MAGIC[ndim]:
+        raise DataError(
+            f"{source}: wrong magic number 0x{magic:08x}, expected 0x{_IDX_MAGIC[ndim]:08x} "
+            f"(IDX {'label' if ndim == 1 else 'image'} file of unsigned bytes)"
+        )
+    return tuple(int.from_bytes(head[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+
+
+def _read_idx(path: Path, ndim: int) -> np.ndarray:
+    """Read and parse one IDX file, gzip-compressed or raw (detected by content).
+
+    Only the data the header announces is read (plus one byte, to detect
+    trailing data), never more than the file's bounded expansion (see
+    :mod:`fedquant.fl.data.archive`); a compressed file's checksum is verified.
+    """
+    header = 4 + 4 * ndim
+    with open_decompressed(path) as f:
+        head = f.read(header)
+        expected = math.prod(_idx_dims(head, ndim, str(path)))
+        cap = expansion_limit(path.stat().st_size)
+        body = f.read(min(expected, cap) + 1)
+    return parse_idx(head + body, ndim=ndim, source=str(path))
 
 
 def load_idx(
@@ -140,10 +149,7 @@ def load_idx(
     """
     root = Path(root)
     paths = _idx_paths(root)
-    arrays = {
-        key: parse_idx(_read_maybe_gzip(p), ndim=3 if key.endswith("x") else 1, source=str(p))
-        for key, p in paths.items()
-    }
+    arrays = {key: _read_idx(p, ndim=3 if key.endswith("x") else 1) for key, p in paths.items()}
     for split in ("train", "test"):
         nx, ny = len(arrays[f"{split}_x"]), len(arrays[f"{split}_y"])
         if nx != ny:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import io
-import tarfile
-import zlib
 from collections.abc import Iterator, Mapping
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 
 from fedquant.errors import DataError
+from fedquant.fl.data.archive import open_tar
 from fedquant.fl.data.dataset import Dataset, StrPath
 
 _SPLITS = ("train", "test")
@@ -40,6 +39,11 @@ def _decode_image(data: bytes, source: str) -> tuple[bytes, tuple[int, int, int]
                     f"{', '.join(_MODES)} (convert the images to grey or RGB)"
                 )
             return img.tobytes(), (h, w, _MODES[mode])
+    except Image.DecompressionBombError as e:
+        raise DataError(
+            f"{source}: image too large to decode safely ({e}); expected images of at most "
+            f"{Image.MAX_IMAGE_PIXELS:,} pixels"
+        ) from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         if isinstance(e, DataError):
             raise
@@ -78,38 +82,29 @@ def _tar_entries(path: Path) -> Iterator[tuple[str, str, str, bytes]]:
     """Stream (split, class, member name, bytes) from a tarball, detecting a top folder."""
     prefix: str | None = None
     seen_layout = False
-    try:
-        with tarfile.open(path, "r|*") as tf:
-            for m in tf:
-                parts = PurePosixPath(m.name).parts
-                if not m.isfile() or not parts or not _is_image_name(parts[-1]):
-                    continue
-                if any(p.startswith(".") or p == "__MACOSX" for p in parts):
-                    continue
-                if len(parts) == 3 and parts[0] in _SPLITS:
-                    top, rest = None, parts
-                elif len(parts) == 4 and parts[1] in _SPLITS:
-                    top, rest = parts[0], parts[1:]
-                else:
-                    raise DataError(
-                        f"{path}: member {m.name!r} does not fit the layout "
-                        f"[top/]{{train,test}}/<class>/<image>"
-                    )
-                if seen_layout and top != prefix:
-                    raise DataError(
-                        f"{path}: member {m.name!r} is under top folder {top!r}, others under "
-                        f"{prefix!r}; expected one tree"
-                    )
-                prefix, seen_layout = top, True
-                f = tf.extractfile(m)
-                if f is not None:
-                    yield rest[0], rest[1], m.name, f.read()
-    except (tarfile.TarError, EOFError, zlib.error) as e:
-        raise DataError(f"{path}: corrupt or truncated tar archive: {e}") from e
-    except OSError as e:
-        if isinstance(e, DataError):
-            raise
-        raise DataError(f"{path}: cannot read tar archive: {e}") from e
+    with open_tar(path) as members:
+        for m, f in members:
+            parts = PurePosixPath(m.name).parts
+            if f is None or not parts or not _is_image_name(parts[-1]):
+                continue
+            if any(p.startswith(".") or p == "__MACOSX" for p in parts):
+                continue
+            if len(parts) == 3 and parts[0] in _SPLITS:
+                top, rest = None, parts
+            elif len(parts) == 4 and parts[1] in _SPLITS:
+                top, rest = parts[0], parts[1:]
+            else:
+                raise DataError(
+                    f"{path}: member {m.name!r} does not fit the layout "
+                    f"[top/]{{train,test}}/<class>/<image>"
+                )
+            if seen_layout and top != prefix:
+                raise DataError(
+                    f"{path}: member {m.name!r} is under top folder {top!r}, others under "
+                    f"{prefix!r}; expected one tree"
+                )
+            prefix, seen_layout = top, True
+            yield rest[0], rest[1], m.name, f.read()
 
 
 class _SplitBuffer:
