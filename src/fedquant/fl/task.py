@@ -183,15 +183,16 @@ def iter_batches(
 ) -> Iterator[tuple[int, Any]]:
     """``(batch size, batch)`` over ``data``: shuffled by ``generator``, or in order without it.
 
-    ``drop_single`` skips a last batch of one sample when ``data`` has more
-    (BatchNorm cannot train on one sample).
+    ``drop_single`` skips every batch of one sample (BatchNorm cannot train on
+    one sample): the last batch when ``len(data) % batch_size == 1``, and the
+    only batch of a one-sample data set.
     """
     n = len(data)  # type: ignore[arg-type]
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
     read = batch_reader(data, device, collate)
     for b in range(0, n, batch_size):
         idx = order[b : b + batch_size]
-        if drop_single and idx.numel() < 2 and n >= 2:
+        if drop_single and idx.numel() < 2:
             continue
         yield idx.numel(), read(idx)
 
