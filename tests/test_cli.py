@@ -36,9 +36,23 @@ FAST = ["--num-clients", "3", "--rounds", "2", "--quiet"]
             "--method: 'best' is not valid; expected one of: octav, octav-paper, max",
         ),
         (
-            ["run", "--aggregation", "median"],
-            "--aggregation: 'median' is not valid; expected one of: fedavg, inverse-mse, mean",
+            ["run", "--aggregation", "bulyan"],
+            "--aggregation: 'bulyan' is not valid; expected one of: fedavg, inverse-mse, mean, "
+            "median, trimmed-mean, krum, multi-krum",
         ),
+        (
+            ["run", "--norm-bound", "0.5"],
+            "--norm-bound: 0.5 is not valid: expected 0 (no bound) or a number >= 1",
+        ),
+        (
+            ["run", "--trim-fraction", "0.5"],
+            "--trim-fraction: 0.5 is not valid: expected a number >= 0 and below 0.5",
+        ),
+        (
+            ["run", "--byzantine-fraction", "-1"],
+            "--byzantine-fraction: -1.0 is out of range; expected a number >= 0",
+        ),
+        (["run", "--hostile-mode", "scale-1e9"], "--hostile-mode: 'scale-1e9' is not valid"),
         (
             ["run", "--bits", "4-9"],
             "--bits: '4-9' is not valid: bits=9 is not a supported bit width; expected 1..8 or 32",

@@ -566,3 +566,44 @@ def test_plan_prices_a_scale_and_its_half_widths(capsys: pytest.CaptureFixture[s
     out = capsys.readouterr().out
     assert "255 runs (5 seeds)" in out and "| 5 (this scale) |" in out
     assert "of the 33 counted paired comparisons" in out
+
+
+def test_robustness_grid_validates_and_covers_every_attack_and_rule() -> None:
+    from fedquant.fl.adversary import ATTACKS
+
+    g = load_grid(GRID.parent / "robustness.toml")
+    for scale in g.scales:
+        jobs = expand(g, scale, data_dir="/nonexistent")
+        assert {j.seed for j in jobs} == set(g.scale(scale).seeds)
+    small = g.scale("small")
+    assert len(small.seeds) >= 3 and small.final_on_subset
+    modes = {c.changes.get("hostile_mode") for c in g.cells}
+    assert set(ATTACKS) | {"mixed", None} == modes
+    fracs = {c.changes.get("hostile_fraction") for c in g.cells}
+    assert fracs == {None, 0.1, 0.3}
+    rules = {c.changes["aggregation"] for c in g.cells}
+    assert rules == {"fedavg", "inverse-mse", "median", "trimmed-mean", "multi-krum"}
+
+
+def test_robustness_command_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    grid = _grid_file(
+        tmp_path,
+        "clean-invmse = { aggregation = 'inverse-mse' }\n"
+        "scale6-30-invmse = { aggregation = 'inverse-mse', hostile_fraction = 0.5, "
+        "hostile_mode = 'scale-1e6' }",
+        scale="final_on_subset = true\n",
+    )
+    argv = ["robustness", "--grid", str(grid), "--scale", "tiny", "--out", str(tmp_path / "o")]
+    assert cli_main([*argv, "--jobs", "0"]) == 0
+    out = tmp_path / "o" / "robustness-tiny"
+    s = json.loads((out / "raw/mnist-embedded/clean-invmse/seed0/summary.json").read_text())
+    assert s["final_accuracy_test_samples"] == 40  # final_on_subset: the per-round subset
+    md = (out / "README.md").read_text()
+    assert "fedquant robustness --scale tiny" in md
+    assert "| clean |" in md and "| scale-1e6, 50 % |" in md
+    assert "Not measured yet" in md  # the goal is about 30 %, this grid has 50 %
+
+
+def test_final_on_subset_must_be_a_boolean(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="scales.tiny.final_on_subset: 'yes' is not valid"):
+        load_grid(_grid_file(tmp_path, "x = {}", scale="final_on_subset = 'yes'\n"))

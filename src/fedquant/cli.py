@@ -352,6 +352,11 @@ def build_parser() -> argparse.ArgumentParser:
         ("bench", "fedquant.bench.cli", "benchmarks: quantization error, speed, federated traffic"),
         ("fuzz", "fedquant.fuzz", "fuzz the payload decoder and the server's ingest path"),
         ("reproduce", "fedquant.reproduce", "run the paper-claims grid and write the report"),
+        (
+            "robustness",
+            "fedquant.reproduce.robustness",
+            "run the attack x aggregation-rule grid and write the robustness table",
+        ),
     ):
         p = sub.add_parser(name, help=helptext, add_help=False)
         p.set_defaults(module=module)
@@ -361,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    if argv and argv[0] in ("bench", "fuzz", "reproduce"):
+    if argv and argv[0] in ("bench", "fuzz", "reproduce", "robustness"):
         args, _ = parser.parse_known_args(argv[:1])
         try:
             return _delegate(args.module, argv[1:], f"fedquant {argv[0]}")

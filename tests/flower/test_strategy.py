@@ -339,3 +339,33 @@ def test_round_with_the_mod_equals_the_simulators_round(
     got = as_numpy(arrays)
     for name, t in expected.tensors.items():
         np.testing.assert_array_equal(got[name], t)
+
+
+def test_a_scaled_model_is_left_out_as_in_the_simulator(in_run: None) -> None:
+    """A finite model x 1e6 (a valid payload) would wreck the average; the norm bound drops it."""
+    honest = [model_state(0) for _ in range(4)]
+    honest = [
+        {k: v + np.float32(0.01 * j) if v.dtype.kind == "f" else v for k, v in s.items()}
+        for j, s in enumerate(honest)
+    ]
+    evil = {k: v * np.float32(1e6) if v.dtype.kind == "f" else v for k, v in model_state().items()}
+    payloads = [codec.encode(s, SPEC, seed=j) for j, s in enumerate([*honest, evil])]
+    msgs = [payload_reply(p, 300 + j) for j, p in enumerate(payloads)]
+    strategy = QuantizedFedAvg(SPEC, aggregation="mean", seed=0)
+    strategy.configure_train(
+        1, record_from_numpy(model_state()), ConfigRecord(), FakeGrid(list(range(300, 305)))
+    )
+    arrays, _ = strategy.aggregate_train(1, msgs)
+    assert arrays is not None
+    got = as_numpy(arrays)
+    expected = aggregate_payloads(payloads, "mean", reference=model_state()).tensors
+    assert max(float(np.abs(v).max()) for v in got.values()) < 100
+    for name, t in expected.items():
+        np.testing.assert_array_equal(got[name], t)
+    off = QuantizedFedAvg(SPEC, aggregation="mean", seed=0, norm_bound=0)
+    off.configure_train(
+        1, record_from_numpy(model_state()), ConfigRecord(), FakeGrid(list(range(300, 305)))
+    )
+    wrecked, _ = off.aggregate_train(1, msgs)
+    assert wrecked is not None
+    assert max(float(np.abs(a.numpy()).max()) for a in wrecked.values()) > 1e4

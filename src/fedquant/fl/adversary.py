@@ -20,15 +20,40 @@ would send. The modes cover the failure classes the server must survive
 ``duplicate``      the same client id replies twice (handled by the caller)
 =================  ==========================================================
 
-Byzantine clients that send well-formed but adversarial weights with honest-
-looking metadata are *not* modelled: inverse-MSE and FedAvg are not robust
-aggregators against them (norm bounding or trimmed means would be needed).
+Model poisoning (:data:`ATTACKS`, :func:`attack`): Byzantine clients that
+train honestly, then send a well-formed payload of adversarial values,
+quantized with the run's uplink spec (so its metadata, MSE included, is what
+an honest encoder measures on those values). Every attack acts on the
+floating tensors; integer tensors are sent as trained. A client's *update*
+is its tensor minus the global model it started from (for the delta tensors
+of ``upload="delta"``, the tensor itself):
+
+=================  ==========================================================
+``scale-1e3``      the payload's tensors x 1e3 (the model, or the delta)
+``scale-1e6``      the payload's tensors x 1e6
+``sign-flip``      the update reversed: ``-u``
+``gaussian``       an update of pure noise, ``N(0, rms(w)**2)`` per tensor,
+                   ``w`` the attacker's trained tensor (noise as large as the
+                   weights themselves), seeded per round and client
+``alie``           "a little is enough" (Baruch et al., NeurIPS 2019): every
+                   attacker sends ``mu - z sigma`` per coordinate, ``mu`` and
+                   ``sigma`` the mean and standard deviation of the round's
+                   honest updates, ``z`` from the number of clients and of
+                   attackers (:func:`alie_z`)
+=================  ==========================================================
+
+``alie`` needs statistics of the honest updates. In the simulator the
+attackers collude and see every sampled client's honest update of the round
+(the omniscient setting of Baruch et al.; with only their own updates they
+would estimate the same statistics less precisely): the strongest version of
+the attack.
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
+from statistics import NormalDist
 
 import numpy as np
 
@@ -52,6 +77,93 @@ MODES = (
     "truncated",
     "duplicate",
 )
+
+
+#: model-poisoning attacks (well-formed payloads of adversarial values)
+ATTACKS = ("scale-1e3", "scale-1e6", "sign-flip", "gaussian", "alie")
+#: attacks that need the round's honest updates (the simulator collects them first)
+ROUND_ATTACKS = ("alie",)
+_SCALES = {"scale-1e3": 1e3, "scale-1e6": 1e6}
+
+
+def alie_z(n: int, attackers: int) -> float:
+    """Baruch et al.'s ``z_max`` for ``n`` clients of which ``attackers`` collude.
+
+    ``s = floor(n/2 + 1) - attackers`` honest clients must be "won over";
+    ``z = Phi^-1((n - s) / n)``, the largest shift that keeps the attackers'
+    value closer to the mean than ``s`` honest values are. ``s`` is raised to
+    1 (``z`` then at most ``Phi^-1(1 - 1/n)``); 0 for ``n = 1``.
+    """
+    if n < 1 or not 0 <= attackers <= n:
+        raise ConfigError("hostile_mode", f"alie: {attackers} attackers of {n} clients")
+    s = max(1, n // 2 + 1 - attackers)
+    p = (n - s) / n
+    return NormalDist().inv_cdf(p) if p > 0 else 0.0
+
+
+def _is_float(a: np.ndarray) -> bool:
+    return np.asarray(a).dtype.kind == "f"
+
+
+def attack(
+    mode: str,
+    tensors: Mapping[str, np.ndarray],
+    start: Mapping[str, np.ndarray],
+    *,
+    deltas: frozenset[str] | set[str] = frozenset(),
+    rng: np.random.Generator | None = None,
+    honest: Sequence[Mapping[str, np.ndarray]] = (),
+    z: float = 0.0,
+) -> dict[str, np.ndarray]:
+    """The tensors a client in attack ``mode`` sends instead of its honest ``tensors``.
+
+    Parameters
+    ----------
+    mode : one of :data:`ATTACKS`
+    tensors : mapping
+        What the client would honestly send (its model, or for ``deltas`` its update).
+    start : mapping
+        The global model it started from.
+    deltas : set of str
+        The tensors that travel as updates (``upload="delta"``).
+    rng : numpy.random.Generator
+        For ``gaussian``.
+    honest : sequence of mapping
+        For ``alie``: the round's honest payload tensors (same convention as ``tensors``).
+    z : float
+        For ``alie`` (:func:`alie_z`).
+    """
+    if mode not in ATTACKS:
+        raise ConfigError("hostile_mode", f"{mode!r} is unknown; expected one of {ATTACKS}")
+
+    def update(name: str, t: Mapping[str, np.ndarray]) -> np.ndarray:
+        x = np.asarray(t[name], dtype=np.float64)
+        return x if name in deltas else x - np.asarray(start[name], dtype=np.float64)
+
+    out: dict[str, np.ndarray] = {}
+    for name, x in tensors.items():
+        x = np.asarray(x)
+        if not _is_float(x):
+            out[name] = x
+            continue
+        base = 0.0 if name in deltas else np.asarray(start[name], dtype=np.float64)
+        if mode in _SCALES:
+            y = _SCALES[mode] * x.astype(np.float64)
+        elif mode == "sign-flip":
+            y = base - update(name, tensors)
+        elif mode == "gaussian":
+            if rng is None:
+                raise ConfigError("hostile_mode", "gaussian needs a random generator")
+            w = update(name, tensors) + np.asarray(start[name], dtype=np.float64)  # trained
+            sigma = float(np.sqrt(np.mean(w * w))) if w.size else 0.0
+            y = base + rng.normal(0.0, sigma, size=x.shape)
+        else:  # alie
+            if not honest:
+                raise ConfigError("hostile_mode", "alie needs the round's honest updates")
+            us = np.stack([update(name, h) for h in honest])
+            y = base + us.mean(axis=0) - z * us.std(axis=0)
+        out[name] = np.asarray(y, dtype=x.dtype)
+    return out
 
 
 def _records(payload: bytes) -> Iterator[dict[str, int]]:

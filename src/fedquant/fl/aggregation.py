@@ -24,6 +24,21 @@ Rules (:class:`AggregationRule`), per tensor ``l`` and client ``j``:
     floor makes their weights equal, i.e. they are averaged with ``mean``.
 ``mean``
     ``w_j = 1 / m``.
+``median``, ``trimmed-mean``
+    Coordinate-wise median, or mean after dropping the ``floor(trim_fraction
+    * m)`` largest and smallest values of each coordinate (Yin et al., ICML
+    2018; :mod:`fedquant.fl.robust`).
+``krum``, ``multi-krum``
+    The client with the lowest Krum score, or the mean of the ``m - f``
+    lowest (Blanchard et al., NeurIPS 2017), ``f`` the number of clients
+    assumed Byzantine.
+
+Before any rule, a client whose update of a floating tensor is longer than
+``norm_bound`` times the median client's norm for that tensor is left out of
+that tensor's aggregate (:func:`fedquant.fl.robust.outliers`; needs the
+global model the clients started from, ``reference``). The default bound
+never binds for honest clients, and it is what stops a client that sends a
+finite but huge model.
 
 With ``spread=True`` (:func:`aggregate_payloads`) inverse-MSE also accounts
 for how much the clients' models differ: ``w_lj ~ 1 / (e_lj + s_l^2)`` where
@@ -57,6 +72,9 @@ import numpy as np
 
 from fedquant.choices import parse_choice
 from fedquant.errors import ConfigError, InvalidInputError
+from fedquant.fl import robust
+from fedquant.fl.robust import NORM_BOUND, TRIM_FRACTION
+from fedquant.fl.updates import DELTA, KIND_KEY, WEIGHTS, payload_delta_names
 from fedquant.quant import codec, interop, kernels
 from fedquant.quant.codec import DecodedUpdate, TensorInfo
 
@@ -92,6 +110,19 @@ class AggregationRule(str, Enum):
     FEDAVG = "fedavg"
     INVERSE_MSE = "inverse-mse"
     MEAN = "mean"
+    MEDIAN = "median"
+    TRIMMED_MEAN = "trimmed-mean"
+    KRUM = "krum"
+    MULTI_KRUM = "multi-krum"
+
+
+#: rules that need every client's tensors at once (the others stream one client at a time)
+ROBUST_RULES = (
+    AggregationRule.MEDIAN,
+    AggregationRule.TRIMMED_MEAN,
+    AggregationRule.KRUM,
+    AggregationRule.MULTI_KRUM,
+)
 
 
 def parse_rule(rule: AggregationRule | str) -> AggregationRule:
@@ -170,6 +201,11 @@ def compute_weights(
         (:func:`client_spread`), added to every client's floored MSE.
     """
     r = parse_rule(rule)
+    if r in ROBUST_RULES:
+        raise InvalidInputError(
+            f"aggregate: {r.value!r} picks clients by their tensors, not by metadata; "
+            "use aggregate_payloads"
+        )
     m = (
         len(mse)
         if mse is not None
@@ -309,22 +345,22 @@ def weighted_average(
     offsets = np.concatenate(([0], np.cumsum(small_sizes))).tolist()
     for k, i in enumerate(small):
         sums[i] = small_acc[offsets[k] : offsets[k + 1]].reshape(shapes[i])
-    out: dict[str, np.ndarray] = {}
-    for i, name in enumerate(names):
-        a, dt = sums[i], dtypes[i]
-        if dt.kind == "f":
-            out[name] = np.asarray(a, dtype=np.float32)
-        elif dt.kind == "b":
-            out[name] = np.asarray(a >= 0.5)
-        else:
-            info = np.iinfo(dt)
-            # float64 cannot hold int64 extremes exactly: clip before the cast back
-            hi = float(info.max)
-            if int(hi) > info.max:  # int64: float(2**63 - 1) rounds up to 2**63
-                hi = float(np.nextafter(hi, 0.0))
-            r = np.clip(np.rint(a), float(info.min), hi)
-            out[name] = np.asarray(r).astype(dt)
-    return out
+    return {name: _cast_back(sums[i], dtypes[i]) for i, name in enumerate(names)}
+
+
+def _cast_back(a: np.ndarray, dt: np.dtype) -> np.ndarray:
+    """A float64 aggregate in the clients' dtype: float32 for floats, rounded for integers."""
+    if dt.kind == "f":
+        return np.asarray(a, dtype=np.float32)
+    if dt.kind == "b":
+        return np.asarray(a >= 0.5)
+    info = np.iinfo(dt)
+    # float64 cannot hold int64 extremes exactly: clip before the cast back
+    hi = float(info.max)
+    if int(hi) > info.max:  # int64: float(2**63 - 1) rounds up to 2**63
+        hi = float(np.nextafter(hi, 0.0))
+    r = np.clip(np.rint(a), float(info.min), hi)
+    return np.asarray(r).astype(dt)
 
 
 def client_spread(
@@ -366,9 +402,13 @@ class AggregateResult:
     """The aggregated tensors, the weights used, and what each client's payload said."""
 
     tensors: dict[str, np.ndarray]
+    #: per tensor, each client's weight; for ``median``/``trimmed-mean`` the nominal 1/m
+    #: (every coordinate takes its value from whichever clients it does)
     weights: dict[str, np.ndarray]
     infos: list[dict[str, TensorInfo]]
     nbytes: int  # total uplink bytes of the aggregated payloads
+    #: positions of the clients the norm bound left out of some tensor's aggregate
+    dropped: tuple[int, ...] = ()
 
     def to_torch(self) -> dict[str, Any]:
         """The aggregate as torch tensors in the dtypes the clients sent (needs PyTorch).
@@ -388,6 +428,10 @@ def aggregate_payloads(
     mse_floor_rel: float = MSE_FLOOR_REL,
     inspected: Sequence[DecodedUpdate] | None = None,
     shared_key: int | None = None,
+    reference: Mapping[str, np.ndarray] | None = None,
+    norm_bound: float = NORM_BOUND,
+    trim_fraction: float = TRIM_FRACTION,
+    byzantine: int | None = None,
     spread: bool = False,
 ) -> AggregateResult:
     """Decode client payloads and aggregate them with ``rule``.
@@ -395,7 +439,8 @@ def aggregate_payloads(
     Two passes: :func:`~fedquant.quant.codec.inspect` reads every payload's
     per-tensor MSE (validating it fully), then payloads are dequantized and
     accumulated one at a time, so memory does not grow with the number of
-    clients. Raises :class:`~fedquant.errors.DecodeError` for a malformed
+    clients (the rules of :data:`ROBUST_RULES` hold every client's tensors at
+    once instead). Raises :class:`~fedquant.errors.DecodeError` for a malformed
     payload and :class:`~fedquant.errors.InvalidInputError` for payloads that
     disagree on tensor names or shapes. ``inspected`` may pass the
     :func:`~fedquant.quant.codec.inspect` results of ``payloads`` (in order)
@@ -406,9 +451,32 @@ def aggregate_payloads(
     tensors need it). ``spread=True`` (``inverse-mse`` only) adds the
     clients' spread (:func:`client_spread`, one more decoding pass) to their
     MSE for every quantized tensor (see the module docstring).
+
+    Parameters
+    ----------
+    reference : mapping of str to ndarray, optional
+        The global model the clients started from. Needed by the norm bound
+        (an update is a client's tensor minus this, or the tensor itself for
+        the delta tensors of ``upload="delta"`` payloads); without it no
+        update is bounded.
+    norm_bound : float, default :data:`fedquant.fl.robust.NORM_BOUND`
+        A client's update of a floating tensor longer than this many times the
+        median client's norm for that tensor is left out (weight 0 on that
+        tensor, the others renormalized and capped; the robust rules see a
+        zero update); 0 = no bound, else at least 1. With the norm bound, the
+        weight rules decode every payload twice (once for the norms), still one
+        at a time.
+    trim_fraction : float, default :data:`fedquant.fl.robust.TRIM_FRACTION`
+        ``trimmed-mean`` drops ``floor(trim_fraction * m)`` values from each end.
+    byzantine : int, optional
+        ``f`` of ``krum``/``multi-krum`` (default:
+        :func:`~fedquant.fl.robust.byzantine_count` of
+        :data:`~fedquant.fl.robust.BYZANTINE_FRACTION`); lowered to the largest
+        ``f`` with ``2 f + 2 < m``. ``multi-krum`` averages the ``m - f`` best.
     """
     if not payloads:
         raise InvalidInputError("aggregate: no client payloads to aggregate")
+    r = parse_rule(rule)
     if inspected is None:
         inspected = [codec.inspect(p, shared_key=shared_key) for p in payloads]
     elif len(inspected) != len(payloads):
@@ -428,6 +496,56 @@ def aggregate_payloads(
                     f"aggregate: payload #{j} sent {n!r} with shape {info[n].shape}; "
                     f"payload #0 has {info_list[0][n].shape}"
                 )
+    m = len(inspected)
+    nbytes = sum(len(p) for p in payloads)
+
+    def decoded(j: int) -> dict[str, np.ndarray]:
+        return codec.decode_inspected(inspected[j], shared_key=shared_key).tensors
+
+    bound = _NormBound.make(inspected, info_list, reference, norm_bound)
+    if r in ROBUST_RULES:
+        clients = [decoded(j) for j in range(m)]
+        dropped: tuple[int, ...] = ()
+        if bound is not None:
+            dropped = bound.measure(clients)
+            clients = [bound.drop(j, t) for j, t in enumerate(clients)]
+        if r in (AggregationRule.KRUM, AggregationRule.MULTI_KRUM):
+            f = (
+                robust.byzantine_count(m, robust.BYZANTINE_FRACTION)
+                if byzantine is None
+                else byzantine
+            )
+            if f < 0:
+                raise InvalidInputError(f"aggregate: byzantine={f} must be >= 0")
+            f = max(0, min(f, (m - 3) // 2))
+            flat = np.stack(
+                [
+                    np.concatenate(
+                        [np.asarray(t[n], dtype=np.float64).reshape(-1) for n in names]
+                        + [np.zeros(0)]
+                    )
+                    for t in clients
+                ]
+            )
+            keep = robust.krum_select(flat, f, 1 if r is AggregationRule.KRUM else m - f)
+            w = np.zeros(m)
+            w[keep] = 1.0 / keep.size
+            weights = {n: w for n in names}
+            tensors = weighted_average(clients, weights)
+            return AggregateResult(tensors, weights, info_list, nbytes, dropped)
+        k = robust.trim_count(m, trim_fraction) if r is AggregationRule.TRIMMED_MEAN else 0
+        tensors = {}
+        for n in names:
+            stack = np.stack([np.asarray(t[n]) for t in clients])
+            value = (
+                robust.coordinate_median(stack)
+                if r is AggregationRule.MEDIAN
+                else robust.trimmed_mean(stack, k)
+            )
+            tensors[n] = _cast_back(value, stack.dtype)
+        equal = np.full(m, 1.0 / m)
+        return AggregateResult(tensors, {n: equal for n in names}, info_list, nbytes, dropped)
+
     mse = [{n: max(i.mse, plausible_mse(i)) for n, i in info.items()} for info in info_list]
     spreads = None
     if spread and parse_rule(rule) is AggregationRule.INVERSE_MSE:
@@ -438,7 +556,7 @@ def aggregate_payloads(
             quantized,
         )
     weights = compute_weights(
-        rule,
+        r,
         names,
         mse=mse,
         num_examples=num_examples,
@@ -446,10 +564,89 @@ def aggregate_payloads(
         mse_floor_rel=mse_floor_rel,
         spread=spreads,
     )
-    tensors = weighted_average(
-        (codec.decode_inspected(u, shared_key=shared_key).tensors for u in inspected), weights
-    )
-    return AggregateResult(tensors, weights, info_list, sum(len(p) for p in payloads))
+    dropped = ()
+    if bound is not None:  # one pass for the norms; outliers get weight 0 on their tensors
+        dropped = bound.measure(decoded(j) for j in range(m))
+        weights = bound.reweight(weights, max_weight)
+    tensors = weighted_average((decoded(j) for j in range(m)), weights)
+    return AggregateResult(tensors, weights, info_list, nbytes, dropped)
+
+
+@dataclass
+class _NormBound:
+    """The norm bound of one aggregation: which tensors, from where, and the outliers."""
+
+    reference: Mapping[str, np.ndarray]
+    names: list[str]  # the floating tensors
+    deltas: frozenset[str]
+    factor: float
+    mask: np.ndarray | None = None  # (clients, tensors): outlier updates, after measure()
+
+    @classmethod
+    def make(
+        cls,
+        inspected: Sequence[DecodedUpdate],
+        info_list: Sequence[Mapping[str, TensorInfo]],
+        reference: Mapping[str, np.ndarray] | None,
+        factor: float,
+    ) -> _NormBound | None:
+        if not np.isfinite(factor) or not (factor == 0 or factor >= 1):
+            raise InvalidInputError(f"aggregate: norm_bound={factor!r} must be 0 (off) or >= 1")
+        if reference is None or factor == 0:
+            return None
+        kinds = {str(u.meta.get(KIND_KEY, WEIGHTS)) for u in inspected}
+        if len(kinds) > 1:
+            raise InvalidInputError(
+                f"aggregate: payloads mix uploads {sorted(kinds)}; expected one kind"
+            )
+        deltas = frozenset(payload_delta_names(info_list)) if kinds == {DELTA} else frozenset()
+        names = [n for n, i in info_list[0].items() if i.dtype in _FLOAT_DTYPES]
+        for n in names:
+            if n not in reference or np.shape(reference[n]) != info_list[0][n].shape:
+                got = np.shape(reference[n]) if n in reference else "nothing"
+                raise InvalidInputError(
+                    f"aggregate: the reference model has {got} for {n!r}; "
+                    f"the payloads have shape {info_list[0][n].shape}"
+                )
+        return cls(reference, names, deltas, float(factor))
+
+    def measure(self, clients: Iterable[Mapping[str, np.ndarray]]) -> tuple[int, ...]:
+        """Find the outliers; returns the positions of the clients with any outlier update."""
+        norms = [
+            robust.tensor_update_norms(t, self.reference, self.names, self.deltas) for t in clients
+        ]
+        stacked = np.array(norms, dtype=np.float64).reshape(len(norms), len(self.names))
+        self.mask = robust.outliers(stacked, self.factor)  # an overflowing norm is inf: outlier
+        return tuple(int(j) for j in np.flatnonzero(self.mask.any(axis=1)))
+
+    def reweight(
+        self, weights: dict[str, np.ndarray], max_weight: float | None
+    ) -> dict[str, np.ndarray]:
+        """``weights`` with the outliers' weights 0, renormalized (and capped) per tensor."""
+        assert self.mask is not None
+        out = dict(weights)
+        for t, n in enumerate(self.names):
+            col = self.mask[:, t]
+            if col.any():
+                w = np.where(col, 0.0, weights[n])
+                out[n] = (
+                    cap_weights(w, max_weight)
+                    if w.sum() > 0
+                    else np.where(col, 0.0, 1.0 / (~col).sum())
+                )
+        return out
+
+    def drop(self, j: int, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Client ``j``'s tensors with its outlier updates zeroed (the same dict if none is)."""
+        assert self.mask is not None
+        row = self.mask[j]
+        if not row.any():
+            return tensors
+        names = [n for n, out in zip(self.names, row.tolist(), strict=True) if out]
+        return robust.drop_updates(tensors, self.reference, names, self.deltas)
+
+
+_FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
 #: the payload metadata key of a client's number of training examples (``fedavg``)
@@ -463,6 +660,10 @@ def aggregate(
     num_examples: Sequence[int] | None = None,
     max_weight: float | None = None,
     shared_key: int | None = None,
+    reference: Mapping[str, np.ndarray] | None = None,
+    norm_bound: float = NORM_BOUND,
+    trim_fraction: float = TRIM_FRACTION,
+    byzantine: int | None = None,
 ) -> AggregateResult:
     """Aggregate client payloads made by :func:`fedquant.encode` into one model update.
 
@@ -470,10 +671,11 @@ def aggregate(
     ----------
     payloads : iterable of bytes
         One payload per client, all of the same tensors.
-    rule : {"inverse-mse", "fedavg", "mean"}, default "inverse-mse"
-        How clients are weighted (see the module docstring): by the inverse
-        of the quantization MSE each payload reports (the paper's rule), by
-        number of examples, or equally.
+    rule : {"inverse-mse", "fedavg", "mean", "median", "trimmed-mean", "krum", \
+"multi-krum"}, default "inverse-mse"
+        How clients are combined (see the module docstring): weighted by the
+        inverse of the quantization MSE each payload reports (the paper's
+        rule), by number of examples, or equally; or a robust rule.
     num_examples : sequence of int, optional
         Per payload, the client's number of training examples; ``fedavg``
         only. If omitted, ``fedavg`` reads ``num_examples`` from each
@@ -483,6 +685,12 @@ def aggregate(
         for at most three times an equal share of ``m`` clients).
     shared_key : int, optional
         The key of payloads whose tensors were rotated (``rotation=True``).
+    reference, norm_bound, trim_fraction, byzantine
+        The robust-aggregation options of :func:`aggregate_payloads`: pass the
+        global model the clients started from as ``reference`` to leave out
+        updates longer than ``norm_bound`` times the median client's (on by
+        default when ``reference`` is given); ``trim_fraction`` for
+        ``"trimmed-mean"``, ``byzantine`` (``f``) for ``"krum"``/``"multi-krum"``.
 
     Returns
     -------
@@ -572,6 +780,10 @@ def aggregate(
         max_weight=max_weight,
         inspected=inspected,
         shared_key=shared_key,
+        reference=reference,
+        norm_bound=norm_bound,
+        trim_fraction=trim_fraction,
+        byzantine=byzantine,
     )
 
 

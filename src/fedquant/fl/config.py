@@ -15,8 +15,10 @@ from dataclasses import MISSING, asdict, dataclass, fields, replace
 from typing import Any
 
 from fedquant.errors import ConfigError, InvalidInputError
+from fedquant.fl.adversary import ATTACKS as ADVERSARY_ATTACKS
 from fedquant.fl.adversary import MODES as ADVERSARY_MODES
 from fedquant.fl.aggregation import AggregationRule
+from fedquant.fl.robust import BYZANTINE_FRACTION, NORM_BOUND, TRIM_FRACTION
 from fedquant.quant.clipping import ThresholdMethod
 from fedquant.quant.entropy import EntropyCoding
 from fedquant.quant.grid import Rounding
@@ -98,6 +100,9 @@ class RunConfig:
     aggregation: str = "inverse-mse"
     weight_cap: float = 3.0
     mse_floor: float = 1e-2
+    norm_bound: float = NORM_BOUND
+    trim_fraction: float = TRIM_FRACTION
+    byzantine_fraction: float = BYZANTINE_FRACTION
     min_clients: int = 1
     failure_rate: float = 0.0
     hostile_fraction: float = 0.0
@@ -369,6 +374,16 @@ def _bits_check(value: str) -> None:
     QuantSpec.from_strings(bits=value)
 
 
+def _norm_bound_check(value: float) -> None:
+    if 0 < value < 1:
+        raise ConfigError("norm_bound", "expected 0 (no bound) or a number >= 1")
+
+
+def _half_open_check(value: float) -> None:
+    if value >= 0.5:
+        raise ConfigError("fraction", "expected a number >= 0 and below 0.5")
+
+
 def _rules_check(value: str) -> None:
     QuantSpec.from_strings(rules=value)
 
@@ -536,6 +551,28 @@ FIELDS: dict[str, Field] = {
     "mse_floor": Field(
         "inverse-mse floor, relative to the median client MSE of a tensor", float, lo=0.0, hi=1.0
     ),
+    "norm_bound": Field(
+        "leave a client's update of a tensor (its model minus the global one, or its delta) "
+        "out of the aggregate when it is longer than this many times the median client's; "
+        "0 = no bound, else >= 1. The default never binds for honest clients",
+        float,
+        lo=0.0,
+        check_fn=_norm_bound_check,
+    ),
+    "trim_fraction": Field(
+        "--aggregation trimmed-mean: fraction of clients dropped from each end of every "
+        "coordinate (below 0.5)",
+        float,
+        lo=0.0,
+        check_fn=_half_open_check,
+    ),
+    "byzantine_fraction": Field(
+        "--aggregation krum/multi-krum: fraction f/m of the round's clients assumed "
+        "Byzantine (below 0.5; f is lowered to satisfy 2f + 2 < m)",
+        float,
+        lo=0.0,
+        check_fn=_half_open_check,
+    ),
     "min_clients": Field(
         "minimum number of valid replies for a round to update the model", int, lo=1
     ),
@@ -549,9 +586,11 @@ FIELDS: dict[str, Field] = {
         hi=1.0,
     ),
     "hostile_mode": Field(
-        "what hostile clients send ('mixed' cycles through all modes)",
+        "what hostile clients send: a payload-level fault, or a poisoned model (scale-1e3, "
+        "scale-1e6, sign-flip, gaussian, alie; see fedquant.fl.adversary); 'mixed' cycles "
+        "through the payload-level modes",
         str,
-        ("mixed", *ADVERSARY_MODES),
+        ("mixed", *ADVERSARY_MODES, *ADVERSARY_ATTACKS),
     ),
     "eval_every": Field("evaluate the global model every k rounds (and after the last)", int, lo=1),
     "seed": Field("seed of every random stream (derived per round and client)", int, lo=0),

@@ -11,10 +11,18 @@ Used by the simulator and the Flower strategy alike. A payload is *rejected*
 * the same client id was already accepted in this round (duplicates);
 * it carries another kind of upload than the server expects (metadata
   ``"kind": "delta"`` -- an update, :mod:`fedquant.fl.updates` -- where
-  weights are expected, or the reverse).
+  weights are expected, or the reverse);
+* it claims, for a quantized tensor of at least :data:`MIN_CHECKED_VALUES`
+  values, an MSE below what its own quantization step allows
+  (:func:`fedquant.fl.aggregation.plausible_mse`, a tenth of ``D**2/12``):
+  a claim of 0 or 1e-30 would buy the largest inverse-MSE weight, and no
+  honest quantizer measures it (honest clients measure about ``D**2/12`` or
+  more). Tiny tensors are exempt: two values can honestly both sit on the
+  grid.
 
-Claimed MSE values that are 0, tiny or huge are not rejected: the inverse-MSE
-floor and the weight cap of :mod:`fedquant.fl.aggregation` neutralize them.
+Claimed MSE values that are plausible but low, or huge, are not rejected: the
+inverse-MSE floor and the weight cap of :mod:`fedquant.fl.aggregation` bound
+what they buy.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedquant.errors import DecodeError
+from fedquant.fl.aggregation import plausible_mse
 from fedquant.fl.updates import KIND_KEY, WEIGHTS
 from fedquant.quant import codec
 from fedquant.quant.codec import DecodedUpdate
@@ -33,6 +42,8 @@ from fedquant.quant.codec import DecodedUpdate
 log = logging.getLogger("fedquant.server")
 
 _FLOATS = ("float32", "float16", "bfloat16", "float64")
+#: quantized tensors with fewer values are exempt from the MSE plausibility check
+MIN_CHECKED_VALUES = 64
 
 
 @dataclass(frozen=True)
@@ -121,6 +132,14 @@ def admit(
             return reject(
                 f"tensor {name!r} has dtype {info.dtype}, which does not match the model's"
             )
+    for name, info in upd.info.items():
+        if info.quantized and info.numel >= MIN_CHECKED_VALUES:
+            floor = plausible_mse(info)
+            if info.mse < floor:
+                return reject(
+                    f"tensor {name!r} claims quantization MSE {info.mse:.3g}, below the "
+                    f"{floor:.3g} its own quantization step allows"
+                )
     if seen is not None:
         seen.add(client)
     return Admission(client, upd)

@@ -39,7 +39,7 @@ import importlib
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,6 +68,7 @@ from fedquant.fl.ingest import Reference, admit
 from fedquant.fl.models import build_model
 from fedquant.fl.partition import partition
 from fedquant.fl.results import ResultsDir
+from fedquant.fl.robust import byzantine_count
 from fedquant.fl.seeding import Purpose
 from fedquant.fl.task import FederatedData, Task, federate, image_classification_task
 from fedquant.fl.text_task import TEXT_DATASETS, load_text_workload
@@ -282,6 +283,8 @@ class Simulation:
             n for n, p in self.model.named_parameters() if p.is_floating_point()
         )
         self.hostile = self._hostile_clients()
+        #: this round's trained (unquantized) models of the model-poisoning attackers
+        self._trained_attackers: dict[int, dict[str, np.ndarray]] = {}
         #: client id -> its uplink spec where ``client_bits`` sets widths (else the run's)
         self.client_specs = self._client_specs()
         #: why ``batched_clients`` could not be used (clients then train one after another)
@@ -532,16 +535,86 @@ class Simulation:
         return seeding.rotation_key(self.cfg.seed, round_) if self.uplink.rotation else None
 
     def replies(
-        self, client: int, payload: bytes, shared_key: int | None = None
-    ) -> list[tuple[str, bytes]]:
-        """What reaches the server from ``client``: its payload, or a hostile client's
-        corruption of it (``hostile_fraction`` / ``hostile_mode``, see :mod:`fedquant.fl.adversary`)."""
-        mode = self.hostile.get(client)
-        if mode is None:
-            return [(str(client), payload)]
-        if mode == "duplicate":
-            return [(str(client), payload), (str(client), payload)]
-        return [(str(client), adversary.corrupt(payload, mode, shared_key=shared_key))]
+        self,
+        sent: list[tuple[int, bytes, float]],
+        start: Mapping[str, np.ndarray],
+        round_: int,
+        shared_key: int | None = None,
+    ) -> Iterator[tuple[int, str, bytes, float]]:
+        """What reaches the server from the round's clients, ``(client, id, payload, loss)``:
+        each honest payload of ``sent``, or a hostile client's corruption or poisoned model
+        (``hostile_fraction`` / ``hostile_mode``, see :mod:`fedquant.fl.adversary`)."""
+        honest: list[dict[str, np.ndarray]] | None = None
+        for client, payload, loss in sent:
+            mode = self.hostile.get(client)
+            if mode is None:
+                yield client, str(client), payload, loss
+            elif mode == "duplicate":
+                yield client, str(client), payload, loss
+                yield client, str(client), payload, loss
+            elif mode in adversary.ATTACKS:
+                if mode in adversary.ROUND_ATTACKS and honest is None:  # the attackers collude
+                    honest = [codec.decode(p, shared_key=shared_key).tensors for _, p, _ in sent]
+                yield (
+                    client,
+                    str(client),
+                    self._poisoned(client, payload, mode, start, round_, shared_key, honest, sent),
+                    loss,
+                )
+            else:
+                yield (
+                    client,
+                    str(client),
+                    adversary.corrupt(payload, mode, shared_key=shared_key),
+                    loss,
+                )
+
+    def _poisoned(
+        self,
+        client: int,
+        payload: bytes,
+        mode: str,
+        start: Mapping[str, np.ndarray],
+        round_: int,
+        shared_key: int | None,
+        honest: list[dict[str, np.ndarray]] | None,
+        sent: list[tuple[int, bytes, float]],
+    ) -> bytes:
+        """An attacker's payload: its trained model (or update) poisoned, then encoded with the
+        uplink spec as an honest client would (metadata from its honest payload)."""
+        cfg = self.cfg
+        dec = codec.inspect(payload, shared_key=shared_key)
+        attackers = sum(self.hostile.get(c) == mode for c, _, _ in sent)
+        deltas = (
+            frozenset(payload_delta_names([dec.info])) if cfg.upload == "delta" else frozenset()
+        )
+        trained = self._trained_attackers.pop(client, None)
+        own = (  # without its trained model (a caller's own round loop): what it uploaded
+            codec.decode_inspected(dec, shared_key=shared_key).tensors
+            if trained is None
+            else {
+                n: np.asarray(v, np.float32) - np.asarray(start[n], np.float32)
+                if n in deltas
+                else v
+                for n, v in trained.items()
+            }
+        )
+        tensors = adversary.attack(
+            mode,
+            own,
+            start,
+            deltas=deltas,
+            rng=seeding.numpy_rng(cfg.seed, Purpose.HOSTILE, round_, client),
+            honest=honest or (),
+            z=adversary.alie_z(len(sent), attackers),
+        )
+        return codec.encode(
+            tensors,
+            self.uplink,
+            seed=seeding.seed_sequence(cfg.seed, Purpose.UPLINK, round_, client),
+            meta=dec.meta,
+            shared_key=self._uplink_key(round_),
+        )
 
     def run_round(self, state: RunState) -> dict[str, Any]:
         """Run round ``state.round + 1``, update ``state`` in place, return its metrics."""
@@ -573,6 +646,7 @@ class Simulation:
         k = self.clients_at_once
         todo = [int(c) for c in clients if c not in failed]  # who trains, in order
         trained: dict[int, tuple[dict[str, np.ndarray], TrainStats]] = {}
+        sent: list[tuple[int, bytes, float]] = []  # (client, honest payload, train loss)
         for c in clients:
             if c in failed:
                 continue
@@ -586,29 +660,33 @@ class Simulation:
                 int(c), start, r, residuals=state.residuals, trained=trained.pop(int(c), None)
             )
             train_s += secs
-            t1 = time.perf_counter()
-            for cid, reply in self.replies(int(c), payload, key):
-                received += len(reply)
-                replies += 1
-                adm = admit(cid, reply, self.reference, seen=seen, kind=cfg.upload, shared_key=key)
-                reason = adm.reason
-                if adm.ok and self.rule is AggregationRule.FEDAVG:
-                    assert adm.update is not None
-                    n = adm.update.meta.get("num_examples")
-                    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-                        reason = f"fedavg needs num_examples (an integer >= 0) in the payload metadata, got {n!r}"
-                        log.warning("rejected update from client %s: %s", cid, reason)
-                if reason:
-                    rejected[cid] = reason
-                    continue
+            if self.hostile.get(int(c)) in adversary.ATTACKS:  # poisons its trained model
+                self._trained_attackers[int(c)] = state_numpy(self.model)
+            sent.append((int(c), payload, loss))
+            codec_s += time.perf_counter() - t0 - secs  # encode
+        t1 = time.perf_counter()
+        for c, cid, reply, loss in self.replies(sent, start, r, key):
+            received += len(reply)
+            replies += 1
+            adm = admit(cid, reply, self.reference, seen=seen, kind=cfg.upload, shared_key=key)
+            reason = adm.reason
+            if adm.ok and self.rule is AggregationRule.FEDAVG:
                 assert adm.update is not None
-                payloads.append(reply)
-                inspected.append(adm.update)
-                admitted.append(int(c))
-                losses.append(loss)
-                if self.rule is AggregationRule.FEDAVG:
-                    num_examples.append(int(adm.update.meta["num_examples"]))
-            codec_s += time.perf_counter() - t1 + (t1 - t0 - secs)  # encode + admission
+                n = adm.update.meta.get("num_examples")
+                if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+                    reason = f"fedavg needs num_examples (an integer >= 0) in the payload metadata, got {n!r}"
+                    log.warning("rejected update from client %s: %s", cid, reason)
+            if reason:
+                rejected[cid] = reason
+                continue
+            assert adm.update is not None
+            payloads.append(reply)
+            inspected.append(adm.update)
+            admitted.append(int(c))
+            losses.append(loss)
+            if self.rule is AggregationRule.FEDAVG:
+                num_examples.append(int(adm.update.meta["num_examples"]))
+        codec_s += time.perf_counter() - t1  # admission (and any attack)
 
         row: dict[str, Any] = {
             "round": r,
@@ -634,7 +712,13 @@ class Simulation:
                 inspected=inspected,
                 shared_key=key,
                 spread=cfg.uses_spread,
+                reference=start,
+                norm_bound=cfg.norm_bound,
+                trim_fraction=cfg.trim_fraction,
+                byzantine=byzantine_count(len(payloads), cfg.byzantine_fraction),
             )
+            if agg.dropped:  # clients the norm bound left out of some tensor
+                row["norm_outliers"] = len(agg.dropped)
             new_global = (
                 apply_delta(state.global_state, agg.tensors, payload_delta_names(agg.infos))
                 if cfg.upload == "delta"

@@ -113,7 +113,9 @@ __all__ = ["NoAdmittedRepliesError", "QuantizedStrategy"]
 #: rule they would see one aggregate (use ``aggregation="strategy"``)
 ROBUST_STRATEGIES = (Bulyan, FedMedian, FedTrimmedAvg, Krum, MultiKrum)
 #: arguments of ``aggregate_payloads`` the wrapper sets itself
-_WRAPPER_SETS = frozenset({"payloads", "rule", "num_examples", "inspected", "shared_key"})
+_WRAPPER_SETS = frozenset(
+    {"payloads", "rule", "num_examples", "inspected", "shared_key", "reference"}
+)
 #: how many rejection reasons the silent-rounds error quotes
 _QUOTED_REASONS = 3
 
@@ -248,6 +250,7 @@ class QuantizedStrategy(Strategy):
                 self.aggregation,
             )
         self._reference: Reference | None = None
+        self._start: dict[str, np.ndarray] | None = None  # the model the clients train from
         self._dtypes: dict[str, np.dtype] = {}
         self._downlink_bytes = 0
         self._sent = 0
@@ -380,6 +383,12 @@ class QuantizedStrategy(Strategy):
             server_round, arrays, self._with_instructions(config, server_round), grid
         )
         messages, self._downlink_bytes = self._send(inner, arrays, server_round)
+        # what the clients train from (the norm bound measures updates from it)
+        self._start = (
+            state
+            if self.downlink is None
+            else codec.decode(payload_from_record(self.broadcast(arrays, server_round))).tensors
+        )
         self._sent = len(messages)
         return messages
 
@@ -508,6 +517,7 @@ class QuantizedStrategy(Strategy):
             num_examples=[int(a.update.meta["num_examples"]) for a in admitted] if fedavg else None,
             inspected=[a.update for a in admitted],
             shared_key=key,
+            reference=self._start,
             **self.aggregation_options,
         )
         weight_key = self._weight_key

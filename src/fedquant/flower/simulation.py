@@ -282,6 +282,8 @@ def run_flower(
             seed=cfg.seed,
             max_weight=relative_cap(cfg.weight_cap, n),
             mse_floor_rel=cfg.mse_floor,
+            norm_bound=cfg.norm_bound,
+            trim_fraction=cfg.trim_fraction,
             fraction_train=1.0,
             fraction_evaluate=0.0,
             min_train_nodes=n,

@@ -15,6 +15,7 @@ from typing import Any
 from flwr.serverapp.strategy import FedAvg
 
 from fedquant.fl.aggregation import MSE_FLOOR_REL, AggregationRule
+from fedquant.fl.robust import NORM_BOUND, TRIM_FRACTION
 from fedquant.flower.quantized_strategy import QuantizedStrategy
 from fedquant.quant.spec import QuantSpec
 
@@ -46,6 +47,12 @@ class QuantizedFedAvg(QuantizedStrategy):
         Cap on any client's weight for any tensor (``cap_weights``).
     mse_floor_rel : float, default 1e-2
         Relative MSE floor of ``inverse-mse`` (:mod:`fedquant.fl.aggregation`).
+    norm_bound : float, default :data:`fedquant.fl.robust.NORM_BOUND`
+        A client's update of a tensor (its model minus the model sent to it)
+        longer than this many times the median client's is left out of that
+        tensor's aggregate; 0 = no bound (:mod:`fedquant.fl.robust`).
+    trim_fraction : float, default :data:`fedquant.fl.robust.TRIM_FRACTION`
+        ``trimmed-mean``: the fraction of clients dropped from each end.
     max_silent_rounds : int or None, default 3
         Stop after this many consecutive rounds without an admitted reply.
     **fedavg_kwargs
@@ -68,6 +75,8 @@ class QuantizedFedAvg(QuantizedStrategy):
         seed: int = 0,
         max_weight: float | None = None,
         mse_floor_rel: float = MSE_FLOOR_REL,
+        norm_bound: float = NORM_BOUND,
+        trim_fraction: float = TRIM_FRACTION,
         max_silent_rounds: int | None = 3,
         **fedavg_kwargs: Any,
     ) -> None:
@@ -78,5 +87,10 @@ class QuantizedFedAvg(QuantizedStrategy):
             downlink=downlink,
             seed=seed,
             max_silent_rounds=max_silent_rounds,
-            aggregation_options={"max_weight": max_weight, "mse_floor_rel": mse_floor_rel},
+            aggregation_options={
+                "max_weight": max_weight,
+                "mse_floor_rel": mse_floor_rel,
+                "norm_bound": norm_bound,
+                "trim_fraction": trim_fraction,
+            },
         )

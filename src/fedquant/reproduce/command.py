@@ -26,7 +26,8 @@ import os
 import shlex
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +37,41 @@ DEFAULT_OUT = Path("docs") / "results"
 DEFAULT_DATA_DIR = Path("..") / "shared" / "data"
 
 
-def scale_dir(out: str | os.PathLike[str], scale: str) -> Path:
+def _claims_report(grid: Any, scale: str, out: Path, data_dir: str) -> Path:
+    from fedquant.reproduce.report import write_report
+
+    return write_report(grid, scale, out, data_dir=data_dir)
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A named grid run by this command: its file, report folder and report writer."""
+
+    command: str  # the fedquant subcommand
+    grid_file: Path  # relative to the repository root
+    prefix: str  # reports go to OUT/<prefix>-<scale>/
+    description: str
+    scale_help: str
+    report: Callable[[Any, str, Path, str], Path]  # (grid, scale, folder, data_dir) -> page
+
+
+CLAIMS = Experiment(
+    command="reproduce",
+    grid_file=Path("experiments") / "paper-claims.toml",
+    prefix="claims",
+    description="Run the named grid of experiments/paper-claims.toml at one scale "
+    "(resumable; finished runs are skipped) and write a Markdown + PNG report of which "
+    "claims of arXiv 2405.13365 hold.",
+    scale_help="a [scales.*] table of the grid: small (<= 60 min on 2 cores with --jobs 2), "
+    "medium (30 clients, 40 rounds, 5 seeds; see --plan), paper (the paper's settings; "
+    "days on a CPU), tiny (a smoke test) (default: small)",
+    report=_claims_report,
+)
+
+
+def scale_dir(out: str | os.PathLike[str], scale: str, prefix: str = CLAIMS.prefix) -> Path:
     """Where a scale's report goes; its raw results are in ``raw/`` below it."""
-    return Path(out) / f"claims-{scale}"
+    return Path(out) / f"{prefix}-{scale}"
 
 
 def _csv(value: str) -> list[str]:
@@ -67,31 +100,20 @@ def _positive(value: str) -> int:
     return n
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(experiment: Experiment = CLAIMS) -> argparse.ArgumentParser:
     from fedquant.cli import _Parser
 
-    p = _Parser(
-        prog="fedquant reproduce",
-        description="Run the named grid of experiments/paper-claims.toml at one scale "
-        "(resumable; finished runs are skipped) and write a Markdown + PNG report of which "
-        "claims of arXiv 2405.13365 hold.",
-    )
+    p = _Parser(prog=f"fedquant {experiment.command}", description=experiment.description)
+    p.add_argument("--scale", default="small", help=experiment.scale_help)
     p.add_argument(
-        "--scale",
-        default="small",
-        help="a [scales.*] table of the grid: small (<= 60 min on 2 cores with --jobs 2), "
-        "medium (30 clients, 40 rounds, 5 seeds; see --plan), paper (the paper's settings; "
-        "days on a CPU), tiny (a smoke test) (default: small)",
-    )
-    p.add_argument(
-        "--grid", metavar="FILE", help="the grid file (default: experiments/paper-claims.toml)"
+        "--grid", metavar="FILE", help=f"the grid file (default: {experiment.grid_file})"
     )
     p.add_argument(
         "--out",
         metavar="DIR",
         default=str(DEFAULT_OUT),
-        help=f"report folder; the scale's report is DIR/claims-SCALE/, raw results in its raw/ "
-        f"(default: {DEFAULT_OUT})",
+        help=f"report folder; the scale's report is DIR/{experiment.prefix}-SCALE/, raw "
+        f"results in its raw/ (default: {DEFAULT_OUT})",
     )
     p.add_argument(
         "--data-dir",
@@ -147,9 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _command_line(args: argparse.Namespace) -> str:
+def _command_line(args: argparse.Namespace, experiment: Experiment = CLAIMS) -> str:
     """The canonical command for the report: what a user types to get the same grid."""
-    parts = ["fedquant", "reproduce", "--scale", args.scale]
+    parts = ["fedquant", experiment.command, "--scale", args.scale]
     if args.grid:
         parts += ["--grid", args.grid]
     if args.out != str(DEFAULT_OUT):
@@ -198,12 +220,13 @@ def _print_list(jobs: Sequence[Any], raw: Path) -> None:
     print("total: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``fedquant reproduce``; returns the exit status."""
-    from fedquant.reproduce.grid import expand, load_grid
+def main(argv: Sequence[str] | None = None, *, experiment: Experiment = CLAIMS) -> int:
+    """Entry point of ``fedquant reproduce`` (or of another ``experiment``); returns the exit
+    status."""
+    from fedquant.reproduce.grid import default_grid_path, expand, load_grid
 
-    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    grid = load_grid(args.grid)
+    args = build_parser(experiment).parse_args(list(sys.argv[1:] if argv is None else argv))
+    grid = load_grid(args.grid if args.grid else default_grid_path(experiment.grid_file))
     overrides: dict[str, Any] = {}
     if args.threads is not None:
         overrides["threads"] = args.threads
@@ -222,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seeds=args.seeds,
         overrides=overrides,
     )
-    out = scale_dir(args.out, args.scale)
+    out = scale_dir(args.out, args.scale, experiment.prefix)
     raw = out / "raw"
     if args.list:
         _print_list(jobs, raw)
@@ -230,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.plan:
         from fedquant.reproduce.power import plan_text
 
-        ref_raw = scale_dir(args.out, args.plan_from) / "raw"
+        ref_raw = scale_dir(args.out, args.plan_from, experiment.prefix) / "raw"
         print(
             plan_text(
                 grid,
@@ -275,24 +298,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                 n_jobs=max(args.jobs, 1),
                 in_process=args.jobs == 0,
                 on_result=on_result,
-                argv=[_command_line(args)],
+                argv=[_command_line(args, experiment)],
                 rerun_outdated=not args.keep_outdated,
             )
         except KeyboardInterrupt:
             print(
-                "fedquant reproduce: interrupted; rerun the same command to resume "
-                f"({_command_line(args)})",
+                f"fedquant {experiment.command}: interrupted; rerun the same command to resume "
+                f"({_command_line(args, experiment)})",
                 file=sys.stderr,
             )
             return 130
         failed = [r for r in results if r.status == "failed"]
         for r in failed:
-            print(f"fedquant reproduce: {r.key} failed: {r.error}", file=sys.stderr)
+            print(f"fedquant {experiment.command}: {r.key} failed: {r.error}", file=sys.stderr)
         if failed:
             status = 1
     if not args.no_report:
-        from fedquant.reproduce.report import write_report
-
-        path = write_report(grid, args.scale, out, data_dir=args.data_dir)
+        path = experiment.report(grid, args.scale, out, args.data_dir)
         print(f"report: {path}")
     return status

@@ -11,7 +11,7 @@ A job's RunConfig is built in this order, later keys winning::
     [defaults] -> [scales.<scale>] -> [datasets.<name>] -> the cell's changes -> seed
 
 ``bits = "paper"`` stands for the data set's ``paper_bits``. The keys
-``seeds``, ``samples_per_client``, ``test_samples`` and ``subset_seed`` of a
+``seeds``, ``samples_per_client``, ``test_samples``, ``final_on_subset`` and ``subset_seed`` of a
 scale, and ``label`` and ``datasets`` (the data sets it runs on; default all)
 of a cell, belong to the grid; every other key must be a
 ``fedquant run`` option.
@@ -55,7 +55,7 @@ __all__ = [
 #: they may differ between machines and are left out of fingerprints.
 ENV_FIELDS = ("device", "threads", "out", "data_root", "cache_dir")
 #: keys of a scale table that are not RunConfig options.
-_SCALE_KEYS = ("seeds", "samples_per_client", "test_samples", "subset_seed")
+_SCALE_KEYS = ("seeds", "samples_per_client", "test_samples", "subset_seed", "final_on_subset")
 #: the placeholder for a data set's paper bits.
 PAPER_BITS = "paper"
 #: the grid file, relative to the repository root (or the working directory).
@@ -105,6 +105,9 @@ class Scale:
         are compared on the same images).
     settings : mapping
         RunConfig options of this scale (``num_clients``, ``rounds``, ...).
+    final_on_subset : bool
+        Take the final accuracy on the ``test_samples`` subset too, instead of
+        the whole test split (for grids too large to evaluate every run on it).
     """
 
     name: str
@@ -113,6 +116,7 @@ class Scale:
     test_samples: int
     subset_seed: int
     settings: Mapping[str, Any]
+    final_on_subset: bool = False
 
 
 @dataclass(frozen=True)
@@ -249,6 +253,7 @@ class Job:
     settings: Mapping[str, Any]
     fingerprint: str
     alias_of: str | None = None
+    final_on_subset: bool = False
 
     @property
     def key(self) -> str:
@@ -259,12 +264,13 @@ class Job:
         return Path(raw_root) / self.dataset / self.cell / f"seed{self.seed}"
 
 
-def default_grid_path() -> Path:
-    """``experiments/paper-claims.toml`` in the working directory, else in this source tree."""
-    here = Path.cwd() / GRID_FILE
+def default_grid_path(grid_file: Path = GRID_FILE) -> Path:
+    """``grid_file`` (default ``experiments/paper-claims.toml``) in the working directory,
+    else in this source tree."""
+    here = Path.cwd() / grid_file
     if here.is_file():
         return here
-    tree = Path(__file__).resolve().parents[3] / GRID_FILE  # src/fedquant/reproduce/grid.py
+    tree = Path(__file__).resolve().parents[3] / grid_file  # src/fedquant/reproduce/grid.py
     return tree if tree.is_file() else here
 
 
@@ -287,6 +293,12 @@ def _check_options(values: Mapping[str, Any], where: str, allowed_extra: Sequenc
 def _int(value: Any, where: str, lo: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < lo:
         raise ConfigError(where, f"{value!r} is not valid; expected an integer >= {lo}")
+    return value
+
+
+def _bool(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(where, f"{value!r} is not valid; expected true or false")
     return value
 
 
@@ -353,6 +365,7 @@ def load_grid(path: str | os.PathLike[str] | None = None) -> Grid:
             test_samples=_int(s.get("test_samples", 0), f"{where}.test_samples"),
             subset_seed=_int(s.get("subset_seed", 0), f"{where}.subset_seed"),
             settings={k: v for k, v in s.items() if k not in _SCALE_KEYS},
+            final_on_subset=_bool(s.get("final_on_subset", False), f"{where}.final_on_subset"),
         )
     if not scales:
         raise ConfigError("scales", f"{src} defines no scale")
@@ -475,6 +488,8 @@ def expand(
                         "samples_per_client": scale.samples_per_client,
                         "test_samples": scale.test_samples,
                         "subset_seed": scale.subset_seed,
+                        # only when set, so that older runs keep their fingerprints
+                        **({"final_on_subset": True} if scale.final_on_subset else {}),
                     }
                 )
                 alias = seen.setdefault(fp, cell.name)
@@ -507,6 +522,7 @@ def expand(
                         settings=settings,
                         fingerprint=fp,
                         alias_of=None if alias == cell.name else alias,
+                        final_on_subset=scale.final_on_subset,
                     )
                 )
     return jobs

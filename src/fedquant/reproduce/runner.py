@@ -556,7 +556,7 @@ def _run(job: Job, d: Path) -> JobResult:
     # the final accuracy on the whole test split (rounds may use a subset)
     subset_acc = final_accuracy(m)
     final_loss: float | None
-    if data.test_y.size != full.test_y.size:
+    if data.test_y.size != full.test_y.size and not job.final_on_subset:
         t0 = time.perf_counter()
         whole = to_tensors(
             Dataset(full.name, data.train_x, data.train_y, full.test_x, full.test_y, full.classes)
@@ -577,7 +577,9 @@ def _run(job: Job, d: Path) -> JobResult:
     summary = {
         "final_accuracy": final_acc,
         "final_loss": final_loss,
-        "final_accuracy_test_samples": int(full.test_y.size),
+        "final_accuracy_test_samples": int(
+            data.test_y.size if job.final_on_subset else full.test_y.size
+        ),
         "last_round_accuracy_subset": subset_acc,
         "best_round_accuracy_subset": max(evaluated) if evaluated else None,
         "test_samples_per_round": int(data.test_y.size),
