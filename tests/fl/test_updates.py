@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -259,7 +260,8 @@ def test_cli_resume_carries_the_residuals(ef_run, tmp_path: Path) -> None:  # ty
     assert main([*args, "--rounds", "1"]) == 0
     (run,) = tmp_path.iterdir()
     config = run / "config.toml"
-    config.write_text(config.read_text().replace("rounds = 1", "rounds = 4"))
+    # only the line 'rounds = 1' ('lr_step_rounds = 10' must stay as it is)
+    config.write_text(re.sub(r"(?m)^rounds = 1$", "rounds = 4", config.read_text()))
     assert main(["run", "--resume", str(run), "--quiet"]) == 0
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert strip(rows) == json.loads(json.dumps(strip(whole.metrics)))

@@ -592,7 +592,6 @@ def _method_rows(chosen: Sequence[Method], runs: Sequence[Row]) -> list[Row]:
 #: functions of :mod:`fedquant.fl.simulation` wrapped with timers, and their category
 TIMED: dict[str, str] = {
     "train_local": "train",
-    "evaluate": "evaluate",
     "encode_model": "encode",
     "encode_delta": "encode",
     "admit": "admit",
@@ -622,8 +621,8 @@ def timed_simulation(sim: Any) -> Iterator[dict[str, list[float]]]:
     (categories of :data:`CATEGORIES`), and ``"examples": [n, 0]``, the
     training examples ``train_local`` reported. CPU seconds are the
     process's (all threads), the figure least disturbed by other processes. The wrapped names are module
-    attributes of :mod:`fedquant.fl.simulation` (the functions a round calls)
-    and ``sim.broadcast``; none of them calls another, so no time is counted
+    attributes of :mod:`fedquant.fl.simulation` (the functions a round calls),
+    ``sim.broadcast`` and the task's ``evaluate``; none of them calls another, so no time is counted
     twice. Names the simulator does not have are skipped. Everything is
     restored on exit.
     """
@@ -656,10 +655,13 @@ def timed_simulation(sim: Any) -> Iterator[dict[str, list[float]]]:
                 saved[name] = fn
                 setattr(simmod, name, wrap(fn, cat))
         sim.broadcast = wrap(sim.broadcast, "broadcast")
+        task = sim.task
+        sim.task = dataclasses.replace(task, evaluate=wrap(task.evaluate, "evaluate"))
         yield acc
     finally:
         for name, fn in saved.items():
             setattr(simmod, name, fn)
+        sim.task = task
         with contextlib.suppress(AttributeError):
             del sim.broadcast  # back to the class's method
 
