@@ -10,7 +10,7 @@
 * :mod:`fedquant.bench.report` -- the JSON and Markdown writers;
 * :mod:`fedquant.bench.cli` -- the command (``--quick`` is the smoke run the tests use).
 
-Federated benchmarks (issue 6, part 3) will live in :mod:`fedquant.bench.federated`.
+Federated benchmarks live in :mod:`fedquant.bench.federated`.
 """
 
 from __future__ import annotations

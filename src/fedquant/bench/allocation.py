@@ -1,4 +1,4 @@
-"""Issue 8, items 2 and 5: adaptive bit allocation and update quantization, measured.
+"""Adaptive bit allocation and update quantization, measured.
 
 Two importable measurements (no script; print the rows with :func:`markdown`):
 

@@ -1,4 +1,4 @@
-"""Batched client training vs the loop (issue 8, item 7): one round's local training, timed.
+"""Batched client training vs the loop: one round's local training, timed.
 
 :func:`batched_speedup` builds the run of a :class:`~fedquant.fl.config.RunConfig`
 (default: the ``fedquant run`` default job -- 10 clients, embedded MNIST, the

@@ -1,4 +1,4 @@
-"""Benchmark of entropy coding (issue 8, item 6): bits per code against the entropy, and speed.
+"""Benchmark of entropy coding: bits per code against the entropy, and speed.
 
 Rows are plain dicts, like the rest of :mod:`fedquant.bench`.
 

@@ -1,4 +1,4 @@
-"""Quantization-error benchmark (issue 6, part 1): fedquant vs peers vs limits.
+"""Quantization-error benchmark: fedquant vs peers vs limits.
 
 The metric is the normalized MSE, ``NMSE = mean((x - x_hat)**2) / var(x)``,
 measured on the decoded values (not taken from the quantizer's own report).

@@ -1,6 +1,6 @@
 """Federated benchmarks: traffic to a target accuracy, the simulator's overhead and memory.
 
-Issue 6, part 3, and the performance claims of issue 3. Every function runs
+Traffic to a target accuracy, the simulator's overhead and memory. Every function runs
 the real simulator (:class:`fedquant.fl.simulation.Simulation`) and returns
 plain rows (dicts), like the rest of :mod:`fedquant.bench`; the command is
 ``python -m fedquant.bench --only federated``.
@@ -161,7 +161,7 @@ def _method(name: str, description: str, *, optional: bool = False, **changes: A
 #: the float32 reference: every float tensor travels as float32, FedAvg weights
 FP32 = _method("fp32", "float32 upload, FedAvg", bits="32", aggregation="fedavg")
 
-#: the methods of issue 6 part 3 (quantized ones use the default inverse-MSE aggregation)
+#: the methods compared (quantized ones use the default inverse-MSE aggregation)
 CORE_METHODS: tuple[Method, ...] = (
     FP32,
     *(
@@ -700,7 +700,7 @@ def overhead(
         ``rounds``: one row per round with the seconds of each category of
         :data:`CATEGORIES`, ``other`` (the round's wall time not inside any
         of them: sampling, data gathering, metrics), ``non_training``
-        (round - train - evaluate: the overhead of issue 3, which counts the
+        (round - train - evaluate: the simulator's overhead, which counts the
         evaluation's scheduling and model loading but not its forward passes),
         the training examples, the same split in process CPU seconds
         (``cpu``, ``cpu_non_training``), RSS after the round and the load

@@ -535,7 +535,7 @@ def peer_speed_wins(results: Mapping[str, Any]) -> list[str]:
 
 
 NOTES = """- **Real weights are from centrally trained models** (the paper's CNN, a few epochs, seeded),
-  standing in for federated ones; federated runs are part 3 of issue 6 (section 4).
+  standing in for federated ones; federated runs are in section 4.
 - The **peers** are NumPy reference implementations written from their papers
   (`fedquant.bench.peers`): faithful in error, not tuned for speed. `torch-qint8`
   (PyTorch's fused C++ kernel, nearest rounding, 8 bits) is the tuned speed peer.
@@ -701,8 +701,7 @@ def _overhead_md(ov: Mapping[str, Any]) -> list[str]:
         "metrics files are written as `fedquant run` writes them (fsynced, to a temporary "
         "directory) and counted in the round. **Overhead** = round wall time - local "
         "training - the evaluation's forward passes: encode, admission, decode + aggregate, "
-        "the broadcast, loading models, data gathering, results files, bookkeeping (issue 3's "
-        "list). "
+        "the broadcast, loading models, data gathering, results files, bookkeeping. "
         "Evaluation of the global model is its own line and not counted as overhead. "
         f"Steady state = rounds {ov['warmup'] + 1}..{cfg['rounds']} (round 1 pays numba's "
         "compilation and torch's first calls); all rounds in the last column.",

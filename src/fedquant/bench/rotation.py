@@ -1,4 +1,4 @@
-"""Benchmark of the randomized Hadamard rotation (issue 8, item 4): error, bytes, speed.
+"""Benchmark of the randomized Hadamard rotation: error, bytes, speed.
 
 Rows are plain dicts, like the rest of :mod:`fedquant.bench`.
 
@@ -38,7 +38,7 @@ from fedquant.quant.spec import QuantSpec
 
 Row = dict[str, Any]
 
-#: bit widths of the rotation tables (issue 8)
+#: bit widths of the rotation tables
 BITS: tuple[int, ...] = (2, 3, 4, 8)
 SOURCES: tuple[str, ...] = ("gaussian", "laplace", "student-t3")
 #: the shared key the benchmark rotates with (any 64-bit value)

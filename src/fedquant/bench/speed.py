@@ -1,4 +1,4 @@
-"""Speed benchmark (issue 2; issue 6, part 2): throughput as a ratio to memcpy, same run.
+"""Speed benchmark: throughput as a ratio to memcpy, same run.
 
 The machine this runs on is shared and noisy, so no absolute figure is
 trusted on its own: every measurement interleaves the operation with its
@@ -79,7 +79,7 @@ SPEED_GOALS: tuple[tuple[str, str, int | None, str | None, float | None, float |
     ("decode", "decode", None, None, 0.4, 0.4),
     ("raw-float encode", "encode(raw float32)", 32, "", 0.5, 0.5),
 )
-#: bit widths of the speed table (issue 2)
+#: bit widths of the speed table
 SPEED_BITS: tuple[int, ...] = (2, 4, 8)
 #: peers of the speed table and the bit widths they are timed at
 SPEED_PEERS: dict[str, tuple[int, ...]] = {
@@ -302,7 +302,7 @@ def torch_qint8_kernel(tx: Any) -> Any:
 
 
 def naive_torch_stochastic(x: Any, s: float, bits: int) -> Any:
-    """The naive torch stochastic quantizer that issue 2 measured (0.02-0.05x memcpy):
+    """The naive torch stochastic quantizer, the baseline the fused kernels replaced:
     clip, scale, add ``torch.rand``, floor, cast -- one temporary per step."""
     import torch
 
