@@ -104,7 +104,7 @@ def _resolve_config(args: argparse.Namespace) -> Any:
     except ConfigError as e:
         opt = e.option
         if opt in given:  # name the flag the user typed
-            raise ConfigError("--" + opt.replace("_", "-"), str(e).split(": ", 1)[1]) from None
+            raise e.renamed("--" + opt.replace("_", "-")) from None
         raise
     # stored resolved, so the run's config.toml means the same from any directory
     paths = {

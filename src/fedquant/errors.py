@@ -14,7 +14,10 @@ was found:
   inconsistent lengths, out-of-range fields, absurd shapes). Decoding never
   crashes, hangs or allocates more than the payload justifies: it raises this.
 * :class:`DataError` -- a data set is missing or malformed on disk.
-* :class:`ClientRejectedError` -- the server refused one client's update.
+
+Every error carries :attr:`FedquantError.detail`, the message without the
+option prefix, so code that re-raises an error under another option name
+(a CLI flag instead of a TOML key) never has to take the message apart.
 """
 
 from __future__ import annotations
@@ -22,6 +25,11 @@ from __future__ import annotations
 
 class FedquantError(Exception):
     """Base class of every error raised by fedquant on purpose."""
+
+    @property
+    def detail(self) -> str:
+        """What is wrong, without the name of the option or argument it concerns."""
+        return str(self)
 
 
 class InvalidInputError(FedquantError, ValueError):
@@ -37,7 +45,17 @@ class ConfigError(FedquantError, ValueError):
 
     def __init__(self, option: str, message: str) -> None:
         self.option = option
+        self._detail = message
         super().__init__(f"{option}: {message}")
+
+    @property
+    def detail(self) -> str:
+        """The message without the ``option:`` prefix."""
+        return self._detail
+
+    def renamed(self, option: str) -> ConfigError:
+        """The same error reported under another option name (e.g. the CLI flag typed)."""
+        return ConfigError(option, self._detail)
 
 
 class DecodeError(FedquantError, ValueError):
@@ -46,7 +64,3 @@ class DecodeError(FedquantError, ValueError):
 
 class DataError(FedquantError, OSError):
     """A data set is missing or malformed on disk."""
-
-
-class ClientRejectedError(FedquantError):
-    """The server refused one client's update (the message gives the reason)."""

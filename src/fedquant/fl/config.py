@@ -206,7 +206,7 @@ class RunConfig:
                 percentile=self.percentile,
             )
         except ConfigError as e:
-            raise ConfigError(f"downlink_{e.option}", str(e).split(": ", 1)[-1]) from e
+            raise e.renamed(f"downlink_{e.option}") from e
         return None if spec.layer_bits == () and spec.default_bits == 32 else spec
 
     def to_dict(self) -> dict[str, Any]:
@@ -321,7 +321,7 @@ class Field:
             try:
                 self.check_fn(value)
             except (ConfigError, InvalidInputError) as e:
-                detail = str(e).split(": ", 1)[-1]
+                detail = e.detail
                 if not detail.startswith(repr(value)):  # name the value once
                     detail = f"{value!r} is not valid: {detail}"
                 raise ConfigError(name, detail) from e

@@ -70,7 +70,7 @@ def _bits(value: Any, option: str) -> int:
     try:
         return check_bits(value, allow_float=True, where=option)
     except InvalidInputError as e:
-        raise ConfigError(option, str(e).split(": ", 1)[-1] if ": " in str(e) else str(e)) from e
+        raise ConfigError(option, e.detail) from e
 
 
 #: the paper's per-layer notation: ASCII integers joined by single '-' (or ',')

@@ -177,7 +177,7 @@ def _claim_tests(raw: Mapping[str, Any]) -> ClaimTests:
         try:
             tests[str(key)] = Hypothesis(str(entry["test"]), float(entry.get("margin", 0.0)))
         except ConfigError as e:
-            raise ConfigError(f"{where}.{e.option}", str(e).split(": ", 1)[-1]) from e
+            raise e.renamed(f"{where}.{e.option}") from e
         extras[str(key)] = {k: float(v) for k, v in entry.items() if k not in ("test", "margin")}
     return ClaimTests(float(alpha), tests, extras)
 
@@ -505,7 +505,7 @@ def expand(
                 except ConfigError as e:
                     raise ConfigError(
                         f"{grid.path.name}: {ds.name}/{cell.name}: {e.option}",
-                        str(e).split(": ", 1)[-1],
+                        e.detail,
                     ) from e
                 except TypeError as e:  # pragma: no cover - guarded by _check_options
                     raise ConfigError(f"{ds.name}/{cell.name}", str(e)) from e
