@@ -26,3 +26,11 @@ def parse_choice(enum_cls: type[E], value: E | str, what: str) -> E:
         raise InvalidInputError(
             f"{what}={value!r} is unknown; expected one of: {allowed}"
         ) from None
+
+
+class StrChoice(str, Enum):
+    """A ``str`` enum whose members print as their values (``f"{Upload.DELTA}"`` is
+    ``"delta"``), so configurations write to TOML, JSON and messages as plain strings."""
+
+    def __str__(self) -> str:
+        return str(self.value)

@@ -146,6 +146,7 @@ def _open_resume(args: argparse.Namespace) -> tuple[Any, Any, Any]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from fedquant.fl.round import RoundRecord
     from fedquant.fl.simulation import (
         RunState,
         Simulation,
@@ -193,13 +194,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         task = progress.add_task("", total=cfg.rounds, completed=state.round)
         progress.start()
 
-    def on_round(st: RunState, row: dict[str, Any]) -> None:
+    def on_round(st: RunState, record: RoundRecord) -> None:
         if progress is not None:
             progress.update(
                 task,
                 completed=st.round,
                 description=f"{_show_metric(metric, final_metric(st.metrics, metric))}  "
-                f"uplink {row['cum_uplink_bytes'] / 1e6:7.2f} MB",
+                f"uplink {record.cum_uplink_bytes / 1e6:7.2f} MB",
             )
 
     try:

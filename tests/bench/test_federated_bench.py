@@ -149,7 +149,7 @@ def test_reported_bytes_equal_the_payload_lengths(tiny: Dataset) -> None:
     # replay round 1's clients (every stream derives from (seed, round, client))
     sim = simulation.Simulation(cfg, dataset=tiny)
     state = sim.new_state()
-    lengths = [len(sim.client_payload(c, state.global_state, 1)[0]) for c in range(2)]
+    lengths = [len(sim.client_payload(c, state.global_state, 1).payload) for c in range(2)]
     assert rows[0]["uplink_bytes"] == rows[0]["cum_uplink_bytes"] == sum(lengths)
 
 

@@ -329,14 +329,14 @@ def test_attacks_decode_like_honest_payloads(tiny_data) -> None:  # type: ignore
     sim = Simulation(cfg, dataset=tiny_data)
     (attacker,) = sim.hostile
     start = sim.new_state().global_state
-    sent = [(c, sim.client_payload(c, start, 1)[0], 0.0) for c in range(10)]
-    out = {c: p for c, _, p, _ in sim.replies(sent, start, 1)}
-    mine = decode(dict((c, p) for c, p, _ in sent)[attacker]).tensors
+    sent = [sim.client_payload(c, start, 1) for c in range(10)]
+    out = {r.client: r.payload for r in sim.replies(sent, start, 1)}
+    mine = decode(sent[attacker].payload).tensors
     got = decode(out[attacker]).tensors
     for name in ("bn1.running_var", "fc2.bias"):  # travel unquantized: exactly the flipped update
         assert np.allclose(got[name] - start[name], -(mine[name] - start[name]), atol=1e-6)
     assert got["bn1.num_batches_tracked"] == mine["bn1.num_batches_tracked"]
-    assert all(out[c] == p for c, p, _ in sent if c != attacker)
+    assert all(out[u.client] == u.payload for u in sent if u.client != attacker)
 
 
 def test_config_rejects_bad_robust_values() -> None:

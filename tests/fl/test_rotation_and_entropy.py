@@ -72,7 +72,7 @@ def rotated_run() -> tuple[Simulation, Any, list[bytes]]:
 
     def spy(*a: Any, **k: Any) -> Any:
         out = original(*a, **k)
-        seen.append(out[0])
+        seen.append(out.payload)
         return out
 
     sim.client_payload = spy  # type: ignore[method-assign]

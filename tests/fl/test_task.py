@@ -19,6 +19,7 @@ from fedquant.fl.config import RunConfig
 from fedquant.fl.data import Dataset as ImageDataset
 from fedquant.fl.data import load_dataset
 from fedquant.fl.results import ResultsDir
+from fedquant.fl.round import RoundRecord
 from fedquant.fl.simulation import (
     TIMING_KEYS,
     RunState,
@@ -258,11 +259,13 @@ def test_client_bits_assignment_and_payloads(small: ImageDataset) -> None:
     assert {c: other.client_spec(c).default_bits for c in range(10)} != widths
     start = sim.new_state().global_state
     for c in (0, 1, 2):
-        payload, _, _ = sim.client_payload(c, start, 1)
+        payload = sim.client_payload(c, start, 1).payload
         bits = {i.bits for i in inspect(payload).info.values() if i.quantized}
         assert bits == {widths[c]}
-    row = sim.run_round(sim.new_state())
-    assert row["clients_aggregated"] == 10
+    state = sim.new_state()
+    record = sim.run_round(state)
+    assert record.clients_aggregated == 10
+    assert state.metrics == [record.to_row()] and state.metrics[0]["clients_aggregated"] == 10
 
 
 def test_client_bits_config_errors() -> None:
@@ -306,7 +309,7 @@ def test_server_optimizer_state_resumes_exactly(small: ImageDataset, tmp_path: P
     class Stop(Exception):
         pass
 
-    def stop(st: RunState, row: dict[str, Any]) -> None:
+    def stop(st: RunState, record: RoundRecord) -> None:
         if st.round == 2:
             raise Stop
 

@@ -125,12 +125,13 @@ def test_simulation_text_round_reports_bits_per_char(tmp_path: Path) -> None:
     sim = Simulation(_tiny_cfg(tmp_path, eval_every=1))
     assert sim.task.metric == "bits_per_char"
     state = sim.new_state()
-    row = sim.run_round(state)
+    record = sim.run_round(state)
     # one round of Adam from a uniform-ish start: below log2(256) = 8 bits, above 0
-    assert 0 < row["test_bits_per_char"] < 8
-    assert row["test_bits_per_char"] == pytest.approx(row["test_loss"] / math.log(2))
-    assert row["clients_aggregated"] == len(STDLIB_FILES)
-    assert row["uplink_ratio"] > 6  # 4-bit uploads of a float32 model
+    assert 0 < record.test["bits_per_char"] < 8
+    assert record.test["bits_per_char"] == pytest.approx(record.test["loss"] / math.log(2))
+    assert record.clients_aggregated == len(STDLIB_FILES)
+    assert record.uplink_ratio > 6  # 4-bit uploads of a float32 model
+    assert state.metrics[-1]["test_bits_per_char"] == record.test["bits_per_char"]
 
 
 def test_folder_workload_needs_matching_num_clients(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from fedquant.errors import ConfigError, InvalidInputError
 from fedquant.fl.config import RunConfig
 from fedquant.fl.ingest import Reference, admit
 from fedquant.fl.results import ResultsDir
+from fedquant.fl.round import RoundRecord
 from fedquant.fl.simulation import TIMING_KEYS, RunState, Simulation, final_accuracy
 from fedquant.fl.updates import (
     DELTA,
@@ -203,7 +204,7 @@ def ef_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Simulation, RunSta
     sim = Simulation(RunConfig(**EF))  # type: ignore[arg-type]
     rd = ResultsDir(tmp_path_factory.mktemp("ef"))
 
-    def on_round(st: RunState, _: dict[str, Any]) -> None:
+    def on_round(st: RunState, _: RoundRecord) -> None:
         if st.round == 2:
             rd.write_round(st.round, st.global_state, st.metrics, residuals=st.residuals)
 

@@ -133,8 +133,8 @@ def batched_speedup(
         def run() -> dict[int, dict[str, np.ndarray]]:
             out = {}
             for i in range(0, len(clients), k):
-                for c, (state, _) in sim.train_clients(clients[i : i + k], start, round_).items():
-                    out[c] = state
+                for c, trained in sim.train_clients(clients[i : i + k], start, round_).items():
+                    out[c] = trained.state
             return out
 
         return run

@@ -739,8 +739,8 @@ def overhead(
             acc["results"][2] += time.process_time() - c0
             cpu = time.process_time() - cpu0
             split = {c: acc[c][0] - before[c] for c in CATEGORIES}
-            total = float(m["seconds_round"]) + split["results"]
-            row: Row = {"round": int(m["round"]), "seconds_round": total}
+            total = m.seconds_round + split["results"]
+            row: Row = {"round": m.round, "seconds_round": total}
             row.update(split)
             row["other"] = total - sum(split.values())
             row["non_training"] = total - split["train"] - split["evaluate"]
@@ -749,8 +749,8 @@ def overhead(
             cpu_split = {c: acc[c][2] - before_cpu[c] for c in CATEGORIES}
             row["cpu"] = cpu_split
             row["cpu_non_training"] = cpu - cpu_split["train"] - cpu_split["evaluate"]
-            row["test_accuracy"] = m.get("test_accuracy")
-            row["seconds_codec_metric"] = m.get("seconds_codec")
+            row["test_accuracy"] = m.test.get("accuracy")
+            row["seconds_codec_metric"] = m.seconds_codec
             row["rss_bytes"] = rss_bytes()
             row["load"] = load_before
             rows.append(row)

@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 from fedquant.errors import InvalidInputError, NonFiniteError
 from fedquant.fl.task import (
     CLIENT_OPTIMIZERS,
+    ClientOptimizer,
     Task,
     TrainConfig,
     TrainStats,
@@ -94,13 +95,13 @@ def _attach_qat(
 
 def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
     """The client optimizer ``cfg.optimizer`` over ``params`` at ``cfg.lr``."""
-    if cfg.optimizer == "sgd":
+    if cfg.optimizer == ClientOptimizer.SGD:
         return torch.optim.SGD(
             params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
-    if cfg.optimizer == "adam":
+    if cfg.optimizer == ClientOptimizer.ADAM:
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adamw":
+    if cfg.optimizer == ClientOptimizer.ADAMW:
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     raise InvalidInputError(
         f"train_local: optimizer {cfg.optimizer!r} is unknown; expected one of: "

@@ -14,11 +14,15 @@ from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, fields, replace
 from typing import Any
 
+from fedquant.choices import StrChoice
 from fedquant.errors import ConfigError, InvalidInputError
 from fedquant.fl.adversary import ATTACKS as ADVERSARY_ATTACKS
 from fedquant.fl.adversary import MODES as ADVERSARY_MODES
 from fedquant.fl.aggregation import AggregationRule
+from fedquant.fl.partition import Scheme
 from fedquant.fl.robust import BYZANTINE_FRACTION, NORM_BOUND, TRIM_FRACTION
+from fedquant.fl.train_config import ClientOptimizer, TrainConfig
+from fedquant.fl.updates import Upload
 from fedquant.quant.clipping import ThresholdMethod
 from fedquant.quant.entropy import EntropyCoding
 from fedquant.quant.grid import Rounding
@@ -37,9 +41,30 @@ DATASETS = (
     "python-stdlib-text",
     "text",
 )
-PARTITIONS = ("iid", "dirichlet", "shards")
-#: what clients quantize: their weights (the paper) or their update (see fedquant.fl.updates)
-UPLOADS = ("weights", "delta")
+
+
+class LrSchedule(StrChoice):
+    """The clients' learning rate over rounds (:func:`fedquant.fl.simulation.round_lr`)."""
+
+    CONSTANT = "constant"
+    COSINE = "cosine"
+    STEP = "step"
+
+
+class MseSpread(StrChoice):
+    """Whether inverse-MSE aggregation adds the clients' spread to their MSE."""
+
+    AUTO = "auto"
+    ON = "on"
+    OFF = "off"
+
+
+class Device(StrChoice):
+    """The torch device that trains and evaluates."""
+
+    CPU = "cpu"
+    CUDA = "cuda"
+    MPS = "mps"
 
 
 def _choices(enum: Any) -> tuple[str, ...]:
@@ -56,32 +81,33 @@ class RunConfig:
     cache_dir: str | None = None
     # clients
     num_clients: int = 10
-    partition: str = "iid"
+    partition: Scheme = Scheme.IID
     alpha: float = 0.5
     shards_per_client: int = 2
     client_fraction: float = 1.0
     # model and local training
     model: str = "paper-cnn"
     rounds: int = 30
-    epochs: int = 1
-    batch_size: int = 64
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    qat: bool = False
+    # (the defaults of the local-training fields are TrainConfig's)
+    epochs: int = TrainConfig.epochs
+    batch_size: int = TrainConfig.batch_size
+    lr: float = TrainConfig.lr
+    momentum: float = TrainConfig.momentum
+    weight_decay: float = TrainConfig.weight_decay
+    qat: bool = TrainConfig.qat
     # client optimizer, schedule, FedProx; server optimizer; per-client widths
-    optimizer: str = "sgd"
-    lr_schedule: str = "constant"
+    optimizer: ClientOptimizer = TrainConfig.optimizer
+    lr_schedule: LrSchedule = LrSchedule.CONSTANT
     lr_step_rounds: int = 10
     lr_gamma: float = 0.1
-    prox_mu: float = 0.0
+    prox_mu: float = TrainConfig.prox_mu
     server_optimizer: str = "none"
     server_lr: float | None = None
     server_momentum: float | None = None
     server_beta2: float | None = None
     server_tau: float | None = None
     client_bits: str = ""
-    mse_spread: str = "auto"
+    mse_spread: MseSpread = MseSpread.AUTO
     # uplink quantization
     bits: str = "4-2-2-4"
     rules: str = ""
@@ -91,7 +117,7 @@ class RunConfig:
     percentile: float = 99.99
     rotation: bool = False
     entropy: str = "none"
-    upload: str = "weights"
+    upload: Upload = Upload.WEIGHTS
     error_feedback: bool = False
     # downlink quantization ("32" = the global model travels as float32)
     downlink_bits: str = "32"
@@ -110,7 +136,7 @@ class RunConfig:
     eval_every: int = 1
     # run
     seed: int = 0
-    device: str = "cpu"
+    device: Device = Device.CPU
     threads: int = 0
     batched_clients: int = 0
     out: str = "runs"
@@ -126,13 +152,13 @@ class RunConfig:
             raise ConfigError(
                 "min_clients", f"{self.min_clients} exceeds num_clients={self.num_clients}"
             )
-        if self.error_feedback and self.upload != "delta":
+        if self.error_feedback and self.upload is not Upload.DELTA:
             raise ConfigError(
                 "error_feedback",
-                f"needs upload='delta' (got {self.upload!r}): the residual is that of the "
+                f"needs upload='delta' (got '{self.upload}'): the residual is that of the "
                 "quantized update; expected --upload delta or --no-error-feedback",
             )
-        if self.qat and self.upload == "delta":
+        if self.qat and self.upload is Upload.DELTA:
             raise ConfigError(
                 "qat",
                 "fake-quantizes the weights, but upload='delta' quantizes the update; "
@@ -181,7 +207,9 @@ class RunConfig:
     @property
     def uses_spread(self) -> bool:
         """Whether inverse-MSE adds the clients' spread (``mse_spread``)."""
-        return self.mse_spread == "on" or (self.mse_spread == "auto" and bool(self.client_bits))
+        return self.mse_spread is MseSpread.ON or (
+            self.mse_spread is MseSpread.AUTO and bool(self.client_bits)
+        )
 
     def server_optimizer_obj(self) -> Any:
         """The :class:`~fedquant.fl.server_opt.ServerOptimizer` of ``server_*``."""
@@ -279,6 +307,13 @@ class Field:
     hi: float | None = None
     optional: bool = False
     check_fn: Any = None
+    #: the :class:`~fedquant.choices.StrChoice` a checked value becomes (``choices`` are its values)
+    enum: type[StrChoice] | None = None
+
+    @classmethod
+    def choice(cls, help: str, enum: type[StrChoice]) -> Field:
+        """An option whose values are ``enum``'s."""
+        return cls(help, str, _choices(enum), enum=enum)
 
     def describe(self) -> str:
         if self.choices:
@@ -317,6 +352,8 @@ class Field:
             raise ConfigError(name, f"{value!r} is not valid; expected {self.describe()}")
         if (self.lo is not None and value < self.lo) or (self.hi is not None and value > self.hi):
             raise ConfigError(name, f"{value!r} is out of range; expected {self.describe()}")
+        if self.enum is not None:
+            return self.enum(value)
         if self.check_fn is not None:
             try:
                 self.check_fn(value)
@@ -408,7 +445,7 @@ FIELDS: dict[str, Field] = {
         optional=True,
     ),
     "num_clients": Field("number of clients N", int, lo=1, hi=100_000),
-    "partition": Field("how the training set is split among clients", str, PARTITIONS),
+    "partition": Field.choice("how the training set is split among clients", Scheme),
     "alpha": Field(
         "Dirichlet concentration for --partition dirichlet (smaller = more skew)", float, lo=1e-6
     ),
@@ -429,14 +466,13 @@ FIELDS: dict[str, Field] = {
     ),
     "weight_decay": Field("local weight decay (L2; decoupled for adamw)", float, lo=0.0),
     "qat": Field("quantization-aware local training (straight-through estimator)", bool),
-    "optimizer": Field(
-        "client optimizer (its state starts fresh every round)", str, ("sgd", "adam", "adamw")
+    "optimizer": Field.choice(
+        "client optimizer (its state starts fresh every round)", ClientOptimizer
     ),
-    "lr_schedule": Field(
+    "lr_schedule": Field.choice(
         "learning rate over rounds: constant; cosine (lr * (1 + cos(pi (t-1) / rounds)) / 2 in "
         "round t); step (lr * lr_gamma ** ((t-1) // lr_step_rounds))",
-        str,
-        ("constant", "cosine", "step"),
+        LrSchedule,
     ),
     "lr_step_rounds": Field("rounds between decays for --lr-schedule step", int, lo=1),
     "lr_gamma": Field("decay factor for --lr-schedule step", float, lo=0.0, hi=1.0),
@@ -486,12 +522,11 @@ FIELDS: dict[str, Field] = {
         str,
         check_fn=_client_bits_check,
     ),
-    "mse_spread": Field(
+    "mse_spread": Field.choice(
         "inverse-mse: weigh clients by 1 / (MSE + s^2), s^2 the clients' disagreement "
         "estimated from their decoded tensors (one more decoding pass), instead of 1 / MSE; "
         "auto = on with --client-bits",
-        str,
-        ("auto", "on", "off"),
+        MseSpread,
     ),
     "bits": Field(
         "uplink bits: one width for all weight tensors ('8') or one per weight tensor in order "
@@ -522,11 +557,10 @@ FIELDS: dict[str, Field] = {
         str,
         _choices(EntropyCoding),
     ),
-    "upload": Field(
+    "upload": Field.choice(
         "what clients quantize: their weights, or their update w_i - w_global ('delta'; the "
         "server adds the aggregate to its model; unquantized tensors still travel as values)",
-        str,
-        UPLOADS,
+        Upload,
     ),
     "error_feedback": Field(
         "with --upload delta: each client adds the quantization error of its previous upload "
@@ -594,7 +628,7 @@ FIELDS: dict[str, Field] = {
     ),
     "eval_every": Field("evaluate the global model every k rounds (and after the last)", int, lo=1),
     "seed": Field("seed of every random stream (derived per round and client)", int, lo=0),
-    "device": Field("torch device for training and evaluation", str, ("cpu", "cuda", "mps")),
+    "device": Field.choice("torch device for training and evaluation", Device),
     "threads": Field("torch threads (0 = torch's default)", int, lo=0),
     "batched_clients": Field(
         "train up to K clients at once as one stacked model (torch.func.vmap; same batches, "

@@ -41,12 +41,22 @@ from collections.abc import Sequence
 import numpy as np
 from numpy.typing import ArrayLike
 
+from fedquant.choices import StrChoice
 from fedquant.errors import ConfigError
 
-__all__ = ["SCHEMES", "label_counts", "label_skew", "partition"]
+__all__ = ["SCHEMES", "Scheme", "label_counts", "label_skew", "partition"]
+
+
+class Scheme(StrChoice):
+    """How :func:`partition` splits the samples (see the module docstring)."""
+
+    IID = "iid"
+    DIRICHLET = "dirichlet"
+    SHARDS = "shards"
+
 
 #: partition schemes accepted by :func:`partition`.
-SCHEMES = ("iid", "dirichlet", "shards")
+SCHEMES = tuple(s.value for s in Scheme)
 
 #: Dirichlet draws tried before giving up on ``min_size``.
 _MAX_DIRICHLET_DRAWS = 100
@@ -77,7 +87,7 @@ def _check_labels(labels: object) -> np.ndarray:
 def partition(
     labels: ArrayLike,
     num_clients: int,
-    scheme: str = "iid",
+    scheme: Scheme | str = Scheme.IID,
     *,
     alpha: float = 0.5,
     shards_per_client: int = 2,
@@ -140,9 +150,9 @@ def partition(
             "min_size", f"{k} clients x min_size {min_size} exceeds the {n} samples available"
         )
     rng = np.random.default_rng(seed)
-    if scheme == "iid":
+    if scheme == Scheme.IID:
         parts = np.array_split(rng.permutation(n), k)
-    elif scheme == "shards":
+    elif scheme == Scheme.SHARDS:
         parts = _shards(y, k, shards_per_client, rng)
     else:
         parts = _dirichlet(y, k, alpha, min_size, rng)

@@ -39,8 +39,8 @@ import importlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -54,27 +54,42 @@ from fedquant.fl import adversary, seeding
 from fedquant.fl.aggregation import AggregationRule, aggregate_payloads, parse_rule, relative_cap
 from fedquant.fl.batched import state_to_numpy, train_batched, unsupported_reason
 from fedquant.fl.client import (
-    TrainConfig,
-    TrainStats,
     encode_model,
     load_numpy_state,
     state_numpy,
     train_local,
     upload_meta,
 )
-from fedquant.fl.config import RunConfig
+from fedquant.fl.config import Device, LrSchedule, RunConfig
 from fedquant.fl.data import Dataset, load_dataset, to_tensors
 from fedquant.fl.ingest import Reference, admit
 from fedquant.fl.models import build_model
 from fedquant.fl.partition import partition
 from fedquant.fl.results import ResultsDir
 from fedquant.fl.robust import byzantine_count
+from fedquant.fl.round import (
+    Admitted,
+    AggregateSummary,
+    Broadcast,
+    ClientUpload,
+    LocalWork,
+    Reply,
+    RoundRecord,
+    Sample,
+    TrainedClient,
+)
 from fedquant.fl.seeding import Purpose
-from fedquant.fl.task import FederatedData, Task, federate, image_classification_task
+from fedquant.fl.task import (
+    ClientOptimizer,
+    FederatedData,
+    Task,
+    TrainConfig,
+    federate,
+    image_classification_task,
+)
 from fedquant.fl.text_task import TEXT_DATASETS, load_text_workload
-from fedquant.fl.updates import apply_delta, encode_delta, payload_delta_names
+from fedquant.fl.updates import Upload, apply_delta, encode_delta, payload_delta_names
 from fedquant.quant import codec
-from fedquant.quant.codec import DecodedUpdate
 from fedquant.quant.spec import QuantSpec
 
 log = logging.getLogger("fedquant.simulation")
@@ -85,27 +100,20 @@ TIMING_KEYS = ("seconds_train", "seconds_codec", "seconds_eval", "seconds_round"
 
 def round_lr(cfg: RunConfig, round_: int) -> float:
     """The clients' learning rate in round ``round_`` (1-based) under ``cfg.lr_schedule``."""
-    if cfg.lr_schedule == "cosine":
+    if cfg.lr_schedule is LrSchedule.COSINE:
         t = min(max(round_ - 1, 0), cfg.rounds)
         return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * t / cfg.rounds))
-    if cfg.lr_schedule == "step":
+    if cfg.lr_schedule is LrSchedule.STEP:
         return cfg.lr * cfg.lr_gamma ** ((max(round_, 1) - 1) // cfg.lr_step_rounds)
     return cfg.lr
 
 
 def train_config(cfg: RunConfig, round_: int = 1) -> TrainConfig:
     """The clients' local-training settings of ``cfg`` in round ``round_`` (the simulator's
-    and the Flower app's)."""
-    return TrainConfig(
-        epochs=cfg.epochs,
-        batch_size=cfg.batch_size,
-        lr=round_lr(cfg, round_),
-        momentum=cfg.momentum,
-        weight_decay=cfg.weight_decay,
-        qat=cfg.qat,
-        optimizer=cfg.optimizer,
-        prox_mu=cfg.prox_mu,
-    )
+    and the Flower app's): ``cfg``'s fields of :class:`TrainConfig`, with the round's
+    learning rate."""
+    values = {f.name: getattr(cfg, f.name) for f in fields(TrainConfig)}
+    return TrainConfig(**{**values, "lr": round_lr(cfg, round_)})
 
 
 def client_parts(cfg: RunConfig, labels: np.ndarray) -> list[np.ndarray]:
@@ -216,15 +224,15 @@ class Simulation:
         data: FederatedData | tuple[Any, Any] | None = None,
     ) -> None:
         self.cfg = cfg
-        if cfg.device == "cuda" and not torch.cuda.is_available():
+        if cfg.device is Device.CUDA and not torch.cuda.is_available():
             raise ConfigError("device", "'cuda' was requested but torch sees no CUDA device")
-        if cfg.device == "mps" and not torch.backends.mps.is_available():
+        if cfg.device is Device.MPS and not torch.backends.mps.is_available():
             raise ConfigError("device", "'mps' was requested but torch sees no MPS device")
         if dataset is not None and data is not None:
             raise ConfigError("data", "pass either dataset= (an image data set) or data=, not both")
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.device = torch.device(cfg.device)
+        self.device = torch.device(cfg.device.value)
         self.task = task if task is not None else image_classification_task()
         #: the image data set (``None`` for a custom workload)
         self.dataset: Dataset | None = None
@@ -331,7 +339,7 @@ class Simulation:
             return (
                 "a custom task's loss or training loop (the batched trainer is cross-entropy only)"
             )
-        if self.train_cfg.optimizer != "sgd" or self.train_cfg.prox_mu > 0:
+        if self.train_cfg.optimizer != ClientOptimizer.SGD or self.train_cfg.prox_mu > 0:
             return "the batched trainer implements plain SGD only (no adam, adamw or prox_mu)"
         if not all(isinstance(c, TensorDataset) and len(c.tensors) == 2 for c in self.data.clients):
             return "the clients' data are not (input, label) tensor data sets"
@@ -414,10 +422,18 @@ class Simulation:
         rng = seeding.numpy_rng(self.cfg.seed, Purpose.SAMPLE, round_)
         return np.sort(rng.choice(n, size=m, replace=False))
 
+    def sample(self, round_: int) -> Sample:
+        """Step 1: the round's clients (:meth:`sample_clients`) and which of them fail
+        (``failure_rate``, seeded by round)."""
+        cfg = self.cfg
+        clients = self.sample_clients(round_)
+        if cfg.failure_rate <= 0:
+            return Sample(clients, clients[:0])
+        fail_rng = seeding.numpy_rng(cfg.seed, Purpose.FAILURE, round_)
+        return Sample(clients, clients[fail_rng.random(clients.size) < cfg.failure_rate])
+
     def broadcast(self, state: RunState, round_: int) -> bytes:
         """The server's downlink payload for this round."""
-        from fedquant.quant.spec import QuantSpec
-
         spec = self.downlink if self.downlink is not None else QuantSpec(default_bits=32)
         return codec.encode(
             state.global_state,
@@ -425,6 +441,12 @@ class Simulation:
             seed=seeding.seed_sequence(self.cfg.seed, Purpose.DOWNLINK, round_),
             meta={"round": round_},
         )
+
+    def broadcast_step(self, state: RunState, round_: int) -> Broadcast:
+        """Step 2: the downlink payload and the model the clients start from."""
+        down = self.broadcast(state, round_)
+        start = state.global_state if self.downlink is None else codec.decode(down).tensors
+        return Broadcast(down, start)
 
     @property
     def clients_at_once(self) -> int:
@@ -442,10 +464,10 @@ class Simulation:
 
     def train_clients(
         self, clients: list[int], start: Mapping[str, np.ndarray], round_: int
-    ) -> dict[int, tuple[dict[str, np.ndarray], TrainStats]]:
+    ) -> dict[int, TrainedClient]:
         """Train ``clients`` from ``start`` at once (:func:`~fedquant.fl.batched.train_batched`).
 
-        Returns client id -> (trained state as NumPy arrays, its statistics), with
+        Returns client id -> its trained state (NumPy arrays) and statistics, with
         the same mini-batches as :meth:`client_payload`'s one-by-one training.
         """
         load_numpy_state(self.model, start)
@@ -458,7 +480,7 @@ class Simulation:
             ],
         )
         return {
-            c: (state_to_numpy(st), stats)
+            c: TrainedClient(state_to_numpy(st), stats)
             for c, st, stats in zip(clients, res.states, res.stats, strict=True)
         }
 
@@ -469,14 +491,15 @@ class Simulation:
         round_: int,
         *,
         residuals: dict[int, dict[str, np.ndarray]] | None = None,
-        trained: tuple[dict[str, np.ndarray], TrainStats] | None = None,
-    ) -> tuple[bytes, float, float]:
-        """Train client ``client`` from ``start``; returns (payload, train loss, train seconds).
+        trained: TrainedClient | None = None,
+    ) -> ClientUpload:
+        """Train client ``client`` from ``start`` and encode its upload.
 
         With ``upload="delta"`` the payload is the update from ``start``; with
         error feedback the client's entry of ``residuals`` is read and replaced.
         ``trained`` is the client's state and statistics if it was already trained
-        (:meth:`train_clients`); then nothing is trained here and the seconds are 0.
+        (:meth:`train_clients`); then nothing is trained here and the upload's
+        ``train_seconds`` are 0.
         """
         cfg = self.cfg
         spec = self.client_spec(client)
@@ -498,8 +521,8 @@ class Simulation:
             )
             train_secs = stats.seconds
         else:  # the model carries the client's trained state from here on, as in the loop
-            load_numpy_state(self.model, trained[0])
-            stats, train_secs = trained[1], 0.0
+            load_numpy_state(self.model, trained.state)
+            stats, train_secs = trained.stats, 0.0
         meta = upload_meta(
             round_,
             client,
@@ -507,12 +530,13 @@ class Simulation:
             if self.rule is AggregationRule.FEDAVG
             else None,
         )
-        if cfg.upload == "delta":
+        seed = seeding.seed_sequence(cfg.seed, Purpose.UPLINK, round_, client)
+        if cfg.upload is Upload.DELTA:
             up = encode_delta(
                 state_numpy(self.model),
                 start,
                 spec,
-                seed=seeding.seed_sequence(cfg.seed, Purpose.UPLINK, round_, client),
+                seed=seed,
                 meta=meta,
                 residual_in=None if residuals is None else residuals.get(client),
                 error_feedback=cfg.error_feedback,
@@ -520,73 +544,89 @@ class Simulation:
             )
             if cfg.error_feedback and residuals is not None:
                 residuals[client] = up.residual
-            return up.result.payload, stats.loss, train_secs
-        enc = encode_model(
-            self.model,
-            spec,
-            seed=seeding.seed_sequence(cfg.seed, Purpose.UPLINK, round_, client),
-            meta=meta,
-            shared_key=self._uplink_key(round_),
-        )
-        return enc.payload, stats.loss, train_secs
+            payload = up.result.payload
+        else:
+            payload = encode_model(
+                self.model, spec, seed=seed, meta=meta, shared_key=self._uplink_key(round_)
+            ).payload
+        return ClientUpload(client, payload, stats.loss, train_secs)
 
     def _uplink_key(self, round_: int) -> int | None:
         """The round's rotation key for the uplink encoder (``None``: the spec does not rotate)."""
         return seeding.rotation_key(self.cfg.seed, round_) if self.uplink.rotation else None
 
+    def local_work(
+        self, state: RunState, sample: Sample, start: Mapping[str, np.ndarray], round_: int
+    ) -> LocalWork:
+        """Step 3: every working client of ``sample`` trains from ``start`` and encodes its
+        upload (``batched_clients`` at a time where set); a model-poisoning attacker's
+        trained model is kept for :meth:`replies`."""
+        k = self.clients_at_once
+        todo = sample.working  # who trains, in order
+        trained: dict[int, TrainedClient] = {}
+        uploads: list[ClientUpload] = []
+        train_s = codec_s = 0.0
+        for pos, c in enumerate(todo):
+            if k and c not in trained:  # train this client and the next k - 1 at once
+                t0 = time.perf_counter()
+                trained.update(self.train_clients(todo[pos : pos + k], start, round_))
+                train_s += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            up = self.client_payload(
+                c, start, round_, residuals=state.residuals, trained=trained.pop(c, None)
+            )
+            train_s += up.train_seconds
+            if self.hostile.get(c) in adversary.ATTACKS:  # poisons its trained model
+                self._trained_attackers[c] = state_numpy(self.model)
+            uploads.append(up)
+            codec_s += time.perf_counter() - t0 - up.train_seconds  # encode
+        return LocalWork(uploads, train_s, codec_s)
+
     def replies(
         self,
-        sent: list[tuple[int, bytes, float]],
+        sent: Sequence[ClientUpload],
         start: Mapping[str, np.ndarray],
         round_: int,
         shared_key: int | None = None,
-    ) -> Iterator[tuple[int, str, bytes, float]]:
-        """What reaches the server from the round's clients, ``(client, id, payload, loss)``:
-        each honest payload of ``sent``, or a hostile client's corruption or poisoned model
-        (``hostile_fraction`` / ``hostile_mode``, see :mod:`fedquant.fl.adversary`)."""
+    ) -> Iterator[Reply]:
+        """What reaches the server from the round's clients: each honest payload of
+        ``sent``, or a hostile client's corruption or poisoned model (``hostile_fraction``
+        / ``hostile_mode``, see :mod:`fedquant.fl.adversary`)."""
         honest: list[dict[str, np.ndarray]] | None = None
-        for client, payload, loss in sent:
-            mode = self.hostile.get(client)
-            if mode is None:
-                yield client, str(client), payload, loss
-            elif mode == "duplicate":
-                yield client, str(client), payload, loss
-                yield client, str(client), payload, loss
-            elif mode in adversary.ATTACKS:
+        for up in sent:
+            mode = self.hostile.get(up.client)
+            payload = up.payload
+            if mode in adversary.ATTACKS:
                 if mode in adversary.ROUND_ATTACKS and honest is None:  # the attackers collude
-                    honest = [codec.decode(p, shared_key=shared_key).tensors for _, p, _ in sent]
-                yield (
-                    client,
-                    str(client),
-                    self._poisoned(client, payload, mode, start, round_, shared_key, honest, sent),
-                    loss,
-                )
-            else:
-                yield (
-                    client,
-                    str(client),
-                    adversary.corrupt(payload, mode, shared_key=shared_key),
-                    loss,
-                )
+                    honest = [codec.decode(u.payload, shared_key=shared_key).tensors for u in sent]
+                payload = self._poisoned(up, mode, start, round_, shared_key, honest, sent)
+            elif mode is not None and mode != "duplicate":
+                payload = adversary.corrupt(payload, mode, shared_key=shared_key)
+            reply = Reply(up.client, str(up.client), payload, up.loss)
+            yield reply
+            if mode == "duplicate":
+                yield reply
 
     def _poisoned(
         self,
-        client: int,
-        payload: bytes,
+        up: ClientUpload,
         mode: str,
         start: Mapping[str, np.ndarray],
         round_: int,
         shared_key: int | None,
         honest: list[dict[str, np.ndarray]] | None,
-        sent: list[tuple[int, bytes, float]],
+        sent: Sequence[ClientUpload],
     ) -> bytes:
         """An attacker's payload: its trained model (or update) poisoned, then encoded with the
         uplink spec as an honest client would (metadata from its honest payload)."""
         cfg = self.cfg
-        dec = codec.inspect(payload, shared_key=shared_key)
-        attackers = sum(self.hostile.get(c) == mode for c, _, _ in sent)
+        client = up.client
+        dec = codec.inspect(up.payload, shared_key=shared_key)
+        attackers = sum(self.hostile.get(u.client) == mode for u in sent)
         deltas = (
-            frozenset(payload_delta_names([dec.info])) if cfg.upload == "delta" else frozenset()
+            frozenset(payload_delta_names([dec.info]))
+            if cfg.upload is Upload.DELTA
+            else frozenset()
         )
         trained = self._trained_attackers.pop(client, None)
         own = (  # without its trained model (a caller's own round loop): what it uploaded
@@ -616,157 +656,167 @@ class Simulation:
             shared_key=self._uplink_key(round_),
         )
 
-    def run_round(self, state: RunState) -> dict[str, Any]:
-        """Run round ``state.round + 1``, update ``state`` in place, return its metrics."""
-        cfg = self.cfg
-        r = state.round + 1
-        t_round = time.perf_counter()
-        clients = self.sample_clients(r)
-        fail_rng = seeding.numpy_rng(cfg.seed, Purpose.FAILURE, r)
-        failed = (
-            clients[fail_rng.random(clients.size) < cfg.failure_rate]
-            if cfg.failure_rate > 0
-            else clients[:0]
-        )
-
-        key = seeding.rotation_key(cfg.seed, r)  # the uplink rotation's shared key
-        t0 = time.perf_counter()
-        down = self.broadcast(state, r)
-        start = state.global_state if self.downlink is None else codec.decode(down).tensors
-        codec_s = time.perf_counter() - t0
-        train_s = 0.0
-        payloads: list[bytes] = []
-        inspected: list[DecodedUpdate] = []
-        admitted: list[int] = []
-        rejected: dict[str, str] = {}
-        losses, num_examples = [], []
+    def admit_replies(
+        self,
+        sent: Sequence[ClientUpload],
+        start: Mapping[str, np.ndarray],
+        round_: int,
+        shared_key: int | None,
+    ) -> Admitted:
+        """Step 4: every reply (:meth:`replies`) checked by :func:`~fedquant.fl.ingest.admit`;
+        FedAvg also refuses a payload whose metadata lacks a valid ``num_examples``."""
+        fedavg = self.rule is AggregationRule.FEDAVG
+        out = Admitted()
         seen: set[str] = set()
-        received = 0
-        replies = 0
-        k = self.clients_at_once
-        todo = [int(c) for c in clients if c not in failed]  # who trains, in order
-        trained: dict[int, tuple[dict[str, np.ndarray], TrainStats]] = {}
-        sent: list[tuple[int, bytes, float]] = []  # (client, honest payload, train loss)
-        for c in clients:
-            if c in failed:
-                continue
-            if k and int(c) not in trained:  # train this client and the next k - 1 at once
-                t0 = time.perf_counter()
-                pos = todo.index(int(c))
-                trained.update(self.train_clients(todo[pos : pos + k], start, r))
-                train_s += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            payload, loss, secs = self.client_payload(
-                int(c), start, r, residuals=state.residuals, trained=trained.pop(int(c), None)
+        for reply in self.replies(sent, start, round_, shared_key):
+            out.received_bytes += len(reply.payload)
+            out.replies += 1
+            adm = admit(
+                reply.client_id,
+                reply.payload,
+                self.reference,
+                seen=seen,
+                kind=self.cfg.upload.value,
+                shared_key=shared_key,
             )
-            train_s += secs
-            if self.hostile.get(int(c)) in adversary.ATTACKS:  # poisons its trained model
-                self._trained_attackers[int(c)] = state_numpy(self.model)
-            sent.append((int(c), payload, loss))
-            codec_s += time.perf_counter() - t0 - secs  # encode
-        t1 = time.perf_counter()
-        for c, cid, reply, loss in self.replies(sent, start, r, key):
-            received += len(reply)
-            replies += 1
-            adm = admit(cid, reply, self.reference, seen=seen, kind=cfg.upload, shared_key=key)
             reason = adm.reason
-            if adm.ok and self.rule is AggregationRule.FEDAVG:
+            n = None
+            if adm.ok and fedavg:
                 assert adm.update is not None
                 n = adm.update.meta.get("num_examples")
                 if not isinstance(n, int) or isinstance(n, bool) or n < 0:
                     reason = f"fedavg needs num_examples (an integer >= 0) in the payload metadata, got {n!r}"
-                    log.warning("rejected update from client %s: %s", cid, reason)
+                    log.warning("rejected update from client %s: %s", reply.client_id, reason)
             if reason:
-                rejected[cid] = reason
+                out.rejected[reply.client_id] = reason
                 continue
             assert adm.update is not None
-            payloads.append(reply)
-            inspected.append(adm.update)
-            admitted.append(int(c))
-            losses.append(loss)
-            if self.rule is AggregationRule.FEDAVG:
-                num_examples.append(int(adm.update.meta["num_examples"]))
-        codec_s += time.perf_counter() - t1  # admission (and any attack)
+            out.payloads.append(reply.payload)
+            out.updates.append(adm.update)
+            out.losses.append(reply.loss)
+            if isinstance(n, int):
+                out.num_examples.append(n)
+        return out
 
-        row: dict[str, Any] = {
-            "round": r,
-            "clients_sampled": int(clients.size),
-            "clients_failed": int(failed.size),
-            "clients_rejected": len(rejected),
-            "clients_aggregated": 0,
-            "uplink_bytes": int(received),
-            "downlink_bytes": int(len(down) * (clients.size - failed.size)),
-            "uplink_float32_bytes": int(self.reference.float32_nbytes * replies),
-            "train_loss": float(np.mean(losses)) if losses else math.nan,
-        }
-        if rejected:
-            row["rejected"] = rejected
-        t0 = time.perf_counter()
-        if len(payloads) >= cfg.min_clients:
-            agg = aggregate_payloads(
-                payloads,
-                self.rule,
-                num_examples=num_examples if self.rule is AggregationRule.FEDAVG else None,
-                max_weight=relative_cap(cfg.weight_cap, len(payloads)),
-                mse_floor_rel=cfg.mse_floor,
-                inspected=inspected,
-                shared_key=key,
-                spread=cfg.uses_spread,
-                reference=start,
-                norm_bound=cfg.norm_bound,
-                trim_fraction=cfg.trim_fraction,
-                byzantine=byzantine_count(len(payloads), cfg.byzantine_fraction),
+    def aggregate_step(
+        self,
+        state: RunState,
+        admitted: Admitted,
+        start: Mapping[str, np.ndarray],
+        shared_key: int | None,
+    ) -> AggregateSummary | None:
+        """Step 5: aggregate the admitted payloads into ``state``'s global model (then the
+        server optimizer's step); ``None``, the model unchanged, below ``min_clients``."""
+        cfg = self.cfg
+        payloads = admitted.payloads
+        if len(payloads) < cfg.min_clients:
+            return None
+        agg = aggregate_payloads(
+            payloads,
+            self.rule,
+            num_examples=admitted.num_examples if self.rule is AggregationRule.FEDAVG else None,
+            max_weight=relative_cap(cfg.weight_cap, len(payloads)),
+            mse_floor_rel=cfg.mse_floor,
+            inspected=admitted.updates,
+            shared_key=shared_key,
+            spread=cfg.uses_spread,
+            reference=start,
+            norm_bound=cfg.norm_bound,
+            trim_fraction=cfg.trim_fraction,
+            byzantine=byzantine_count(len(payloads), cfg.byzantine_fraction),
+        )
+        new_global = (
+            apply_delta(state.global_state, agg.tensors, payload_delta_names(agg.infos))
+            if cfg.upload is Upload.DELTA
+            else agg.tensors
+        )
+        if self.server_opt.active:
+            new_global, state.server_opt = self.server_opt.step(
+                state.global_state, new_global, self.server_opt_names, state.server_opt
             )
-            if agg.dropped:  # clients the norm bound left out of some tensor
-                row["norm_outliers"] = len(agg.dropped)
-            new_global = (
-                apply_delta(state.global_state, agg.tensors, payload_delta_names(agg.infos))
-                if cfg.upload == "delta"
-                else agg.tensors
-            )
-            if self.server_opt.active:
-                new_global, state.server_opt = self.server_opt.step(
-                    state.global_state, new_global, self.server_opt_names, state.server_opt
-                )
-            state.global_state = new_global
-            row["clients_aggregated"] = len(payloads)
-            if self.uplink.bit_budget is not None:  # the widths the clients chose
-                row["bits"] = {
-                    name: float(np.mean([info[name].bits for info in agg.infos]))
-                    for name in agg.infos[0]
-                    if agg.infos[0][name].bits <= 8
-                }
-            row["mse"] = {
-                name: float(np.mean([info[name].mse for info in agg.infos]))
-                for name in agg.infos[0]
-                if agg.infos[0][name].bits <= 8
+        state.global_state = new_global
+        first = agg.infos[0]
+        quantized = [name for name in first if first[name].bits <= 8]
+
+        def mean_of(attr: str) -> dict[str, float]:
+            return {
+                name: float(np.mean([getattr(info[name], attr) for info in agg.infos]))
+                for name in quantized
             }
-            row["max_weight_used"] = float(max(float(w.max()) for w in agg.weights.values()))
-        else:
-            row["skipped"] = f"{len(payloads)} valid replies < min_clients={cfg.min_clients}"
-            log.warning("round %d: %s; global model unchanged", r, row["skipped"])
-        codec_s += time.perf_counter() - t0
-        row["uplink_ratio"] = (
-            row["uplink_float32_bytes"] / row["uplink_bytes"] if row["uplink_bytes"] else math.nan
+
+        return AggregateSummary(
+            clients=len(payloads),
+            norm_outliers=len(agg.dropped),
+            bits=mean_of("bits") if self.uplink.bit_budget is not None else None,
+            mse=mean_of("mse"),
+            max_weight_used=float(max(float(w.max()) for w in agg.weights.values())),
         )
 
+    def evaluate_step(self, state: RunState, round_: int) -> dict[str, float]:
+        """Step 6: the task's test metrics of the global model every ``eval_every`` rounds
+        and after the last (empty in the other rounds)."""
+        if round_ % self.cfg.eval_every and round_ != self.cfg.rounds:
+            return {}
+        load_numpy_state(self.model, state.global_state)
+        scores = self.task.evaluate(self.model, self.data.test, self.device)
+        return {metric: float(value) for metric, value in scores.items()}
+
+    def run_round(self, state: RunState) -> RoundRecord:
+        """Run round ``state.round + 1``, update ``state`` in place, return its record.
+
+        The steps: :meth:`sample` -> :meth:`broadcast_step` -> :meth:`local_work` ->
+        :meth:`admit_replies` -> :meth:`aggregate_step` -> :meth:`evaluate_step`. The
+        record's :meth:`~fedquant.fl.round.RoundRecord.to_row` is appended to
+        ``state.metrics``.
+        """
+        cfg = self.cfg
+        r = state.round + 1
+        t_round = time.perf_counter()
+        sample = self.sample(r)
+        key = seeding.rotation_key(cfg.seed, r)  # the uplink rotation's shared key
         t0 = time.perf_counter()
-        if r % cfg.eval_every == 0 or r == cfg.rounds:
-            load_numpy_state(self.model, state.global_state)
-            scores = self.task.evaluate(self.model, self.data.test, self.device)
-            for metric, value in scores.items():
-                row[f"test_{metric}"] = float(value)
+        cast = self.broadcast_step(state, r)
+        codec_s = time.perf_counter() - t0
+        work = self.local_work(state, sample, cast.start, r)
+        codec_s += work.codec_seconds
+        t0 = time.perf_counter()
+        admitted = self.admit_replies(work.uploads, cast.start, r, key)
+        codec_s += time.perf_counter() - t0  # admission (and any attack)
+        t0 = time.perf_counter()
+        aggregate = self.aggregate_step(state, admitted, cast.start, key)
+        codec_s += time.perf_counter() - t0
+        skipped = None
+        if aggregate is None:
+            skipped = f"{len(admitted.payloads)} valid replies < min_clients={cfg.min_clients}"
+            log.warning("round %d: %s; global model unchanged", r, skipped)
+        t0 = time.perf_counter()
+        test = self.evaluate_step(state, r)
         eval_s = time.perf_counter() - t0
         prev = state.metrics[-1] if state.metrics else {}
-        row["cum_uplink_bytes"] = prev.get("cum_uplink_bytes", 0) + row["uplink_bytes"]
-        row["cum_downlink_bytes"] = prev.get("cum_downlink_bytes", 0) + row["downlink_bytes"]
-        row["seconds_train"] = train_s
-        row["seconds_codec"] = codec_s
-        row["seconds_eval"] = eval_s
-        row["seconds_round"] = time.perf_counter() - t_round
+        working = len(work.uploads)
+        downlink = len(cast.payload) * working
+        record = RoundRecord(
+            round=r,
+            clients_sampled=int(sample.clients.size),
+            clients_failed=int(sample.failed.size),
+            rejected=admitted.rejected,
+            uplink_bytes=admitted.received_bytes,
+            downlink_bytes=downlink,
+            uplink_float32_bytes=self.reference.float32_nbytes * admitted.replies,
+            train_loss=float(np.mean(admitted.losses)) if admitted.losses else math.nan,
+            aggregate=aggregate,
+            skipped=skipped,
+            test=test,
+            cum_uplink_bytes=prev.get("cum_uplink_bytes", 0) + admitted.received_bytes,
+            cum_downlink_bytes=prev.get("cum_downlink_bytes", 0) + downlink,
+            seconds_train=work.train_seconds,
+            seconds_codec=codec_s,
+            seconds_eval=eval_s,
+            seconds_round=time.perf_counter() - t_round,
+        )
         state.round = r
-        state.metrics.append(row)
-        return row
+        state.metrics.append(record.to_row())
+        return record
 
     def title(self) -> str:
         """A one-line description of the run (plot titles)."""
@@ -785,14 +835,14 @@ class Simulation:
         self,
         state: RunState | None = None,
         *,
-        on_round: Callable[[RunState, dict[str, Any]], None] | None = None,
+        on_round: Callable[[RunState, RoundRecord], None] | None = None,
     ) -> RunState:
         """Run the remaining rounds of ``state`` (a new run if ``None``)."""
         state = state if state is not None else self.new_state()
         while state.round < self.cfg.rounds:
-            row = self.run_round(state)
+            record = self.run_round(state)
             if on_round is not None:
-                on_round(state, row)
+                on_round(state, record)
         return state
 
 
@@ -897,7 +947,7 @@ def run_to_dir(
     *,
     results: ResultsDir | None = None,
     state: RunState | None = None,
-    on_round: Callable[[RunState, dict[str, Any]], None] | None = None,
+    on_round: Callable[[RunState, RoundRecord], None] | None = None,
     title: str | None = None,
 ) -> RunResult:
     """Run ``sim`` to its last round, writing the results directory as ``fedquant run`` does.
@@ -921,12 +971,12 @@ def run_to_dir(
     earlier = sum(float(r.get("seconds_round", 0.0)) for r in (state.metrics if state else []))
     start = time.perf_counter()
 
-    def each_round(st: RunState, row: dict[str, Any]) -> None:
+    def each_round(st: RunState, record: RoundRecord) -> None:
         rd.write_round(
             st.round, st.global_state, st.metrics, residuals=st.residuals, server_opt=st.server_opt
         )
         if on_round is not None:
-            on_round(st, row)
+            on_round(st, record)
 
     final = sim.run(state, on_round=each_round)
     summary = run_summary(

@@ -37,9 +37,11 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset, default_collate
 
 from fedquant.errors import DataError
+from fedquant.fl.train_config import CLIENT_OPTIMIZERS, ClientOptimizer, TrainConfig
 
 __all__ = [
     "CLIENT_OPTIMIZERS",
+    "ClientOptimizer",
     "FederatedData",
     "Task",
     "TrainConfig",
@@ -53,41 +55,6 @@ __all__ = [
     "iter_batches",
     "to_device",
 ]
-
-#: local optimizers :func:`fedquant.fl.client.train_local` builds
-CLIENT_OPTIMIZERS = ("sgd", "adam", "adamw")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Local training settings of one round (the paper: 1 epoch, batch 64, SGD 0.01 / 0.9 / 1e-4).
-
-    Attributes
-    ----------
-    epochs, batch_size : int
-    lr : float
-        This round's learning rate (the simulator applies the schedule over rounds).
-    momentum : float
-        SGD momentum (``sgd`` only; Adam's betas are torch's defaults).
-    weight_decay : float
-        L2 penalty (``sgd``, ``adam``) or decoupled decay (``adamw``).
-    qat : bool
-        Quantization-aware training (straight-through estimator).
-    optimizer : {"sgd", "adam", "adamw"}
-        The client optimizer; its state starts fresh every round.
-    prox_mu : float
-        FedProx (Li et al., MLSys 2020): ``(prox_mu / 2) * ||w - w_start||^2`` is
-        added to every mini-batch loss, ``w_start`` the model the client received.
-    """
-
-    epochs: int = 1
-    batch_size: int = 64
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    qat: bool = False
-    optimizer: str = "sgd"
-    prox_mu: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,7 @@ from typing import Any
 
 import numpy as np
 
+from fedquant.choices import StrChoice
 from fedquant.errors import InvalidInputError
 from fedquant.quant import codec
 from fedquant.quant.codec import EncodeResult, TensorInfo
@@ -63,6 +64,7 @@ __all__ = [
     "KIND_KEY",
     "WEIGHTS",
     "DeltaUpload",
+    "Upload",
     "apply_delta",
     "delta_names",
     "encode_delta",
@@ -73,10 +75,19 @@ __all__ = [
 
 #: payload metadata key that says what the payload carries
 KIND_KEY = "kind"
+
+
+class Upload(StrChoice):
+    """What clients quantize and send: their weights (the paper) or their update."""
+
+    WEIGHTS = "weights"
+    DELTA = "delta"
+
+
 #: ``meta["kind"]`` of an update payload (absent from weight payloads)
-DELTA = "delta"
+DELTA = Upload.DELTA.value
 #: what a payload without ``meta["kind"]`` carries
-WEIGHTS = "weights"
+WEIGHTS = Upload.WEIGHTS.value
 
 
 def delta_names(spec: QuantSpec, tensors: Mapping[str, np.ndarray]) -> tuple[str, ...]:

@@ -211,9 +211,9 @@ def run_simulator(
     per_round, train, accs = [], [], []
     while state.round < rounds:
         m = sim.run_round(state)
-        per_round.append(float(m["seconds_round"]))
-        train.append(float(m["seconds_train"]))
-        accs.append(float(m["test_accuracy"]))
+        per_round.append(m.seconds_round)
+        train.append(m.seconds_train)
+        accs.append(m.test["accuracy"])
     total = time.perf_counter() - t_call
     row: Row = {
         "runtime": "fedquant simulator",

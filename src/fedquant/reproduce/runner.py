@@ -479,7 +479,7 @@ def _run_workload(job: Job, d: Path) -> JobResult:
     state = resume_state(sim, rd)
     resumed_from = state.round  # a new run's start files are written by resume_state
 
-    def on_round(st: Any, row: dict[str, Any]) -> None:
+    def on_round(st: Any, _record: Any) -> None:
         rd.write_round(
             st.round, st.global_state, st.metrics, residuals=st.residuals, server_opt=st.server_opt
         )
@@ -547,7 +547,7 @@ def _run(job: Job, d: Path) -> JobResult:
             {"label_counts": sim.label_counts.tolist(), "sizes": [int(p.size) for p in sim.parts]},
         )
 
-    def on_round(st: RunState, row: dict[str, Any]) -> None:
+    def on_round(st: RunState, _record: Any) -> None:
         rd.write_round(st.round, st.global_state, st.metrics)
 
     state = sim.run(state, on_round=on_round)
