@@ -118,7 +118,7 @@ def _resolve_config(args: argparse.Namespace) -> Any:
 def _open_resume(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     """(results dir, simulation, state) of the run ``--resume DIR`` continues."""
     from fedquant.fl.results import ResultsDir
-    from fedquant.fl.simulation import Simulation, resume_state
+    from fedquant.fl.simulation import Simulation, restore_state
 
     if not args.resume:
         raise ConfigError("--resume", "is empty; expected a results directory of fedquant run")
@@ -142,7 +142,7 @@ def _open_resume(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     if ck is not None:  # an edited config.toml is refused before any data is loaded
         rd.check_checkpoint(ck)
     sim = Simulation(cfg)
-    return rd, sim, resume_state(sim, rd)
+    return rd, sim, restore_state(sim, rd, ck)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
+from fedquant.cli import main
 from fedquant.errors import ConfigError, DataError, InvalidInputError
 from fedquant.fl.client import make_optimizer, proximal_term, train_local
 from fedquant.fl.config import RunConfig
@@ -24,6 +25,7 @@ from fedquant.fl.simulation import (
     TIMING_KEYS,
     RunState,
     Simulation,
+    restore_state,
     resume_state,
     round_lr,
     run_to_dir,
@@ -328,6 +330,27 @@ def test_server_optimizer_state_resumes_exactly(small: ImageDataset, tmp_path: P
     # and the optimizer changed the trajectory
     plain = Simulation(cfg.with_(server_optimizer="none"), dataset=small).run()
     assert strip(plain.metrics) != strip(whole.state.metrics)
+    # a checkpoint the caller already read restores the same state
+    again = restore_state(Simulation(rd.read_config(), dataset=small), rd, rd.read_checkpoint())
+    assert again.round == 4 and strip(again.metrics) == strip(end.state.metrics)
+
+
+def test_cli_resume_reads_the_checkpoint_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = RunConfig(num_clients=2, rounds=1, bits="4", out=str(tmp_path))
+    done = run_to_dir(Simulation(cfg), tmp_path)
+    reads: list[Path] = []
+    original = ResultsDir.read_checkpoint
+
+    def counted(self: ResultsDir) -> Any:
+        reads.append(self.path)
+        return original(self)
+
+    monkeypatch.setattr(ResultsDir, "read_checkpoint", counted)
+    assert main(["run", "--resume", str(done.path), "--quiet"]) == 0
+    assert "this run is complete (1 rounds)" in capsys.readouterr().out
+    assert reads == [done.path]
 
 
 def test_server_optimizer_only_steps_parameters(small: ImageDataset) -> None:

@@ -19,6 +19,7 @@ from fedquant.errors import ConfigError, InvalidInputError
 from fedquant.fl.adversary import ATTACKS as ADVERSARY_ATTACKS
 from fedquant.fl.adversary import MODES as ADVERSARY_MODES
 from fedquant.fl.aggregation import AggregationRule
+from fedquant.fl.names import DATASETS
 from fedquant.fl.partition import Scheme
 from fedquant.fl.robust import BYZANTINE_FRACTION, NORM_BOUND, TRIM_FRACTION
 from fedquant.fl.train_config import ClientOptimizer, TrainConfig
@@ -28,19 +29,6 @@ from fedquant.quant.entropy import EntropyCoding
 from fedquant.quant.grid import Rounding
 from fedquant.quant.quantizer import Granularity
 from fedquant.quant.spec import QuantSpec
-
-#: fedquant.fl.data.DATASET_NAMES (not imported: it would import torch), then the text
-#: data sets (next-character prediction, fedquant.fl.text_task)
-DATASETS = (
-    "mnist-embedded",
-    "mnist",
-    "fashion-mnist",
-    "cifar10",
-    "cifar10-jpeg",
-    "imagefolder",
-    "python-stdlib-text",
-    "text",
-)
 
 
 class LrSchedule(StrChoice):
@@ -69,6 +57,20 @@ class Device(StrChoice):
 
 def _choices(enum: Any) -> tuple[str, ...]:
     return tuple(e.value for e in enum)
+
+
+#: the fields of :class:`RunConfig` that make the uplink spec, each the keyword of
+#: :meth:`fedquant.quant.spec.QuantSpec.from_strings` of the same name
+UPLINK_SPEC_FIELDS = (
+    "bits",
+    "rules",
+    "method",
+    "rounding",
+    "granularity",
+    "percentile",
+    "rotation",
+    "entropy",
+)
 
 
 @dataclass(frozen=True)
@@ -188,17 +190,8 @@ class RunConfig:
         self.downlink_spec()
 
     def uplink_spec(self) -> QuantSpec:
-        """The clients' quantization spec."""
-        return QuantSpec.from_strings(
-            bits=self.bits,
-            rules=self.rules,
-            method=self.method,
-            rounding=self.rounding,
-            granularity=self.granularity,
-            percentile=self.percentile,
-            rotation=self.rotation,
-            entropy=self.entropy,
-        )
+        """The clients' quantization spec (:data:`UPLINK_SPEC_FIELDS`)."""
+        return QuantSpec.from_strings(**{k: getattr(self, k) for k in UPLINK_SPEC_FIELDS})
 
     def client_widths(self) -> tuple[tuple[int, float], ...]:
         """``client_bits`` parsed: ``((bits, fraction of clients), ...)``; empty when unset."""
@@ -225,13 +218,10 @@ class RunConfig:
 
     def downlink_spec(self) -> QuantSpec | None:
         """The server's broadcast spec, or ``None`` for float32."""
+        shared = {k: getattr(self, k) for k in ("method", "granularity", "percentile")}
         try:
             spec = QuantSpec.from_strings(
-                bits=self.downlink_bits,
-                method=self.method,
-                rounding=self.downlink_rounding,
-                granularity=self.granularity,
-                percentile=self.percentile,
+                bits=self.downlink_bits, rounding=self.downlink_rounding, **shared
             )
         except ConfigError as e:
             raise e.renamed(f"downlink_{e.option}") from e

@@ -64,8 +64,9 @@ from fedquant.fl.config import Device, LrSchedule, RunConfig
 from fedquant.fl.data import Dataset, load_dataset, to_tensors
 from fedquant.fl.ingest import Reference, admit
 from fedquant.fl.models import build_model
+from fedquant.fl.names import TEXT_DATASETS
 from fedquant.fl.partition import partition
-from fedquant.fl.results import ResultsDir
+from fedquant.fl.results import Checkpoint, ResultsDir
 from fedquant.fl.robust import byzantine_count
 from fedquant.fl.round import (
     Admitted,
@@ -87,7 +88,7 @@ from fedquant.fl.task import (
     federate,
     image_classification_task,
 )
-from fedquant.fl.text_task import TEXT_DATASETS, load_text_workload
+from fedquant.fl.text_task import load_text_workload
 from fedquant.fl.updates import Upload, apply_delta, encode_delta, payload_delta_names
 from fedquant.quant import codec
 from fedquant.quant.spec import QuantSpec
@@ -923,10 +924,15 @@ def resume_state(sim: Simulation, rd: ResultsDir) -> RunState:
     """The state of ``rd``'s last checkpoint, checked against ``sim``'s model and
     configuration (a new run's state if it has none; its start files are then
     written again, so they match the run)."""
+    return restore_state(sim, rd, rd.read_checkpoint())
+
+
+def restore_state(sim: Simulation, rd: ResultsDir, ck: Checkpoint | None) -> RunState:
+    """:func:`resume_state` from ``ck``, the checkpoint the caller already read from ``rd``
+    (``None``: it has none)."""
     rd.remove_stale_temps()
     if rd.config is None:
         rd.config = sim.cfg
-    ck = rd.read_checkpoint()
     if ck is None:
         meta, clients = start_info(sim)
         rd.write_start(sim.cfg, meta, clients)

@@ -26,7 +26,7 @@ tuples, lists and dicts are moved).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +47,7 @@ __all__ = [
     "TrainConfig",
     "TrainStats",
     "as_dataset",
+    "cross_entropy_scores",
     "dataset_labels",
     "evaluate",
     "evaluate_classification",
@@ -404,13 +405,24 @@ def evaluate_classification(
     if isinstance(data, TensorDataset) and len(data.tensors) == 2 and collate is None:
         loss, acc = evaluate(model, data.tensors[0], data.tensors[1])
         return {"loss": loss, "accuracy": acc}
+    return cross_entropy_scores(
+        model, (b for _, b in iter_batches(data, 250, device, collate=collate))
+    )
+
+
+@torch.no_grad()
+def cross_entropy_scores(model: nn.Module, batches: Iterable[Any]) -> dict[str, float]:
+    """``{"loss": mean cross-entropy, "accuracy": ...}`` of ``model`` over ``(input, target)``
+    batches, every target counted once (a sequence model's logits ``(..., classes)`` are
+    scored position by position)."""
     model.eval()
     loss_sum, correct, n = 0.0, 0, 0
-    for size, (xb, yb) in iter_batches(data, 250, device, collate=collate):
-        out = model(xb)
-        loss_sum += float(F.cross_entropy(out, yb, reduction="sum"))
-        correct += int((out.argmax(1) == yb).sum())
-        n += size
+    for x, y in batches:
+        logits = model(x)
+        logits, target = logits.reshape(-1, logits.shape[-1]), y.reshape(-1)
+        loss_sum += float(F.cross_entropy(logits, target, reduction="sum"))
+        correct += int((logits.argmax(1) == target).sum())
+        n += target.numel()
     return {"loss": loss_sum / max(n, 1), "accuracy": correct / max(n, 1)}
 
 

@@ -41,19 +41,16 @@ from fedquant.errors import ConfigError
 from fedquant.fl import seeding
 from fedquant.fl.config import RunConfig
 from fedquant.fl.data.text import (
-    FOLDER_NAME,
-    STDLIB_NAME,
     VOCAB_SIZE,
     TextCorpus,
     load_stdlib_corpus,
     load_text_folder,
     text_windows,
 )
+from fedquant.fl.names import FOLDER_NAME, STDLIB_NAME, TEXT_DATASETS
 from fedquant.fl.seeding import Purpose
-from fedquant.fl.task import FederatedData, Task, iter_batches
+from fedquant.fl.task import FederatedData, Task, cross_entropy_scores, iter_batches
 
-#: data set names of the text workloads
-TEXT_DATASETS = (STDLIB_NAME, FOLDER_NAME)
 #: bytes of context per example
 CONTEXT = 32
 #: training windows per client (at most)
@@ -77,16 +74,8 @@ def evaluate_next_byte(model: nn.Module, data: Dataset, device: torch.device) ->
 
     Every position of every window counts once; ``bits_per_char`` is ``loss / ln 2``.
     """
-    model.eval()
-    loss_sum, correct, n = 0.0, 0, 0
-    for _, (x, y) in iter_batches(data, EVAL_BATCH, device):
-        logits = model(x).flatten(0, 1)
-        target = y.flatten()
-        loss_sum += float(F.cross_entropy(logits, target, reduction="sum"))
-        correct += int((logits.argmax(1) == target).sum())
-        n += target.numel()
-    loss = loss_sum / max(n, 1)
-    return {"loss": loss, "accuracy": correct / max(n, 1), "bits_per_char": loss / math.log(2)}
+    scores = cross_entropy_scores(model, (b for _, b in iter_batches(data, EVAL_BATCH, device)))
+    return {**scores, "bits_per_char": scores["loss"] / math.log(2)}
 
 
 def next_byte_task() -> Task:

