@@ -328,9 +328,10 @@ def test_attacks_decode_like_honest_payloads(tiny_data) -> None:  # type: ignore
     cfg = RunConfig(**{**TINY, "rounds": 1}, hostile_fraction=0.1, hostile_mode="sign-flip")
     sim = Simulation(cfg, dataset=tiny_data)
     (attacker,) = sim.hostile
-    start = sim.new_state().global_state
+    cast = sim.broadcast_step(sim.new_state(), 1)
+    start = cast.start
     sent = [sim.client_payload(c, start, 1) for c in range(10)]
-    out = {r.client: r.payload for r in sim.replies(sent, start, 1)}
+    out = {r.client: r.payload for r in sim.replies(sent, cast)}
     mine = decode(sent[attacker].payload).tensors
     got = decode(out[attacker]).tensors
     for name in ("bn1.running_var", "fc2.bias"):  # travel unquantized: exactly the flipped update

@@ -16,10 +16,11 @@ AGG1 = {"w": np.array([1.5, -2.5], dtype=np.float32), "bn.running_mean": np.arra
 
 
 def two_steps(opt: ServerOptimizer) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-    x1, s1 = opt.step(X0, AGG1, ["w"], {})
+    first = opt.step(X0, AGG1, ["w"], {})
+    x1 = first.model
     agg2 = {"w": x1["w"] + np.array([-0.25, 0.5], dtype=np.float32), "bn.running_mean": [4.0]}
-    x2, s2 = opt.step(x1, agg2, ["w"], s1)
-    return x1["w"], x2["w"], s2
+    second = opt.step(x1, agg2, ["w"], first.state)
+    return x1["w"], second.model["w"], second.state
 
 
 def test_fedavgm_momentum() -> None:
@@ -62,7 +63,7 @@ def test_fedyogi_sign_rule() -> None:
     assert state["v/w"] == pytest.approx(v2)
     # and a v larger than D^2 shrinks: v - 0.01 * D^2
     big = {"m/w": np.zeros(2), "v/w": np.array([1.0, 1.0]), "step": np.asarray(5)}
-    _, s = opt.step(X0, AGG1, ["w"], big)
+    s = opt.step(X0, AGG1, ["w"], big).state
     assert s["v/w"] == pytest.approx([1.0 - 0.01 * 0.25] * 2)
     m2 = [0.9 * m1 + 0.1 * d2[0], -0.9 * m1 + 0.1 * d2[1]]
     expect = [float(x1[i]) + 0.01 * m2[i] / (math.sqrt(v2[i]) + 1e-3) for i in range(2)]
@@ -82,13 +83,13 @@ def test_fedadagrad_accumulates() -> None:
 
 def test_buffers_take_the_aggregate_and_none_is_identity() -> None:
     for name in ("fedadam", "fedavgm", "none"):
-        x1, _ = ServerOptimizer.create(name, momentum=0.5).step(X0, AGG1, ["w"], {})
+        x1 = ServerOptimizer.create(name, momentum=0.5).step(X0, AGG1, ["w"], {}).model
         assert x1["bn.running_mean"].tolist() == [3.0]
         assert x1["w"].dtype == np.float32
-    same, state = ServerOptimizer.create("none").step(X0, AGG1, ["w"], {})
-    assert np.array_equal(same["w"], AGG1["w"]) and state == {}
+    same = ServerOptimizer.create("none").step(X0, AGG1, ["w"], {})
+    assert np.array_equal(same.model["w"], AGG1["w"]) and same.state == {}
     # FedAvgM at lr 1, momentum 0 is FedAvg
-    avg, _ = ServerOptimizer.create("fedavgm").step(X0, AGG1, ["w"], {})
+    avg = ServerOptimizer.create("fedavgm").step(X0, AGG1, ["w"], {}).model
     assert np.array_equal(avg["w"], AGG1["w"])
 
 

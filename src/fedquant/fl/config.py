@@ -28,7 +28,7 @@ from fedquant.quant.clipping import ThresholdMethod
 from fedquant.quant.entropy import EntropyCoding
 from fedquant.quant.grid import Rounding
 from fedquant.quant.quantizer import Granularity
-from fedquant.quant.spec import QuantSpec
+from fedquant.quant.spec import SPEC_KEYS, QuantSpec
 
 
 class LrSchedule(StrChoice):
@@ -59,18 +59,9 @@ def _choices(enum: Any) -> tuple[str, ...]:
     return tuple(e.value for e in enum)
 
 
-#: the fields of :class:`RunConfig` that make the uplink spec, each the keyword of
-#: :meth:`fedquant.quant.spec.QuantSpec.from_strings` of the same name
-UPLINK_SPEC_FIELDS = (
-    "bits",
-    "rules",
-    "method",
-    "rounding",
-    "granularity",
-    "percentile",
-    "rotation",
-    "entropy",
-)
+#: the fields of :class:`RunConfig` that make the uplink spec: the spec's own keys, each a
+#: keyword of :meth:`fedquant.quant.spec.QuantSpec.from_strings`
+UPLINK_SPEC_FIELDS = SPEC_KEYS
 
 
 @dataclass(frozen=True)

@@ -266,10 +266,8 @@ def label_skew(
 
     Parameters
     ----------
-    labels : array_like
-        1-d non-negative integer labels.
-    parts : sequence of numpy.ndarray
-        Index arrays, e.g. from :func:`partition`.
+    labels, parts
+        As :func:`label_counts`.
     num_classes : int, optional
         Default ``labels.max() + 1``.
 

@@ -48,11 +48,25 @@ class Sample:
 
 @dataclass(frozen=True)
 class Broadcast:
-    """Step 2: the server's downlink payload and the model the clients start from (its
-    decoding; the global model itself when the broadcast is float32)."""
+    """Step 2: what the server sends in round ``round`` and what the later steps share.
 
+    Attributes
+    ----------
+    round : int
+        The round (1-based).
+    payload : bytes
+        The downlink payload.
+    start : mapping of str to numpy.ndarray
+        The model the clients start from: the payload decoded (the global model
+        itself when the broadcast is float32).
+    shared_key : int or None
+        The round's rotation key, which rotated uplink tensors must carry.
+    """
+
+    round: int
     payload: bytes
     start: Mapping[str, np.ndarray]
+    shared_key: int | None = None
 
 
 @dataclass(frozen=True)

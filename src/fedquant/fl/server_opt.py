@@ -49,7 +49,7 @@ import numpy as np
 
 from fedquant.errors import ConfigError, InvalidInputError
 
-__all__ = ["DEFAULTS", "SERVER_OPTIMIZERS", "ServerOptimizer"]
+__all__ = ["DEFAULTS", "SERVER_OPTIMIZERS", "ServerOptimizer", "ServerStep"]
 
 #: server optimizer names (``none``: the aggregate is the new model)
 SERVER_OPTIMIZERS = ("none", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
@@ -64,6 +64,15 @@ DEFAULTS: dict[str, tuple[float, float, float, float]] = {
 }
 
 _STEP = "step"
+
+
+@dataclass(frozen=True)
+class ServerStep:
+    """What :meth:`ServerOptimizer.step` returns: the new global ``model`` and the
+    optimizer's ``state`` to pass to the next step."""
+
+    model: dict[str, np.ndarray]
+    state: dict[str, np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -115,8 +124,8 @@ class ServerOptimizer:
         aggregate: Mapping[str, np.ndarray],
         names: Sequence[str],
         state: Mapping[str, np.ndarray],
-    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """One server step: ``(new model, new optimizer state)``.
+    ) -> ServerStep:
+        """One server step: the new model and the optimizer's new state.
 
         Parameters
         ----------
@@ -136,7 +145,7 @@ class ServerOptimizer:
             )
         out = {k: np.asarray(v) for k, v in aggregate.items()}
         if not self.active:
-            return out, dict(state)
+            return ServerStep(out, dict(state))
         new_state: dict[str, np.ndarray] = {
             _STEP: np.asarray(int(np.asarray(state.get(_STEP, 0))) + 1, dtype=np.int64)
         }
@@ -162,4 +171,4 @@ class ServerOptimizer:
                 x_new = x + self.lr * m / (np.sqrt(v) + self.tau)
             new_state[f"m/{name}"] = m
             out[name] = np.asarray(x_new, dtype=x.dtype)
-        return out, new_state
+        return ServerStep(out, new_state)

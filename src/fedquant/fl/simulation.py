@@ -444,10 +444,11 @@ class Simulation:
         )
 
     def broadcast_step(self, state: RunState, round_: int) -> Broadcast:
-        """Step 2: the downlink payload and the model the clients start from."""
+        """Step 2: the downlink payload, the model the clients start from and the round's
+        rotation key."""
         down = self.broadcast(state, round_)
         start = state.global_state if self.downlink is None else codec.decode(down).tensors
-        return Broadcast(down, start)
+        return Broadcast(round_, down, start, seeding.rotation_key(self.cfg.seed, round_))
 
     @property
     def clients_at_once(self) -> int:
@@ -556,10 +557,8 @@ class Simulation:
         """The round's rotation key for the uplink encoder (``None``: the spec does not rotate)."""
         return seeding.rotation_key(self.cfg.seed, round_) if self.uplink.rotation else None
 
-    def local_work(
-        self, state: RunState, sample: Sample, start: Mapping[str, np.ndarray], round_: int
-    ) -> LocalWork:
-        """Step 3: every working client of ``sample`` trains from ``start`` and encodes its
+    def local_work(self, state: RunState, sample: Sample, cast: Broadcast) -> LocalWork:
+        """Step 3: every working client of ``sample`` trains from ``cast.start`` and encodes its
         upload (``batched_clients`` at a time where set); a model-poisoning attacker's
         trained model is kept for :meth:`replies`."""
         k = self.clients_at_once
@@ -570,11 +569,11 @@ class Simulation:
         for pos, c in enumerate(todo):
             if k and c not in trained:  # train this client and the next k - 1 at once
                 t0 = time.perf_counter()
-                trained.update(self.train_clients(todo[pos : pos + k], start, round_))
+                trained.update(self.train_clients(todo[pos : pos + k], cast.start, cast.round))
                 train_s += time.perf_counter() - t0
             t0 = time.perf_counter()
             up = self.client_payload(
-                c, start, round_, residuals=state.residuals, trained=trained.pop(c, None)
+                c, cast.start, cast.round, residuals=state.residuals, trained=trained.pop(c, None)
             )
             train_s += up.train_seconds
             if self.hostile.get(c) in adversary.ATTACKS:  # poisons its trained model
@@ -583,16 +582,11 @@ class Simulation:
             codec_s += time.perf_counter() - t0 - up.train_seconds  # encode
         return LocalWork(uploads, train_s, codec_s)
 
-    def replies(
-        self,
-        sent: Sequence[ClientUpload],
-        start: Mapping[str, np.ndarray],
-        round_: int,
-        shared_key: int | None = None,
-    ) -> Iterator[Reply]:
+    def replies(self, sent: Sequence[ClientUpload], cast: Broadcast) -> Iterator[Reply]:
         """What reaches the server from the round's clients: each honest payload of
         ``sent``, or a hostile client's corruption or poisoned model (``hostile_fraction``
         / ``hostile_mode``, see :mod:`fedquant.fl.adversary`)."""
+        shared_key = cast.shared_key
         honest: list[dict[str, np.ndarray]] | None = None
         for up in sent:
             mode = self.hostile.get(up.client)
@@ -600,7 +594,7 @@ class Simulation:
             if mode in adversary.ATTACKS:
                 if mode in adversary.ROUND_ATTACKS and honest is None:  # the attackers collude
                     honest = [codec.decode(u.payload, shared_key=shared_key).tensors for u in sent]
-                payload = self._poisoned(up, mode, start, round_, shared_key, honest, sent)
+                payload = self._poisoned(up, mode, cast, honest, sent)
             elif mode is not None and mode != "duplicate":
                 payload = adversary.corrupt(payload, mode, shared_key=shared_key)
             reply = Reply(up.client, str(up.client), payload, up.loss)
@@ -612,16 +606,14 @@ class Simulation:
         self,
         up: ClientUpload,
         mode: str,
-        start: Mapping[str, np.ndarray],
-        round_: int,
-        shared_key: int | None,
+        cast: Broadcast,
         honest: list[dict[str, np.ndarray]] | None,
         sent: Sequence[ClientUpload],
     ) -> bytes:
         """An attacker's payload: its trained model (or update) poisoned, then encoded with the
         uplink spec as an honest client would (metadata from its honest payload)."""
         cfg = self.cfg
-        client = up.client
+        client, start, round_, shared_key = up.client, cast.start, cast.round, cast.shared_key
         dec = codec.inspect(up.payload, shared_key=shared_key)
         attackers = sum(self.hostile.get(u.client) == mode for u in sent)
         deltas = (
@@ -657,19 +649,13 @@ class Simulation:
             shared_key=self._uplink_key(round_),
         )
 
-    def admit_replies(
-        self,
-        sent: Sequence[ClientUpload],
-        start: Mapping[str, np.ndarray],
-        round_: int,
-        shared_key: int | None,
-    ) -> Admitted:
+    def admit_replies(self, sent: Sequence[ClientUpload], cast: Broadcast) -> Admitted:
         """Step 4: every reply (:meth:`replies`) checked by :func:`~fedquant.fl.ingest.admit`;
         FedAvg also refuses a payload whose metadata lacks a valid ``num_examples``."""
         fedavg = self.rule is AggregationRule.FEDAVG
         out = Admitted()
         seen: set[str] = set()
-        for reply in self.replies(sent, start, round_, shared_key):
+        for reply in self.replies(sent, cast):
             out.received_bytes += len(reply.payload)
             out.replies += 1
             adm = admit(
@@ -678,7 +664,7 @@ class Simulation:
                 self.reference,
                 seen=seen,
                 kind=self.cfg.upload.value,
-                shared_key=shared_key,
+                shared_key=cast.shared_key,
             )
             reason = adm.reason
             n = None
@@ -700,11 +686,7 @@ class Simulation:
         return out
 
     def aggregate_step(
-        self,
-        state: RunState,
-        admitted: Admitted,
-        start: Mapping[str, np.ndarray],
-        shared_key: int | None,
+        self, state: RunState, admitted: Admitted, cast: Broadcast
     ) -> AggregateSummary | None:
         """Step 5: aggregate the admitted payloads into ``state``'s global model (then the
         server optimizer's step); ``None``, the model unchanged, below ``min_clients``."""
@@ -719,9 +701,9 @@ class Simulation:
             max_weight=relative_cap(cfg.weight_cap, len(payloads)),
             mse_floor_rel=cfg.mse_floor,
             inspected=admitted.updates,
-            shared_key=shared_key,
+            shared_key=cast.shared_key,
             spread=cfg.uses_spread,
-            reference=start,
+            reference=cast.start,
             norm_bound=cfg.norm_bound,
             trim_fraction=cfg.trim_fraction,
             byzantine=byzantine_count(len(payloads), cfg.byzantine_fraction),
@@ -732,9 +714,10 @@ class Simulation:
             else agg.tensors
         )
         if self.server_opt.active:
-            new_global, state.server_opt = self.server_opt.step(
+            step = self.server_opt.step(
                 state.global_state, new_global, self.server_opt_names, state.server_opt
             )
+            new_global, state.server_opt = step.model, step.state
         state.global_state = new_global
         first = agg.infos[0]
         quantized = [name for name in first if first[name].bits <= 8]
@@ -774,17 +757,16 @@ class Simulation:
         r = state.round + 1
         t_round = time.perf_counter()
         sample = self.sample(r)
-        key = seeding.rotation_key(cfg.seed, r)  # the uplink rotation's shared key
         t0 = time.perf_counter()
         cast = self.broadcast_step(state, r)
         codec_s = time.perf_counter() - t0
-        work = self.local_work(state, sample, cast.start, r)
+        work = self.local_work(state, sample, cast)
         codec_s += work.codec_seconds
         t0 = time.perf_counter()
-        admitted = self.admit_replies(work.uploads, cast.start, r, key)
+        admitted = self.admit_replies(work.uploads, cast)
         codec_s += time.perf_counter() - t0  # admission (and any attack)
         t0 = time.perf_counter()
-        aggregate = self.aggregate_step(state, admitted, cast.start, key)
+        aggregate = self.aggregate_step(state, admitted, cast)
         codec_s += time.perf_counter() - t0
         skipped = None
         if aggregate is None:

@@ -150,6 +150,14 @@ def check_aggregation_options(options: Mapping[str, Any] | None) -> dict[str, An
 
 
 @dataclass(frozen=True)
+class _Sent:
+    """A round's messages as sent, and the bytes of the model they carry in all."""
+
+    messages: list[Message]
+    nbytes: int
+
+
+@dataclass(frozen=True)
 class _Admitted:
     """One admitted train reply."""
 
@@ -352,13 +360,11 @@ class QuantizedStrategy(Strategy):
             out[key] = value
         return out
 
-    def _send(
-        self, messages: Iterable[Message], arrays: ArrayRecord, stream_round: int
-    ) -> tuple[list[Message], int]:
-        """``(messages with the model record replaced by the broadcast, bytes sent)``."""
+    def _send(self, messages: Iterable[Message], arrays: ArrayRecord, stream_round: int) -> _Sent:
+        """The messages with the model record replaced by the broadcast, and its bytes."""
         out = list(messages)
         if self.downlink is None or not out:
-            return out, arrays.count_bytes() * len(out)
+            return _Sent(out, arrays.count_bytes() * len(out))
         sent = self.broadcast(arrays, stream_round)
         names = set(arrays)
         done: set[int] = set()
@@ -370,7 +376,7 @@ class QuantizedStrategy(Strategy):
             for key, record in list(content.array_records.items()):
                 if record is arrays or set(record) == names:
                     content[key] = sent
-        return out, sent.count_bytes() * len(out)
+        return _Sent(out, sent.count_bytes() * len(out))
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -382,7 +388,8 @@ class QuantizedStrategy(Strategy):
         inner = self.strategy.configure_train(
             server_round, arrays, self._with_instructions(config, server_round), grid
         )
-        messages, self._downlink_bytes = self._send(inner, arrays, server_round)
+        sent = self._send(inner, arrays, server_round)
+        messages, self._downlink_bytes = sent.messages, sent.nbytes
         # what the clients train from (the norm bound measures updates from it)
         self._start = (
             state
@@ -399,7 +406,7 @@ class QuantizedStrategy(Strategy):
         inner = self.strategy.configure_evaluate(
             server_round, arrays, self._with_instructions(config, server_round), grid
         )
-        return self._send(inner, arrays, server_round + 1)[0]
+        return self._send(inner, arrays, server_round + 1).messages
 
     # ------------------------------------------------------------------ uplink
 
@@ -412,7 +419,7 @@ class QuantizedStrategy(Strategy):
         keys = record_keys(msg, need_arrays=True)
         if isinstance(keys, str):
             return keys
-        array_key, metric_key = keys
+        array_key, metric_key = keys.arrays, keys.metrics
         if array_key is None:  # record_keys always names the ArrayRecord of a train reply
             return "the reply holds no ArrayRecord"
         try:
@@ -448,7 +455,8 @@ class QuantizedStrategy(Strategy):
                 "QuantizedStrategy.aggregate_train: configure_train was not called, so there "
                 "is no model to check replies against"
             )
-        content, rejected = split_errors(replies)
+        triage = split_errors(replies)
+        content, rejected = triage.kept, triage.rejected
         key = rotation_key(self.seed, server_round)  # the round's uplink rotation (as the mod's)
         seen: set[str] = set()
         admitted: list[_Admitted] = []
@@ -458,13 +466,13 @@ class QuantizedStrategy(Strategy):
                 rejected.append(Rejection(node_of(msg), outcome))
             else:
                 admitted.append(outcome)
-        kept, odd = common_metric_keys(
+        agree = common_metric_keys(
             [(node_of(a.msg), metric_signature(a.metrics)) for a in admitted]
         )
-        rejected.extend(odd)
+        rejected.extend(agree.rejected)
         self._reject("aggregate_train", rejected)
         self._last_rejections = rejected
-        return [admitted[i] for i in kept]
+        return [admitted[i] for i in agree.positions]
 
     def _silent_round(self, server_round: int) -> None:
         """Count a round without admitted replies; stop the run after too many."""
@@ -593,28 +601,31 @@ class QuantizedStrategy(Strategy):
         replies: Iterable[Message],
     ) -> MetricRecord | None:
         """Drop malformed evaluation replies (logged), then the wrapped strategy aggregates."""
-        content, rejected = split_errors(replies)
+        triage = split_errors(replies)
+        content, rejected = triage.kept, triage.rejected
         candidates: list[Message] = []
         for msg in content:
             keys = record_keys(msg, need_arrays=False)
             reason = (
                 keys
                 if isinstance(keys, str)
-                else weight_problem(msg.content.metric_records[keys[1]], self._weight_key)
+                else weight_problem(msg.content.metric_records[keys.metrics], self._weight_key)
             )
             if reason is None:
                 candidates.append(msg)
             else:
                 rejected.append(Rejection(node_of(msg), reason))
-        kept, odd = common_metric_keys(
+        agree = common_metric_keys(
             [
                 (node_of(m), metric_signature(next(iter(m.content.metric_records.values()))))
                 for m in candidates
             ]
         )
-        self._reject("aggregate_evaluate", rejected + odd)
+        self._reject("aggregate_evaluate", rejected + agree.rejected)
         try:
-            return self.strategy.aggregate_evaluate(server_round, [candidates[i] for i in kept])
+            return self.strategy.aggregate_evaluate(
+                server_round, [candidates[i] for i in agree.positions]
+            )
         except InconsistentMessageReplies as e:
             log(
                 WARNING,

@@ -23,7 +23,10 @@ from flwr.app import Message, MetricRecord
 from fedquant.quant.codec import DecodedUpdate
 
 __all__ = [
+    "Kept",
     "Rejection",
+    "ReplyKeys",
+    "Triage",
     "common_metric_keys",
     "metric_signature",
     "mse_mismatch",
@@ -49,13 +52,38 @@ class Rejection:
         return f"node {self.node}: {self.reason}"
 
 
+@dataclass(frozen=True)
+class Triage:
+    """Replies sorted: those that go on (``kept``) and the ``rejected`` ones."""
+
+    kept: list[Message]
+    rejected: list[Rejection]
+
+
+@dataclass(frozen=True)
+class Kept:
+    """Which candidates go on (``positions``, in order) and the ``rejected`` ones."""
+
+    positions: list[int]
+    rejected: list[Rejection]
+
+
+@dataclass(frozen=True)
+class ReplyKeys:
+    """The record keys of a well-formed reply: its ArrayRecord (``None`` for an evaluate
+    reply) and its MetricRecord."""
+
+    arrays: str | None
+    metrics: str
+
+
 def node_of(msg: Message) -> int:
     """The id of the SuperNode that sent ``msg``."""
     return int(msg.metadata.src_node_id)
 
 
-def split_errors(replies: Iterable[Message]) -> tuple[list[Message], list[Rejection]]:
-    """``(replies with content, rejections of the error replies)``."""
+def split_errors(replies: Iterable[Message]) -> Triage:
+    """The replies with content (kept) and the rejections of the error replies."""
     kept: list[Message] = []
     rejected: list[Rejection] = []
     for msg in replies:
@@ -63,11 +91,11 @@ def split_errors(replies: Iterable[Message]) -> tuple[list[Message], list[Reject
             rejected.append(Rejection(node_of(msg), f"error reply: {msg.error.reason}"))
         else:
             kept.append(msg)
-    return kept, rejected
+    return Triage(kept, rejected)
 
 
-def record_keys(msg: Message, *, need_arrays: bool) -> tuple[str | None, str] | str:
-    """``(ArrayRecord key or None, MetricRecord key)`` of a well-formed reply, else a reason.
+def record_keys(msg: Message, *, need_arrays: bool) -> ReplyKeys | str:
+    """The record keys of a well-formed reply, else the reason it is malformed.
 
     A train reply (``need_arrays``) must hold exactly one ArrayRecord and one
     MetricRecord; an evaluate reply exactly one MetricRecord.
@@ -78,7 +106,7 @@ def record_keys(msg: Message, *, need_arrays: bool) -> tuple[str | None, str] | 
         what = f"{len(arrays)} ArrayRecord(s) and " if need_arrays else ""
         want = "one ArrayRecord (the model) and one MetricRecord" if need_arrays else "one"
         return f"the reply holds {what}{len(metrics)} MetricRecord(s); expected {want}"
-    return (arrays[0] if need_arrays else None), metrics[0]
+    return ReplyKeys(arrays[0] if need_arrays else None, metrics[0])
 
 
 def strip_prefix(metrics: MetricRecord, prefix: str) -> MetricRecord:
@@ -147,15 +175,14 @@ def metric_signature(metrics: Mapping[str, object]) -> frozenset[tuple[str, int 
 
 def common_metric_keys(
     candidates: Sequence[tuple[int, frozenset[tuple[str, int | None]]]],
-) -> tuple[list[int], list[Rejection]]:
+) -> Kept:
     """Keep the replies whose MetricRecord has the most common :func:`metric_signature`.
 
     ``candidates`` are ``(node, signature)`` in reply order. Ties go to the
-    signature seen first. Returns the positions kept (in order) and the
-    rejections.
+    signature seen first.
     """
     if not candidates:
-        return [], []
+        return Kept([], [])
     counts = Counter(sig for _, sig in candidates)
     best = max(counts.values())
     reference = next(sig for _, sig in candidates if counts[sig] == best)
@@ -176,4 +203,4 @@ def common_metric_keys(
             odd = sorted(k for k, n in sig - reference)
             reason = f"its MetricRecord entries {odd} are lists of another length than the others'"
         rejected.append(Rejection(node, reason))
-    return kept, rejected
+    return Kept(kept, rejected)
