@@ -1,6 +1,11 @@
 """The federated simulator: many clients in one process, the paper's method end to end.
 
-One round (:meth:`Simulation.run_round`):
+One round (:meth:`Simulation.run_round`) runs six named steps, each returning
+a record of :mod:`fedquant.fl.round` (:meth:`~Simulation.sample`,
+:meth:`~Simulation.broadcast_step`, :meth:`~Simulation.local_work`,
+:meth:`~Simulation.admit_replies`, :meth:`~Simulation.aggregate_step`,
+:meth:`~Simulation.evaluate_step`), and ends in a
+:class:`~fedquant.fl.round.RoundRecord`, whose row goes to ``metrics.jsonl``:
 
 1. the server samples ``client_fraction * N`` clients (seeded by round) and
    encodes the global model once for the broadcast (float32, or quantized with
