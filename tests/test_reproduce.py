@@ -18,17 +18,10 @@ from fedquant.errors import ConfigError
 from fedquant.fl.client import state_numpy
 from fedquant.fl.models import PaperCNN
 from fedquant.fl.simulation import TIMING_KEYS, Simulation
-from fedquant.reproduce import report
-from fedquant.reproduce.grid import ENV_FIELDS, Job, expand, load_grid
-from fedquant.reproduce.runner import (
-    LOCK,
-    job_status,
-    read_invocations,
-    run_job,
-    run_jobs,
-    source_fingerprint,
-    stratified_subset,
-)
+from fedquant.tools.reproduce import report
+from fedquant.tools.reproduce.grid import ENV_FIELDS, Job, expand, load_grid
+from fedquant.tools.reproduce.runner import run_job, run_jobs, stratified_subset
+from fedquant.tools.runner import LOCK, job_status, read_invocations, source_fingerprint
 
 GRID = Path(__file__).resolve().parents[1] / "experiments" / "paper-claims.toml"
 #: the input shape of each data set of the grid (channels, height, width)
@@ -213,10 +206,14 @@ def test_two_cells_end_to_end_then_skip(tmp_path: Path, capsys: pytest.CaptureFi
     assert abs(base["uplink_bytes_per_client_round"] - 24_927) <= 2
     md = (tmp_path / "out" / "claims-tiny" / "README.md").read_text()
     assert "Status: complete" in md and "MNIST (embedded)" in md
-    assert "Code: the runs were computed by fedquant source" in md and "OUTDATED" not in md
+    assert "Code: fedquant source" in md and "OUTDATED" not in md
     assert "/work/" not in md.split("## Verdicts")[0]  # a commit, not a local path
     inv = read_invocations(raw)
     assert len(inv) == 1 and inv[0]["status"] == "finished" and inv[0]["results"] == {"done": 2}
+    # which code and environment: the git commit, versions and CPU, recorded and shown
+    assert inv[0]["source_commit"] and f"commit `{inv[0]['source_commit']}`" in md
+    assert inv[0]["environment"]["numpy"] == np.__version__ and "pythonpath" not in inv[0]
+    assert f"Environment: python {inv[0]['environment']['python']}" in md
     assert inv[0]["cpu_seconds"] > 0 and inv[0]["source_sha256"] == s["source_sha256"]
     assert inv[0]["argv"] == [
         f"fedquant reproduce --scale tiny --grid {grid} --out {tmp_path / 'out'} --jobs 0"
@@ -490,7 +487,8 @@ def test_report_verdicts_on_fixture_results(tmp_path: Path) -> None:
     path = report.write_report(grid, "tiny", out)
     md = path.read_text()
     assert "**Status: complete** — 90 of 90 runs finished." in md
-    assert "Holm's correction over every hypothesis of claims (a)–(d)" in md
+    assert "Holm's correction over claims (a)–(d), family-wise α = 0.05; intervals 90 %." in md
+    assert "| (a) | equivalence within ±1 pp (TOST) |" in md
     assert "| (c) OCTAV clipping beats max-abs scaling | **held** |" in md
     assert "| (d) inverse-MSE averaging matches or beats FedAvg" in md
     # the robustness check (mean of the last evaluations) agrees on the fixture: same offsets
@@ -534,7 +532,7 @@ def test_committed_report_regenerates_from_its_raw_data(tmp_path: Path) -> None:
     md = report.write_report(load_grid(GRID), "small", out, figures=False).read_text()
     assert _unstamped(md) == _unstamped((committed / "README.md").read_text())
     # the seed-level data and the seeds an inconclusive comparison needs, recomputed here
-    from fedquant.reproduce.stats import Hypothesis, seeds_to_resolve
+    from fedquant.tools.reproduce.stats import Hypothesis, seeds_to_resolve
 
     row = next(line for line in md.splitlines() if "| 2 bits | `bits2` − `fp32-fedavg`" in line)
     cells = [c.strip() for c in row.strip("|").split("|")]
@@ -548,7 +546,7 @@ def test_committed_report_regenerates_from_its_raw_data(tmp_path: Path) -> None:
 
 
 def test_plan_prices_a_scale_and_its_half_widths(capsys: pytest.CaptureFixture[str]) -> None:
-    from fedquant.reproduce.power import CostModel, run_cost
+    from fedquant.tools.reproduce.power import CostModel, run_cost
 
     grid = load_grid(GRID)
     medium = {j.key: j for j in expand(grid, "medium")}

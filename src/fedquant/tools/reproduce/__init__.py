@@ -1,0 +1,15 @@
+"""``fedquant reproduce``: which claims of arXiv 2405.13365 hold, measured on real data.
+
+* :mod:`~fedquant.tools.reproduce.grid` reads the named grid
+  (``experiments/paper-claims.toml``) and expands a scale into jobs;
+* :mod:`~fedquant.tools.reproduce.runner` runs them, resumably, in parallel processes;
+* :mod:`~fedquant.tools.reproduce.report` turns the raw results into a Markdown + PNG
+  report with a verdict per claim;
+* :mod:`~fedquant.tools.reproduce.command` is the command line.
+"""
+
+from __future__ import annotations
+
+from fedquant.tools.reproduce.command import main
+
+__all__ = ["main"]
