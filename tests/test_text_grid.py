@@ -11,7 +11,7 @@ import pytest
 
 from fedquant.errors import ConfigError
 from fedquant.tools.reproduce.grid import expand, load_grid
-from fedquant.tools.reproduce.report import collect
+from fedquant.tools.reproduce.results import collect
 from fedquant.tools.reproduce.runner import run_job, tensor_vnmse
 from fedquant.tools.reproduce.text_report import (
     REFERENCES,

@@ -3,8 +3,10 @@
 * :mod:`~fedquant.tools.reproduce.grid` reads the named grid
   (``experiments/paper-claims.toml``) and expands a scale into jobs;
 * :mod:`~fedquant.tools.reproduce.runner` runs them, resumably, in parallel processes;
-* :mod:`~fedquant.tools.reproduce.report` turns the raw results into a Markdown + PNG
-  report with a verdict per claim;
+* :mod:`~fedquant.tools.reproduce.results` collects the raw results,
+  :mod:`~fedquant.tools.reproduce.claims` decides each claim by its pre-registered
+  test, and :mod:`~fedquant.tools.reproduce.report` (with
+  :mod:`~fedquant.tools.reproduce.figures`) writes the Markdown + PNG report;
 * :mod:`~fedquant.tools.reproduce.command` is the command line.
 """
 

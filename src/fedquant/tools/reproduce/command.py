@@ -63,9 +63,8 @@ CLAIMS = Experiment(
     description="Run the named grid of experiments/paper-claims.toml at one scale "
     "(resumable; finished runs are skipped) and write a Markdown + PNG report of which "
     "claims of arXiv 2405.13365 hold.",
-    scale_help="a [scales.*] table of the grid: small (<= 60 min on 2 cores with --jobs 2), "
-    "medium (30 clients, 40 rounds, 5 seeds; see --plan), paper (the paper's settings; "
-    "days on a CPU), tiny (a smoke test) (default: small)",
+    scale_help="a [scales.*] table of the grid: small, medium, paper (the paper's settings) "
+    "or tiny (a smoke test); --plan estimates what a scale costs (default: small)",
     report=_claims_report,
 )
 

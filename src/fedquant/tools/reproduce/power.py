@@ -46,7 +46,8 @@ class CostModel:
 
 def fit_cost(collected: object) -> dict[str, CostModel]:
     """Per data set :class:`CostModel` from a reference's finished runs of the claim cells."""
-    from fedquant.tools.reproduce.report import CLAIM_CELLS, Collected
+    from fedquant.tools.reproduce.claims import CLAIM_CELLS
+    from fedquant.tools.reproduce.results import Collected
 
     assert isinstance(collected, Collected)
     out: dict[str, CostModel] = {}
@@ -120,7 +121,8 @@ def plan_text(
     data_dir: str | None = None,
 ) -> str:
     """Markdown: the claim grid's estimated cost at ``scale`` and the half-widths it buys."""
-    from fedquant.tools.reproduce.report import CLAIM_CELLS, collect, evaluate_claims
+    from fedquant.tools.reproduce.claims import CLAIM_CELLS, evaluate_claims
+    from fedquant.tools.reproduce.results import collect
 
     ref = collect(grid, reference, raw, data_dir=data_dir)
     models = fit_cost(ref)

@@ -53,7 +53,8 @@ def write_robustness_report(grid: Any, scale: str, out: Path, data_dir: str) -> 
     """Write ``out/README.md`` (the tables) from the finished runs under ``out/raw``."""
     from fedquant.fl.results import atomic_write
     from fedquant.tools.report import table
-    from fedquant.tools.reproduce.report import DOC_PAGE, _code_line, collect, paired_diff, stat
+    from fedquant.tools.reproduce.report import DOC_PAGE
+    from fedquant.tools.reproduce.results import code_line, collect, paired_diff, stat
     from fedquant.tools.runner import source_fingerprint
 
     out = Path(out)
@@ -87,7 +88,7 @@ def write_robustness_report(grid: Any, scale: str, out: Path, data_dir: str) -> 
         command,
         "```",
         "",
-        _code_line(c, source_fingerprint()),
+        code_line(c, source_fingerprint()),
         "",
         f"Runs finished: {done} of {total}." + ("" if c.complete else " **PARTIAL.**"),
         "",

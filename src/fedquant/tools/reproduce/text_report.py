@@ -8,7 +8,7 @@ runs' ``summary.json``; nothing is recomputed) and prints Markdown::
 1. per cell: the task's headline metric (bits per character), next-character
    accuracy and uplink bytes, mean ± sample sd over seeds, and the paired
    difference to a reference cell (FP32, or the cell it changes one factor of)
-   with its 95 % t-interval (:func:`fedquant.tools.reproduce.report.paired_diff`);
+   with its 95 % t-interval (:func:`fedquant.tools.reproduce.results.paired_diff`);
 2. per tensor group (embeddings, attention, MLP, LayerNorm, biases): the
    relative quantization error ``||w - Q(w)||^2 / ||w||^2`` of the final FP32
    models' tensors at 2, 4 and 8 bits (``final_model_vnmse`` of the summaries,
@@ -28,7 +28,7 @@ from fedquant.argparsing import Parser
 from fedquant.tools.report import table
 from fedquant.tools.reproduce.command import scale_dir
 from fedquant.tools.reproduce.grid import load_grid
-from fedquant.tools.reproduce.report import CellResults, Collected, collect, paired_diff, stat
+from fedquant.tools.reproduce.results import CellResults, Collected, collect, paired_diff, stat
 
 #: tensor group -> name patterns (first match wins), for the char transformer's state dict
 TENSOR_GROUPS: dict[str, tuple[str, ...]] = {
