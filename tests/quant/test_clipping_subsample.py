@@ -50,7 +50,11 @@ def expected_mse(x: np.ndarray, s: float, bits: int, rounding: str) -> float:
 
 
 def uses_sample(x: np.ndarray, bits: int, rounding: str, **kw: int) -> bool:
-    return clipping._octav_sampled(x, noise_coefficient(bits, rounding), "t", **kw) is not None
+    got = clipping._octav_sampled(x, noise_coefficient(bits, rounding), "t", **kw)
+    if not isinstance(got, float):  # the full histogram, for the usual path
+        full = kernels.abs_histogram(x)
+        assert np.array_equal(got[0], full[0]) and np.array_equal(got[1], full[1])
+    return isinstance(got, float)
 
 
 @pytest.fixture(scope="module", params=["gauss", "laplace", "t3"])
@@ -102,12 +106,11 @@ def test_trained_weights_keep_the_full_search_mse(rounding: str, trained_layer: 
     kw = {"blocks": 32, "block": 1024}
     for bits in BITS:
         c = noise_coefficient(bits, rounding)
-        got = clipping._octav_sampled(w, c, "t", **kw)
         want = full_search(w, bits, rounding)
-        if got is None:
+        if not uses_sample(w, bits, rounding, **kw):
             assert bits == 2  # too fat a tail: the full search runs
             continue
-        got = float(np.float32(got))
+        got = float(np.float32(clipping._octav_sampled(w, c, "t", **kw)))
         mse_got = expected_mse(w, got, bits, rounding)
         assert mse_got <= expected_mse(w, want, bits, rounding) * 1.001
         assert got == pytest.approx(want, rel=3e-7)
@@ -200,23 +203,29 @@ def test_kernels_do_not_depend_on_the_thread_count() -> None:
     for fn, args in (
         (kernels.abs_histogram, (x,)),
         (kernels.abs_histogram_blocks, (x, starts, 1024)),
-        (kernels.abs_histogram_tail, (x, cut)),
+        (kernels.abs_histogram_gaps, (x, starts, 1024, cut)),
+        (kernels.abs_histogram_gaps, (x, starts, 1024, np.uint32(0))),
     ):
         par, ser = fn.parallel(*args), fn.serial(*args)
         for p, s in zip(par, ser, strict=True):
             assert np.array_equal(p, s)
-    # the tail's bins are the full histogram's, the rest empty; Inf/NaN counted
-    tc, t1, bad = kernels.abs_histogram_tail(x, cut)
+    # the blocks' histogram is the histogram of the blocks; the gaps' is the rest's
     fc, f1, fbad = kernels.abs_histogram(x)
+    inside = np.zeros(x.size, bool)
+    inside[(starts[:, None] + np.arange(1024)).reshape(-1)] = True
+    bc, b1, bbad = kernels.abs_histogram_blocks(x, starts, 1024)
+    rc, r1, rbad = kernels.abs_histogram(np.ascontiguousarray(x[inside]))
+    assert np.array_equal(bc, rc) and np.array_equal(b1, r1) and bbad == rbad
+    gc, g1, gbad = kernels.abs_histogram_gaps(x, starts, 1024, np.uint32(0))
+    rc, r1, rbad = kernels.abs_histogram(np.ascontiguousarray(x[~inside]))
+    assert np.array_equal(gc, rc) and np.array_equal(g1, r1) and gbad == rbad
+    assert np.array_equal(gc + bc, fc) and np.array_equal(g1 + b1, f1)  # exact sums
+    # the tail of the gaps: their bins from the cut on, the rest empty; Inf/NaN counted
+    tc, t1, tbad = kernels.abs_histogram_gaps(x, starts, 1024, cut)
     k = int(cut) >> (23 - kernels.HIST_MANTISSA)
-    assert bad == fbad == 1
-    assert np.array_equal(tc[k:], fc[k:]) and np.array_equal(t1[k:], f1[k:])
+    assert tbad == gbad and bbad + gbad == fbad == 1
+    assert np.array_equal(tc[k:], gc[k:]) and np.array_equal(t1[k:], g1[k:])
     assert not tc[:k].any() and not t1[:k].any()
-    # the blocks' histogram is the histogram of the blocks
-    idx = (starts[:, None] + np.arange(1024)).reshape(-1)
-    bc, b1, _ = kernels.abs_histogram_blocks(x, starts, 1024)
-    rc, r1, _ = kernels.abs_histogram(np.ascontiguousarray(x[idx]))
-    assert np.array_equal(bc, rc) and np.array_equal(b1, r1)
 
 
 def test_threshold_does_not_depend_on_the_thread_count() -> None:

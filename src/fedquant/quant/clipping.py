@@ -157,12 +157,14 @@ def _octav(x: np.ndarray, c: float, iterations: int | None, where: str) -> float
         return 0.0
     if x.size > EXACT_LIMIT:
         if iterations is None and x.size >= SUBSAMPLE_MIN:
-            s = _octav_sampled(x, c, where)
-            if s is not None:
-                return s
-        cnt, s1, bad = kernels.abs_histogram(x)
-        if bad:
-            raise _nonfinite(where, bad)
+            got = _octav_sampled(x, c, where)
+            if isinstance(got, float):
+                return got
+            cnt, s1 = got
+        else:
+            cnt, s1, bad = kernels.abs_histogram(x)
+            if bad:
+                raise _nonfinite(where, bad)
         if not s1.any():
             return 0.0
         if not s1[:_DENORMAL_BINS].any():  # no denormals: the histogram is exact enough
@@ -183,16 +185,16 @@ def _octav_sampled(
     *,
     blocks: int = SAMPLE_BLOCKS,
     block: int = SAMPLE_BLOCK,
-) -> float | None:
+) -> float | tuple[np.ndarray, np.ndarray]:
     """OCTAV (to convergence) on a histogram whose tail is exact and whose bulk is sampled.
 
     1. A first estimate ``s0`` from the histogram of ``blocks`` blocks of ``block``
        elements (:func:`fedquant.quant.kernels.sample_starts`: a layout fixed by
        the size, no seed).
-    2. One pass over every element histograms the tail ``|x| >= cut``, with
+    2. One pass over the other elements histograms their tail ``|x| >= cut``, with
        ``cut`` the lower edge of the bin of ``SAMPLE_MARGIN * s0``, or lower, so
        that at least ``SAMPLE_MIN_TAIL`` sampled values lie in the tail (the pass
-       also counts the non-finite values).
+       also counts the non-finite values); the sample's tail is added to it.
     3. The bins below ``cut`` are the sample's, scaled to the number of elements
        the tail leaves there; the fixed point is iterated on that histogram.
 
@@ -200,39 +202,51 @@ def _octav_sampled(
     ``s >= cut`` this histogram gives the rule of the full one, up to rounding.
     A fixed point found at or above ``cut`` is therefore the full histogram's
     (the sample only moves the starting point, ``mean |x|``, and the iterations
-    below ``cut``). Returns ``None`` -- the caller then reads every element into
-    the full histogram -- where that argument does not hold: the fixed point lies
-    below ``cut``, or the sample is all zeros or mostly denormals (``cut`` would not
-    be a normal float); and where it would not pay: more than ``SAMPLE_MAX_TAIL``
-    of the sample lies in the tail.
+    below ``cut``; denormals below ``cut`` do not matter). It is returned.
+
+    Otherwise the full histogram of ``x`` is returned -- counts and sums, equal to
+    :func:`fedquant.quant.kernels.abs_histogram`'s -- for the caller's usual path:
+    where the fixed point lies below ``cut`` (a second pass), where the sample is
+    all zeros or mostly denormals (``cut`` would not be a normal float), and where
+    the tail pass would not pay, more than ``SAMPLE_MAX_TAIL`` of the sample lying
+    in the tail; the last two read the elements outside the sample only.
     """
     n = x.size
     starts = kernels.sample_starts(n, blocks, block)
-    cnt, s1, _ = kernels.abs_histogram_blocks(x, starts, block)
-    if not s1.any():
-        return None
-    s0 = kernels.octav_histogram(cnt, s1, _EDGES, c, -1, OCTAV_TOL, OCTAV_MAX_ITER)
-    cut_bin = int(np.searchsorted(_EDGES, SAMPLE_MARGIN * s0, side="right")) - 1
-    # a threshold far out in a heavy tail rests on few sampled values: the tail then
-    # starts low enough to hold SAMPLE_MIN_TAIL of them
-    above = np.cumsum(cnt[::-1])[::-1]
-    cut_bin = min(cut_bin, int(np.searchsorted(-above, -SAMPLE_MIN_TAIL, side="right")) - 1)
-    sample_tail = int(cnt[max(cut_bin, 0) :].sum())
-    if cut_bin < _DENORMAL_BINS or sample_tail > SAMPLE_MAX_TAIL * blocks * block:
-        return None
-    tc, t1, bad = kernels.abs_histogram_tail(x, np.uint32(cut_bin << (23 - kernels.HIST_MANTISSA)))
-    if bad:
-        raise _nonfinite(where, bad)
+    cnt, s1, bad = kernels.abs_histogram_blocks(x, starts, block)
+    cut_bin = 0
+    if s1.any():
+        s0 = kernels.octav_histogram(cnt, s1, _EDGES, c, -1, OCTAV_TOL, OCTAV_MAX_ITER)
+        cut_bin = int(np.searchsorted(_EDGES, SAMPLE_MARGIN * s0, side="right")) - 1
+        # a threshold far out in a heavy tail rests on few sampled values: the tail then
+        # starts low enough to hold SAMPLE_MIN_TAIL of them
+        above = np.cumsum(cnt[::-1])[::-1]
+        cut_bin = min(cut_bin, int(np.searchsorted(-above, -SAMPLE_MIN_TAIL, side="right")) - 1)
+        if int(above[max(cut_bin, 0)]) > SAMPLE_MAX_TAIL * blocks * block:
+            cut_bin = 0
+    if cut_bin < _DENORMAL_BINS:  # the full histogram: the rest added to the sample's
+        cut_bin = 0
+    tc, t1, tbad = kernels.abs_histogram_gaps(
+        x, starts, block, np.uint32(cut_bin << (23 - kernels.HIST_MANTISSA))
+    )
+    if bad + tbad:
+        raise _nonfinite(where, bad + tbad)
+    tc[cut_bin:] += cnt[cut_bin:]
+    t1[cut_bin:] += s1[cut_bin:]
+    if cut_bin == 0:  # the sums are exact: the same histogram as abs_histogram(x)
+        return tc, t1
     below, below_sample = n - int(tc.sum()), int(cnt[:cut_bin].sum())
-    if below and not below_sample:
-        return None
     counts = tc.astype(np.float64)
     if below:
-        scale = below / below_sample
+        scale = below / max(below_sample, 1)  # > 0: the tail holds < SAMPLE_MAX_TAIL of it
         counts[:cut_bin] = cnt[:cut_bin] * scale
         t1[:cut_bin] = s1[:cut_bin] * scale
     s = float(kernels.octav_histogram(counts, t1, _EDGES, c, -1, OCTAV_TOL, OCTAV_MAX_ITER))
-    return s if s >= _EDGES[cut_bin] else None
+    if s >= _EDGES[cut_bin]:
+        return s
+    # the fixed point lies below the cut (rare): the rest of the elements, all of them
+    tc, t1, _ = kernels.abs_histogram_gaps(x, starts, block, np.uint32(0))
+    return tc + cnt, t1 + s1
 
 
 # --------------------------------------------------------------------------- dispatch

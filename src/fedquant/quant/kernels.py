@@ -223,25 +223,39 @@ def _abs_histogram_blocks_impl(x, starts, block):  # pragma: no cover - compiled
     return _hist_reduce(acc)
 
 
-def _abs_histogram_tail_impl(x, cut):  # pragma: no cover - compiled
-    """:func:`abs_histogram` of the values whose ``|x|`` bit pattern is ``>= cut`` (the
-    tail; Inf/NaN, past every finite pattern, included), from one pass over every
-    element: a thin tail costs little more than reading ``x``."""
-    n = x.size
-    groups = min(HIST_GROUPS, max(1, (n + CHUNK - 1) // CHUNK))
-    per = (n + groups - 1) // groups
-    acc = np.zeros((groups, _HIST_ALL, 2))
-    bits = x.view(np.uint32)
+@njit(inline="always")
+def _tail_add(acc, bits, x, lo, hi, cut):  # pragma: no cover - compiled
+    """:func:`_hist_add` of the elements of ``x[lo:hi]`` whose |x| pattern is ``>= cut``."""
     shift = np.uint32(23 - HIST_MANTISSA)
     mask = np.uint32(0x7FFFFFFF)
+    for i in range(lo, hi):
+        v = bits[i] & mask
+        if v >= cut:
+            k = v >> shift
+            acc[k, 0] += 1.0
+            acc[k, 1] += abs(np.float64(x[i]))
+
+
+def _abs_histogram_gaps_impl(x, starts, block, cut):  # pragma: no cover - compiled
+    """:func:`abs_histogram` of the elements outside the blocks of :func:`abs_histogram_blocks`
+    (so that the two add up to the histogram of ``x``), of all of them for ``cut == 0``,
+    else of those whose ``|x|`` bit pattern is ``>= cut`` (the tail; Inf/NaN, past every
+    finite pattern, included): a thin tail costs little more than reading ``x``."""
+    n = x.size
+    nb = starts.size
+    gaps = nb + 1  # gap b ends where block b starts; the last one ends at n
+    groups = min(HIST_GROUPS, gaps)
+    per = (gaps + groups - 1) // groups
+    acc = np.zeros((groups, _HIST_ALL, 2))
+    bits = x.view(np.uint32)
     for g in prange(groups):
-        a = acc[g]
-        for i in range(g * per, min(n, (g + 1) * per)):
-            v = bits[i] & mask
-            if v >= cut:
-                k = v >> shift
-                a[k, 0] += 1.0
-                a[k, 1] += abs(np.float64(x[i]))
+        for b in range(g * per, min(gaps, (g + 1) * per)):
+            lo = 0 if b == 0 else starts[b - 1] + block
+            hi = n if b == nb else starts[b]
+            if cut == 0:
+                _hist_add(acc[g], bits, x, lo, hi)
+            else:
+                _tail_add(acc[g], bits, x, lo, hi, cut)
     return _hist_reduce(acc)
 
 
@@ -694,7 +708,7 @@ def _dispatcher(impl: Callable[..., Any], size_arg: int, *, fastmath: bool = Fal
 abs_stats = _dispatcher(_abs_stats_impl, 0)
 abs_histogram = _dispatcher(_abs_histogram_impl, 0)
 abs_histogram_blocks = _dispatcher(_abs_histogram_blocks_impl, 0)
-abs_histogram_tail = _dispatcher(_abs_histogram_tail_impl, 0)
+abs_histogram_gaps = _dispatcher(_abs_histogram_gaps_impl, 0)
 quantize_pack = _dispatcher(_quantize_pack_impl, 0, fastmath=True)
 pack = _dispatcher(_pack_impl, 0)
 count_nonfinite = _dispatcher(_count_nonfinite_impl, 0)
