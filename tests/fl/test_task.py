@@ -37,7 +37,7 @@ from fedquant.fl.task import (
     federate,
     image_classification_task,
 )
-from fedquant.quant.codec import inspect
+from fedquant.quant.codec import describe_payload
 
 
 @pytest.fixture(scope="module")
@@ -259,7 +259,7 @@ def test_client_bits_assignment_and_payloads(small: ImageDataset) -> None:
     start = sim.new_state().global_state
     for c in (0, 1, 2):
         payload, _, _ = sim.client_payload(c, start, 1)
-        bits = {i.bits for i in inspect(payload).info.values() if i.quantized}
+        bits = {i.bits for i in describe_payload(payload).info.values() if i.quantized}
         assert bits == {widths[c]}
     row = sim.run_round(sim.new_state())
     assert row["clients_aggregated"] == 10

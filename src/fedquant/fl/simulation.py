@@ -583,7 +583,7 @@ class Simulation:
         """An attacker's payload: its trained model (or update) poisoned, then encoded with the
         uplink spec as an honest client would (metadata from its honest payload)."""
         cfg = self.cfg
-        dec = codec.inspect(payload, shared_key=shared_key)
+        dec = codec.describe_payload(payload, shared_key=shared_key)
         attackers = sum(self.hostile.get(c) == mode for c, _, _ in sent)
         deltas = (
             frozenset(payload_delta_names([dec.info])) if cfg.upload == "delta" else frozenset()
