@@ -55,6 +55,10 @@ decoder that predates these features refuses any nonzero ``transform`` or
 checksum from zlib's CRC-32 to CRC-32C, which CPUs compute
 with dedicated instructions at about memory speed; version-1 payloads still decode.
 
+Where each field lies is known to one walker, :mod:`fedquant.quant.wire`
+(also used by the fuzzer and the hostile-client modes); this module says what
+each field may hold.
+
 Decoding validates the header, the total length and the checksum first, then
 every field against the bytes actually present before allocating anything, so
 a hostile payload costs at most ``O(len(payload))`` memory (a quantized tensor
@@ -612,7 +616,8 @@ class _Record(NamedTuple):
     head: bytes
     data_len: int
     write: Callable[[np.ndarray], float]
-    info: TensorInfo  # nbytes and mse are filled in once written
+    name: str
+    info: Callable[..., TensorInfo]  # TensorInfo with all but ``mse`` and ``nbytes`` given
 
 
 def _assemble(records: list[_Record], meta_raw: bytes) -> tuple[bytes, dict[str, TensorInfo]]:
@@ -638,7 +643,7 @@ def _assemble(records: list[_Record], meta_raw: bytes) -> tuple[bytes, dict[str,
         mse = r.write(buf[data_at : data_at + r.data_len])
         MSE_LEN.pack_into(raw, mse_at, mse, r.data_len)
         end = data_at + r.data_len
-        infos[r.info.name] = replace(r.info, mse=mse, nbytes=end - pos)
+        infos[r.name] = r.info(mse=mse, nbytes=end - pos)
         pos = end
     CRC.pack_into(raw, pos, checksum(raw[:pos], VERSION))
     del buf, raw  # the views must not outlive this function (see _new_payload)
@@ -678,7 +683,7 @@ def _encode_tensor(
         values = np.ascontiguousarray(np.ascontiguousarray(arr).astype(raw_dtype).reshape(-1))
         head = _record_head(name, _DTYPE_CODE[dtype], KIND_INT, bits, 0, 0, 0, shape)
         info = _raw_info(name, shape, dtype, bits)
-        return _Record(head + _NO_SCALES_COUNT, values.nbytes, _writer(values), info)
+        return _Record(head + _NO_SCALES_COUNT, values.nbytes, _writer(values), name, info)
     if arr.dtype.kind != "f":
         raise InvalidInputError(f"encode: tensor {name!r} has unsupported dtype {arr.dtype}")
     flat32 = np.ascontiguousarray(arr, dtype=np.float32)
@@ -746,21 +751,20 @@ def _encode_tensor(
         name, _DTYPE_CODE[dtype], KIND_QUANT, bits, _GRAN[gran], transform, coding, shape
     )
     head += _scales_bytes(scales)
-    info = TensorInfo(
+    info = functools.partial(
+        TensorInfo,
         name=name,
         shape=shape,
         dtype=dtype,
         bits=bits,
         granularity=gran,
         scales=scales,
-        mse=0.0,
-        nbytes=0,
         transform=transform,
         coding=coding,
         block=block,
         codes=ncodes,
     )
-    return _Record(head, data_len, write, info)
+    return _Record(head, data_len, write, name, info)
 
 
 class _Quantized(NamedTuple):
@@ -803,18 +807,17 @@ def _encode_on_device(
         name, _DTYPE_CODE[dtype], KIND_QUANT, plan.bits, _GRAN[gran], 0, 0, arr.shape
     )
     head += _scales_bytes(scales)
-    info = TensorInfo(
+    info = functools.partial(
+        TensorInfo,
         name=name,
         shape=arr.shape,
         dtype=dtype,
         bits=plan.bits,
         granularity=gran,
         scales=scales,
-        mse=0.0,
-        nbytes=0,
         codes=int(rows.numel()),
     )
-    return _Record(head, q.packed.size, _writer(q.packed, q.mse), info)
+    return _Record(head, q.packed.size, _writer(q.packed, q.mse), name, info)
 
 
 def _copy_checked(flat: np.ndarray, out: np.ndarray) -> int:
@@ -841,22 +844,22 @@ def _encode_raw_float(name: str, arr: np.ndarray, dtype: str) -> _Record:
         return 0.0
 
     head = _record_head(name, _DTYPE_CODE[dtype], KIND_FLOAT, FLOAT_BITS, 0, 0, 0, shape)
-    return _Record(
-        head + _NO_SCALES_COUNT, flat.nbytes, write, _raw_info(name, shape, dtype, FLOAT_BITS)
-    )
+    info = _raw_info(name, shape, dtype, FLOAT_BITS)
+    return _Record(head + _NO_SCALES_COUNT, flat.nbytes, write, name, info)
 
 
-def _raw_info(name: str, shape: tuple[int, ...], dtype: str, bits: int) -> TensorInfo:
-    """The info of a tensor that travels raw (MSE and size filled in once written)."""
-    return TensorInfo(
+def _raw_info(
+    name: str, shape: tuple[int, ...], dtype: str, bits: int
+) -> Callable[..., TensorInfo]:
+    """The info of a tensor that travels raw, once its MSE and size are known."""
+    return functools.partial(
+        TensorInfo,
         name=name,
         shape=shape,
         dtype=dtype,
         bits=bits,
         granularity=Granularity.TENSOR,
         scales=_NO_SCALES,
-        mse=0.0,
-        nbytes=0,
     )
 
 
@@ -1218,7 +1221,7 @@ def _decode_record(
         granularity=checks.gran,
         scales=checks.scale_values,
         mse=rec.mse,
-        nbytes=rec.end - rec.start,
+        nbytes=cur.pos - rec.start,
         transform=transform,
         coding=coding,
         codes=checks.numel if kind == KIND_QUANT else 0,

@@ -23,8 +23,8 @@ import functools
 import struct
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol
 
 import crc32c
 
@@ -179,13 +179,16 @@ class Cursor:
         self.pos = pos + n
         return self.buf[pos : pos + n]
 
-    def unpack(self, st: struct.Struct, where: str, part: str = "") -> tuple[int | float, ...]:
+    def unpack(self, st: struct.Struct, where: str, part: str = "") -> tuple[Any, ...]:
         """The next ``st.size`` bytes, unpacked."""
         pos = self.pos
         if pos + st.size > self.end:
             self.take(st.size, where, part)  # raises the truncation error
         self.pos = pos + st.size
         return st.unpack_from(self.buf, pos)
+
+
+_EMPTY = memoryview(b"")
 
 
 @dataclass(slots=True, eq=False)
@@ -198,14 +201,14 @@ class Record:
 
     start: int  # offset of name_len
     name_len: int = 0
-    name: memoryview = field(default_factory=lambda: memoryview(b""))
+    name: memoryview = _EMPTY
     fixed: tuple[int, ...] = ()  # dtype, kind, bits, granularity, transform, coding, ndim, reserved
     dims: tuple[int, ...] = ()
     n_scales: int = 0
-    scales: memoryview = field(default_factory=lambda: memoryview(b""))
+    scales: memoryview = _EMPTY
     mse: float = 0.0
     data_len: int = 0
-    data: memoryview = field(default_factory=lambda: memoryview(b""))
+    data: memoryview = _EMPTY
 
     @property
     def kind(self) -> int:
@@ -297,27 +300,26 @@ def read_record(cur: Cursor, where: str, check: RecordCheck | None = None) -> Re
     cursor's end, and whatever ``check`` raises.
     """
     rec = Record(cur.pos)
-    rec.name_len = int(cur.unpack(U16, where, "name length")[0])
+    rec.name_len = cur.unpack(U16, where, "name length")[0]
     if check is not None:
         check.name_len(rec, where)
     rec.name = cur.take(rec.name_len, where, "name")
     if check is not None:
         where = check.name(rec, where)
-    rec.fixed = tuple(int(v) for v in cur.unpack(RECORD_FIXED, where))
+    rec.fixed = cur.unpack(RECORD_FIXED, where)
     if check is not None:
         check.fixed(rec, where)
-    rec.dims = tuple(int(d) for d in cur.unpack(_dims(rec.fixed[6]), where, "shape"))
+    rec.dims = cur.unpack(_dims(rec.fixed[6]), where, "shape")
     if check is not None:
         check.dims(rec, where)
-    rec.n_scales = int(cur.unpack(U32, where, "scale count")[0])
+    rec.n_scales = cur.unpack(U32, where, "scale count")[0]
     if check is not None:
         check.n_scales(rec, where)
     if rec.n_scales:
         rec.scales = cur.take(4 * rec.n_scales, where, "scales")
     if check is not None:
         check.scales(rec, where)
-    mse, data_len = cur.unpack(MSE_LEN, where, "mse and data length")
-    rec.mse, rec.data_len = float(mse), int(data_len)
+    rec.mse, rec.data_len = cur.unpack(MSE_LEN, where, "mse and data length")
     if check is not None:
         check.data_len(rec, where, cur.left)
     rec.data = cur.take(rec.data_len, where, "data")
