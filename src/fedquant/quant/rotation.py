@@ -128,11 +128,17 @@ def _check_pow2(value: int, what: str, lo: int, hi: int) -> int:
     return int(value)
 
 
-def check_blocks(block: int, min_block: int) -> tuple[int, int]:
+class Blocks(NamedTuple):
+    """A validated block layout: the largest block and the padding unit."""
+
+    block: int
+    min_block: int
+
+
+def check_blocks(block: int, min_block: int) -> Blocks:
     """Validate ``(block, min_block)``: powers of two, ``1 <= min_block <= block <= 2**24``."""
     block = _check_pow2(block, "block", 1, 1 << MAX_BLOCK_LOG2)
-    min_block = _check_pow2(min_block, "min_block", 1, block)
-    return block, min_block
+    return Blocks(block=block, min_block=_check_pow2(min_block, "min_block", 1, block))
 
 
 def check_shared_key(shared_key: int, where: str = "rotation") -> int:
@@ -173,7 +179,8 @@ def padded_length(n: int, block: int = DEFAULT_BLOCK, min_block: int = DEFAULT_M
     >>> [padded_length(n) for n in (0, 1, 3, 16, 17, 144, 1000, 78400)]
     [0, 1, 4, 16, 32, 144, 1008, 78400]
     """
-    block, min_block = check_blocks(block, min_block)
+    blocks = check_blocks(block, min_block)
+    block, min_block = blocks.block, blocks.min_block
     n = int(n)
     if n <= 0:
         return 0
@@ -524,7 +531,8 @@ def rotate(
     """
     rows_arr = _rows_of(x, where)
     k = check_shared_key(key, where)
-    block, min_block = check_blocks(block, min_block)
+    blocks = check_blocks(block, min_block)
+    block, min_block = blocks.block, blocks.min_block
     rows, n = rows_arr.shape
     padded = padded_length(n, block, min_block)
     out = np.empty(rows * padded, dtype=np.float32)
@@ -554,7 +562,8 @@ def unrotate(
     """Inverse of :func:`rotate`: the first ``n`` values of each row, float32 (a new array)."""
     rows_arr = _rows_of(y, "unrotate")
     k = check_shared_key(key, "unrotate")
-    block, min_block = check_blocks(block, min_block)
+    blocks = check_blocks(block, min_block)
+    block, min_block = blocks.block, blocks.min_block
     rows, padded = rows_arr.shape
     if padded != padded_length(n, block, min_block):
         raise InvalidInputError(
