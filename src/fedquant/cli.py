@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from fedquant.errors import ConfigError, FedquantError
+from fedquant.optional import install_hint
 
 EXIT_USER_ERROR = 2
 
@@ -302,10 +303,22 @@ def _delegate(module: str, argv: Sequence[str], prog: str) -> int:
     try:
         mod = importlib.import_module(module)
     except ImportError as e:
+        if isinstance(e, ModuleNotFoundError) and install_hint(e) is not None:
+            raise  # main names the extra to install
         raise ConfigError("command", f"this installation lacks {module} ({e})") from None
     if "prog" in inspect.signature(mod.main).parameters:
         return int(mod.main(list(argv), prog=prog))
     return int(mod.main(list(argv)))
+
+
+def _missing_extra(cmd: str, e: ModuleNotFoundError) -> int:
+    """One line naming the extra that provides a missing optional module (exit 2); re-raise
+    any other missing module."""
+    hint = install_hint(e)
+    if hint is None:
+        raise e
+    print(f"fedquant {cmd}: error: {hint}", file=sys.stderr)
+    return EXIT_USER_ERROR
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -373,6 +386,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except FedquantError as e:
             print(f"fedquant {argv[0]}: error: {e}", file=sys.stderr)
             return EXIT_USER_ERROR
+        except ModuleNotFoundError as e:
+            return _missing_extra(argv[0], e)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="fedquant: %(levelname)s: %(message)s")
     try:
@@ -380,6 +395,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FedquantError as e:
         print(f"fedquant {args.cmd}: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except ModuleNotFoundError as e:
+        return _missing_extra(args.cmd, e)
     except KeyboardInterrupt:
         print("fedquant: interrupted", file=sys.stderr)
         return 130
