@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -191,6 +192,21 @@ def test_every_requirement_is_pinned_in_constraints() -> None:
             name = canonicalize_name(req.name)
             assert name in pins, f"{req.name} (extra {extra}) has no pin in constraints.txt"
             assert req.specifier.contains(pins[name], prereleases=True), (req, pins[name])
+
+
+def test_docstring_rules_cover_the_modules_of_the_public_names() -> None:
+    import fedquant
+
+    ignores = PYPROJECT["tool"]["ruff"]["lint"]["per-file-ignores"]
+    (pattern,) = (k for k, v in ignores.items() if k.startswith("!") and v == ["D"])
+    prefix, braces, suffix = re.fullmatch(r"!(.*)\{(.*)\}(.*)", pattern).groups()  # type: ignore[union-attr]
+    checked = {f"{prefix}{stem}{suffix}" for stem in braces.split(",")}
+    public = {"src/fedquant/__init__.py"}
+    for name in fedquant.__all__:
+        module = getattr(fedquant, name).__module__ if name != "__version__" else "fedquant"
+        if module != "fedquant":
+            public.add("src/" + module.replace(".", "/") + ".py")
+    assert checked == public
 
 
 @pytest.mark.slow
