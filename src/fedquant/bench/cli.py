@@ -47,6 +47,7 @@ from typing import Any
 
 import numpy as np
 
+from fedquant.argparsing import Parser
 from fedquant.errors import ConfigError, FedquantError
 
 SECTIONS = ("grid", "error", "speed", "federated", "beyond")
@@ -56,7 +57,7 @@ MODELS = ("mnist", "cifar10")
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog=prog,
         description="fedquant benchmarks: quantization error vs peers and limits, speed "
         "as a ratio to memcpy, and the options beyond the paper (rotation, rANS coding, "
@@ -558,7 +559,7 @@ def _untrained_state(model: str, seed: int) -> dict[str, np.ndarray]:
     return load_state(PaperCNN(shape, 10).state_dict())
 
 
-def main(argv: Sequence[str] | None = None, *, prog: str = "python -m fedquant.bench") -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "python -m fedquant.bench") -> int:
     """Entry point; returns the exit status (0 ok, 2 bad options or a fedquant error)."""
     from fedquant.bench import report
 
