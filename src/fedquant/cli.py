@@ -349,7 +349,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cmp.set_defaults(func=cmd_compare)
     for name, module, helptext in (
-        ("bench", "fedquant.bench.cli", "benchmarks: quantization error, speed, federated traffic"),
+        (
+            "bench",
+            "fedquant.tools.bench.cli",
+            "benchmarks: quantization error, speed, federated traffic",
+        ),
         ("fuzz", "fedquant.fuzz", "fuzz the payload decoder and the server's ingest path"),
         ("reproduce", "fedquant.reproduce", "run the paper-claims grid and write the report"),
         (

@@ -41,7 +41,7 @@ What is timed (fedquant, CPU, numba kernels)
 ``kernel(dequantize)``
     the fused unpack + lookup kernel alone, into a preallocated output.
 
-Peers are timed the same way (encode and decode, :mod:`fedquant.bench.peers`).
+Peers are timed the same way (encode and decode, :mod:`fedquant.tools.bench.peers`).
 With ``device="cuda"`` (or any torch device) :func:`torch_speed` times a torch
 implementation of the same quantizer and fedquant's ``encode`` of a tensor on that
 device (on a GPU, :mod:`fedquant.quant.device` quantizes it there) against
@@ -59,7 +59,6 @@ from typing import Any
 
 import numpy as np
 
-from fedquant.bench import peers
 from fedquant.quant import kernels
 from fedquant.quant.clipping import threshold
 from fedquant.quant.codec import decode, encode
@@ -68,6 +67,7 @@ from fedquant.quant.grid import Rounding, noise_coefficient
 from fedquant.quant.packing import packed_size
 from fedquant.quant.quantizer import _coefficients, dequantize, level_table, quantize
 from fedquant.quant.spec import QuantSpec
+from fedquant.tools.bench import peers
 
 Row = dict[str, Any]
 #: the op name of the PyTorch qint8 row of :func:`fedquant_speed`

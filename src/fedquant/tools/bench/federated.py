@@ -1,9 +1,8 @@
 """Federated benchmarks: traffic to a target accuracy, the simulator's overhead and memory.
 
-Traffic to a target accuracy, the simulator's overhead and memory. Every function runs
-the real simulator (:class:`fedquant.fl.simulation.Simulation`) and returns
-plain rows (dicts), like the rest of :mod:`fedquant.bench`; the command is
-``python -m fedquant.bench --only federated``.
+Every function runs the real simulator (:class:`fedquant.fl.simulation.Simulation`) and returns
+plain rows (dicts), like the rest of :mod:`fedquant.tools.bench`; the command is
+``python -m fedquant.tools.bench --only federated``.
 
 :func:`bytes_to_target`
     Uplink bytes each method needs to reach a target test accuracy: float32
@@ -24,8 +23,8 @@ plain rows (dicts), like the rest of :mod:`fedquant.bench`; the command is
     ``clients x`` the model's float32 size.
 
 The comparison with Flower's simulation engine is in
-:mod:`fedquant.flower.simulation` (the only Flower-importing code lives in
-:mod:`fedquant.flower`). Timings are wall-clock on a possibly busy
+:mod:`fedquant.tools.bench.flower_ray`, which imports this module and
+:mod:`fedquant.flower`. Timings are wall-clock on a possibly busy
 machine: every timed row records the load average, and the figures worth
 quoting are the ratios measured within one run.
 """
@@ -949,7 +948,7 @@ def _in_fresh_process(
     """
     code = (
         "import json, sys\n"
-        "from fedquant.bench import federated\n"
+        "from fedquant.tools.bench import federated\n"
         f"print(json.dumps(federated.{function}(**json.loads(sys.argv[1]))))\n"
     )
     proc = subprocess.run(
