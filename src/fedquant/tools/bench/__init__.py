@@ -1,4 +1,4 @@
-"""fedquant's benchmark suite: importable functions behind ``python -m fedquant.tools.bench``.
+"""fedquant's benchmark suite: the importable functions behind ``fedquant bench``.
 
 * :func:`grid_table` -- OCTAV's noise coefficient vs the level grid and rounding
   (:mod:`fedquant.tools.bench.grid`);

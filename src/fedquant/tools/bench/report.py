@@ -1,9 +1,9 @@
-"""Writers of the benchmark results: one JSON file and one Markdown report.
+"""The benchmark report: ``bench.json`` (every row) and ``bench.md`` (its tables).
 
-The JSON (``bench.json``) holds every row measured, with the command, the
-environment and the sizes used; the Markdown (``bench.md``) is generated
-from it alone (:func:`markdown`), so a report can be re-rendered from a
-stored JSON without re-running anything.
+``bench.md`` is rendered from the JSON alone (:func:`markdown`), so a stored
+``bench.json`` re-renders without running anything. The report holds tables
+and numbers only; what each table measures, and how to read it, is written
+by hand in ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations
@@ -96,6 +96,49 @@ def _default(o: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(o).__name__}")
 
 
+# --------------------------------------------------------------------------- helpers
+
+
+def _settings(pairs: Iterable[tuple[str, Any]]) -> list[str]:
+    """A two-column table of a section's settings (rows whose value is None left out)."""
+    rows = [(k, v) for k, v in pairs if v is not None]
+    return [table(["setting", "value"], rows), ""] if rows else []
+
+
+def _tbl(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
+    """A table and the blank line after it."""
+    return [table(header, rows), ""]
+
+
+def _titled(heading: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    """A heading and its table; nothing when there are no rows."""
+    return [heading, "", *_tbl(header, rows)] if rows else []
+
+
+def _details(summary: str, body: str) -> str:
+    return f"<details><summary>{summary}</summary>\n\n{body}\n\n</details>"
+
+
+def _x(v: float | None, digits: int = 3) -> str:
+    return "-" if v is None else f"{fmt(v, digits)}x"
+
+
+def _pct(v: float | None, digits: int = 1) -> str:
+    return "-" if v is None else f"{100 * v:.{digits}f} %"
+
+
+def _mib(b: float | None) -> str:
+    return "-" if b is None else f"{b / 2**20:.1f} MiB"
+
+
+def _bytes(b: float | None) -> str:
+    return "-" if b is None else f"{b:,.0f}"
+
+
+def _yes(v: Any) -> str:
+    return "yes" if v else "no"
+
+
 def _scheme_label(r: Row) -> str:
     if r["scheme"] == "fedquant":
         gran = f", {r['granularity']}" if r.get("granularity") == "channel" else ""
@@ -103,8 +146,9 @@ def _scheme_label(r: Row) -> str:
     return str(r["scheme"])
 
 
-def _bits_table(rows: Sequence[Row], bits: Sequence[int], *, show_bpc: bool = True) -> str:
-    """Rows = scheme, columns = bit widths, cells = NMSE (and bits/coord where it differs)."""
+def _bits_table(rows: Sequence[Row], bits: Sequence[int]) -> str:
+    """Rows = scheme, columns = bit widths, cells = NMSE (and bits/coord where it differs
+    from B by more than 5 %)."""
     order: list[str] = []
     cells: dict[tuple[str, int], str] = {}
     for r in rows:
@@ -113,7 +157,7 @@ def _bits_table(rows: Sequence[Row], bits: Sequence[int], *, show_bpc: bool = Tr
             order.append(label)
         cell = fmt(r["nmse"])
         bpc = r.get("bpc")
-        if show_bpc and bpc is not None and abs(bpc - r["bits"]) > 0.05 * r["bits"]:
+        if bpc is not None and abs(bpc - r["bits"]) > 0.05 * r["bits"]:
             cell += f" ({bpc:.2f} b)"
         cells[label, r["bits"]] = cell
     return table(
@@ -122,91 +166,86 @@ def _bits_table(rows: Sequence[Row], bits: Sequence[int], *, show_bpc: bool = Tr
     )
 
 
-# --------------------------------------------------------------------------- sections
+def _weights_table(weights: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Where each model's weights came from: training run (dataset, epochs, seed, test
+    accuracy) or checkpoint path."""
+    rows = []
+    for model, w in weights.items():
+        info = w.get("train") or {}
+        rows.append(
+            [
+                model,
+                f"`{info['dataset']}`" if info else "-",
+                info.get("epochs", "-"),
+                info.get("seed", "-"),
+                _pct(info.get("test_accuracy")),
+                f"`{w['source']}`" if w.get("source") else "trained centrally",
+            ]
+        )
+    if not rows:
+        return []
+    return [
+        table(["model", "trained on", "epochs", "seed", "test accuracy", "weights"], rows),
+        "",
+    ]
+
+
+# --------------------------------------------------------------------------- grid and error
 
 
 def _grid_md(sec: Mapping[str, Any]) -> list[str]:
     rows = sec["rows"]
     bits = sorted({r["bits"] for r in rows})
-    out = [
-        "## 1. The level grid and OCTAV's noise coefficient",
-        "",
-        "OCTAV's threshold (converged fixed point on the density) for each grid x rounding x "
-        "coefficient, its exact NMSE, and the excess over the best threshold for that same grid "
-        "and rounding. `L = 2^B - 1`. Cells: `NMSE (excess)`; the Monte-Carlo check "
-        f"(fedquant's `threshold` + `quantize` on {sec['n']:,} seeded samples) is in the JSON "
-        "(`mc_nmse`, `mc_s`). The OCTAV paper's coefficient `4^-B/3` belongs to the midrise "
-        "grid; on the `+-s` grid of fedquant and of the paper's reference code it is too small.",
-        "",
-    ]
+    out = ["## Level grid and OCTAV's noise coefficient", ""]
+    out += _settings([("Monte-Carlo samples", f"{sec['n']:,}")])
     for src in dict.fromkeys(r["source"] for r in rows):
         rs = [r for r in rows if r["source"] == src]
-        out.append(f"**{src}**")
-        out.append("")
+        cases = list(dict.fromkeys(r["case"] for r in rs))
+        by = {(r["case"], r["bits"]): r for r in rs}
         body = []
-        for case in dict.fromkeys(r["case"] for r in rs):
-            cr = {r["bits"]: r for r in rs if r["case"] == case}
-            first = next(iter(cr.values()))
+        for case in cases:
+            first = next(r for r in rs if r["case"] == case)
             body.append(
                 [first["description"]]
                 + [
-                    f"{fmt(cr[b]['nmse_octav'])} ({100 * cr[b]['excess']:+.1f}%)" if b in cr else ""
+                    f"{fmt(by[case, b]['nmse_octav'])} ({100 * by[case, b]['excess']:+.1f}%)"
+                    if (case, b) in by
+                    else ""
                     for b in bits
                 ]
             )
-        out.append(table(["grid, rounding, c"] + [f"B={b}" for b in bits], body))
-        out.append("")
-        sr = {(r["case"], r["bits"]): r for r in rs}
-        body = [
-            [r0["description"]] + [fmt(sr[r0["case"], b]["s_octav"], 3) for b in bits]
-            for r0 in (sr[c, bits[0]] for c in dict.fromkeys(r["case"] for r in rs))
+        thresholds = [
+            [by[c, bits[0]]["description"]] + [fmt(by[c, b]["s_octav"], 3) for b in bits]
+            for c in cases
+            if (c, bits[0]) in by
         ]
-        out.append(
-            "<details><summary>OCTAV thresholds s/σ</summary>\n\n"
-            + table(["case"] + [f"B={b}" for b in bits], body)
-            + "\n\n</details>"
-        )
-        out.append("")
+        out += [
+            f"### {src}",
+            "",
+            table(["grid, rounding, c: NMSE (excess)"] + [f"B={b}" for b in bits], body),
+            "",
+            _details(
+                "OCTAV thresholds s/σ", table(["case"] + [f"B={b}" for b in bits], thresholds)
+            ),
+            "",
+        ]
     return out
 
 
 def _error_md(sec: Mapping[str, Any]) -> list[str]:
     syn = sec["synthetic"]
     bits = sorted({r["bits"] for r in syn}) if syn else []
-    out = [
-        "## 2. Quantization error (NMSE = MSE / variance)",
-        "",
-        f"Synthetic sources: {sec['n']:,} seeded samples, unit variance. fedquant is per tensor. "
-        "Peers at the bit widths they have; `(x b)` = actual bits per coordinate when it "
-        "differs from B by more than 5 % (side information, padding). Limits in closed form: "
-        "`best-uniform-*` = best threshold on fedquant's grid; `lloyd-max` = optimal "
-        "non-uniform quantizer; `rate-distortion` = `4^-B` for the Gaussian, Shannon's lower "
-        "bound for the others.",
-        "",
-    ]
+    out = ["## Quantization error (NMSE)", ""]
+    out += _settings([("synthetic samples", f"{sec['n']:,}")])
     for src in dict.fromkeys(r["source"] for r in syn):
         rs = [r for r in syn if r["source"] == src]
         out += [f"### {src}", "", _bits_table(rs, bits), ""]
-    for model, m in sec.get("models", {}).items():
-        info = m.get("train")
-        out.append(f"### {model}: real weights, per layer")
-        out.append("")
-        if info:
-            out.append(
-                f"The paper's CNN **trained centrally** (not federated) on `{info['dataset']}` for "
-                f"{info['epochs']} epoch(s), seed {info['seed']}: test accuracy "
-                f"{100 * info['test_accuracy']:.1f} %. Layers: "
-                + ", ".join(f"`{k}` ({v:,})" for k, v in m["layers"].items())
-                + ". Whole-model NMSE = sum of per-layer MSE x size / sum of variance x size. "
-                "Limits are exact on each layer's values (symmetric best uniform; unconstrained "
-                "1-D k-means for Lloyd-Max); `rate-distortion` is the Gaussian `4^-B`, a "
-                "reference only."
-            )
-        elif m.get("source"):
-            out.append(f"Weights from `{m['source']}`.")
-        out.append("")
+    models = sec.get("models", {})
+    if models:
+        out += ["### Model weights", ""]
+        out += _weights_table(models)
+    for model, m in models.items():
         tb = sorted({r["bits"] for r in m["total"]})
-        out += [_bits_table(m["total"], tb), ""]
         per = [
             r
             for r in m["rows"]
@@ -220,77 +259,78 @@ def _error_md(sec: Mapping[str, Any]) -> list[str]:
         ]
         body = []
         for src in dict.fromkeys(r["source"] for r in per):
-            labels = dict.fromkeys(_scheme_label(r) for r in per if r["source"] == src)
-            for lab in labels:
+            for lab in dict.fromkeys(_scheme_label(r) for r in per if r["source"] == src):
                 cells = {
                     r["bits"]: fmt(r["nmse"])
                     for r in per
                     if r["source"] == src and _scheme_label(r) == lab
                 }
                 body.append([src.split("/", 1)[1], lab] + [cells.get(b, "") for b in tb])
-        out.append(
-            "<details><summary>per layer: OCTAV vs the limits</summary>\n\n"
-            + table(["layer", "scheme"] + [f"B={b}" for b in tb], body)
-            + "\n\n</details>"
-        )
-        out.append("")
+        layers = ", ".join(f"`{k}` ({v:,})" for k, v in m.get("layers", {}).items())
+        out += [
+            f"### {model}: whole model",
+            "",
+            *_settings([("layers (values)", layers or None)]),
+            _bits_table(m["total"], tb),
+            "",
+            _details(
+                "per layer: OCTAV and the limits",
+                table(["layer", "scheme"] + [f"B={b}" for b in tb], body),
+            ),
+            "",
+        ]
     if sec.get("skipped"):
         out += ["Skipped: " + "; ".join(sec["skipped"]), ""]
     return out
 
 
+# --------------------------------------------------------------------------- speed
+
+
+def _cell(r: Row) -> str:
+    """A speed ratio, with the 1-thread CPU-time ratio in parentheses."""
+    cpu = r.get("cpu_ratio_memcpy")
+    return fmt(r["ratio_memcpy"], 3) + (
+        f" (cpu {fmt(cpu, 3)})" if cpu and r.get("threads") == 1 else ""
+    )
+
+
 def _speed_md(sec: Mapping[str, Any]) -> list[str]:
-    out = [
-        "## 3. Speed",
-        "",
-        f"{sec['n']:,}-element float32 tensor. `ratio` = t(memcpy) / t(op), medians of the "
-        "per-rep ratios with memcpy (`np.copyto`, preallocated) timed right before each rep in "
-        "the same process; for 1 thread, in parentheses, the same ratio of process CPU "
-        "times: what the wall ratio would be on an idle core. "
-        "Higher is better; 1.0 = as fast as copying the tensor. "
-        f"memcpy measured {fmt(sec.get('memcpy_gbps_median'), 3)} GB/s (read + write, median); "
-        f"load average before / after: {sec.get('load_before', '-')} / {sec.get('load_after', '-')}.",
-        "",
-    ]
     fq = sec["fedquant"]
     ths = sorted({r["threads"] for r in fq})
+    out = ["## Speed", ""]
+    out += _settings(
+        [
+            ("float32 elements", f"{sec['n']:,}"),
+            ("timed reps", sec.get("reps")),
+            ("memcpy GB/s (median)", fmt(sec.get("memcpy_gbps_median"), 3)),
+            ("load average before / after", f"{sec.get('load_before', '-')} / "
+             f"{sec.get('load_after', '-')}"),
+            ("GPU", sec["device"][0]["device"] if sec.get("device") else "none timed"),
+        ]
+    )  # fmt: skip
     ops = list(
         dict.fromkeys((r["op"], r["bits"], r["rounding"]) for r in fq if r["op"] != "threshold")
     )
     by = {(r["op"], r["bits"], r["rounding"], r["threads"]): r for r in fq}
-
-    def cell(r: Row) -> str:
-        cpu = r.get("cpu_ratio_memcpy")
-        return fmt(r["ratio_memcpy"], 3) + (
-            f" (cpu {fmt(cpu, 3)})" if cpu and r.get("threads") == 1 else ""
-        )
-
-    body = []
-    for op, b, rnd in ops:
-        body.append(
-            [f"`{op}`", b, rnd]
-            + [cell(by[op, b, rnd, t]) if (op, b, rnd, t) in by else "" for t in ths]
-            + [fmt(by[op, b, rnd, ths[-1]]["melem_per_s"], 4)]
-        )
-    out.append(
-        table(
-            ["op", "B", "rounding"] + [f"ratio, {t} thread(s)" for t in ths] + ["M elem/s (all)"],
-            body,
-        )
+    body = [
+        [f"`{op}`", b, rnd]
+        + [_cell(by[op, b, rnd, t]) if (op, b, rnd, t) in by else "" for t in ths]
+        + [fmt(by[op, b, rnd, ths[-1]]["melem_per_s"], 4)]
+        for op, b, rnd in ops
+    ]
+    out += _tbl(
+        ["op", "B", "rounding"] + [f"ratio, {t} thread(s)" for t in ths] + ["M elem/s (all)"],
+        body,
     )
-    out.append("")
     out += _speed_goals_md(fq)
     thr = [r for r in fq if r["op"] == "threshold"]
     if thr:
-        out.append(
+        out += [
+            "### OCTAV threshold",
+            "",
             table(
-                [
-                    "OCTAV threshold",
-                    "threads",
-                    "x memcpy",
-                    "x np.abs(x).sum()",
-                    "x torch abs().sum()",
-                ],
+                ["op", "threads", "x memcpy", "x np.abs(x).sum()", "x torch abs().sum()"],
                 (
                     [
                         "`threshold(x, 4, 'stochastic')`",
@@ -301,54 +341,42 @@ def _speed_md(sec: Mapping[str, Any]) -> list[str]:
                     ]
                     for r in thr
                 ),
-            )
-        )
-        out.append("")
-    if sec.get("peers"):
-        out.append(
-            "Peers (NumPy reference implementations from `fedquant.tools.bench.peers`, not tuned; "
-            "`torch-qint8` is PyTorch's fused C++ quantizer), 1 thread:"
-        )
-        out.append("")
-        out.append(
-            table(
-                ["peer", "op", "B", "ratio", "M elem/s"],
-                (
-                    [r["impl"], r["op"], r["bits"], cell(r), fmt(r["melem_per_s"], 4)]
-                    for r in sec["peers"]
-                ),
-            )
-        )
-        out.append("")
-    if not sec.get("device"):
-        out += [
-            "No GPU rows: none was timed in this run (`--device cuda` adds the torch "
-            "quantizer and fedquant's device path, `fedquant.quant.device`, against "
-            "`Tensor.copy_` on the GPU).",
+            ),
             "",
         ]
+    if sec.get("peers"):
+        out += [
+            "### Peers",
+            "",
+            table(
+                ["peer", "op", "B", "threads", "ratio", "M elem/s"],
+                (
+                    [r["impl"], r["op"], r["bits"], r["threads"], _cell(r),
+                     fmt(r["melem_per_s"], 4)]
+                    for r in sec["peers"]
+                ),
+            ),
+            "",
+        ]  # fmt: skip
     if sec.get("device"):
         dev = sec["device"]
-        out.append(
-            f"Torch implementation of the same quantizer on `{dev[0]['device']}` "
-            "(fedquant's kernels are CPU code), ratio to `Tensor.copy_` there:"
-        )
-        out.append("")
-        out.append(
+        out += [
+            f"### Torch on `{dev[0]['device']}` (ratio to `Tensor.copy_`)",
+            "",
             table(
                 ["op", "B", "rounding", "ratio", "M elem/s"],
                 (
-                    [f"`{r['op']}`", r["bits"], r["rounding"], cell(r), fmt(r["melem_per_s"], 4)]
+                    [f"`{r['op']}`", r["bits"], r["rounding"], _cell(r), fmt(r["melem_per_s"], 4)]
                     for r in dev
                 ),
-            )
-        )
-        out.append("")
+            ),
+            "",
+        ]
     return out
 
 
 def _speed_goals_md(fq: Sequence[Row]) -> list[str]:
-    """The speed goals (:data:`fedquant.tools.bench.speed.SPEED_GOALS`), met or the measured ratio."""
+    """The speed goals (:data:`fedquant.tools.bench.speed.SPEED_GOALS`): met, or the ratio."""
     from fedquant.tools.bench.speed import SPEED_GOALS, TORCH_QINT8_OP
 
     ths = sorted({r["threads"] for r in fq})
@@ -380,14 +408,7 @@ def _speed_goals_md(fq: Sequence[Row]) -> list[str]:
                 + [verdict(rows.get(t), g1 if t == 1 else g2) for t in ths]
             )
     for t in ths:  # 8-bit nearest encode against PyTorch's qint8 kernel, same thread count
-        enc = next(
-            (
-                r
-                for r in fq
-                if (r["op"], r["bits"], r["rounding"], r["threads"]) == ("encode", 8, "nearest", t)
-            ),
-            None,
-        )
+        enc = by_key(fq, ("encode", 8, "nearest", t))
         peer = next((r for r in fq if r["op"] == TORCH_QINT8_OP and r["threads"] == t), None)
         if enc and peer and peer.get("ratio_memcpy"):
             rel = enc["ratio_memcpy"] / peer["ratio_memcpy"]
@@ -397,28 +418,30 @@ def _speed_goals_md(fq: Sequence[Row]) -> list[str]:
     if not body:
         return []
     return [
-        "Goals (ratio to memcpy at 1 / all threads; 'met' when the measured wall-clock ratio "
-        "reaches it; for 1 thread, in parentheses, the ratio of process CPU times):",
+        "### Goals",
         "",
-        table(["goal", "target"] + [f"{t} thread(s)" for t in ths], body),
+        table(["goal", "target (1 / all threads)"] + [f"{t} thread(s)" for t in ths], body),
         "",
     ]
 
 
-def headline(results: Mapping[str, Any]) -> list[str]:
-    """A few bullet points computed from the results (the figures for the README)."""
-    out: list[str] = []
+def by_key(rows: Sequence[Row], key: tuple[str, int, str, int]) -> Row | None:
+    """The speed row of (op, bits, rounding, threads), or None."""
+    return next((r for r in rows if (r["op"], r["bits"], r["rounding"], r["threads"]) == key), None)
+
+
+# --------------------------------------------------------------------------- summaries
+
+
+def headline(results: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(figure, value) pairs computed from the results: the figures the README quotes."""
+    out: list[tuple[str, str]] = []
     sec = results.get("sections", {})
     sp = sec.get("speed")
     if sp:
         fq = sp["fedquant"]
         top = max(r["threads"] for r in fq)
-        for op, what in (
-            ("kernel(scale=s)", "quantize + pack kernel, given threshold, preallocated output"),
-            ("quantize(scale=s)", "`quantize(x, B, scale=s)` (allocates its output)"),
-            ("encode", "full `encode` incl. the OCTAV threshold"),
-            ("decode", "`decode`"),
-        ):
+        for op in ("kernel(scale=s)", "quantize(scale=s)", "encode", "decode"):
             cells = []
             for b in sorted({r["bits"] for r in fq if r["op"] == op}):
                 rr = {
@@ -426,21 +449,24 @@ def headline(results: Mapping[str, Any]) -> list[str]:
                     for r in fq
                     if r["op"] == op and r["bits"] == b and r["rounding"] == "stochastic"
                 }
-                med = " / ".join(f"{fmt(rr[t]['ratio_memcpy'], 2)}x" for t in sorted(rr))
-                cpu = rr[min(rr)].get("cpu_ratio_memcpy") if rr else None
-                cells.append(f"{b} bits {med} (1 thread, CPU time: {fmt(cpu, 2)}x)")
-            out.append(
-                f"- {what}, stochastic rounding, {sp['n']:,} floats, 1 / {top} threads: "
-                + "; ".join(cells)
-                + " of memcpy"
-            )
+                if not rr:
+                    continue
+                med = " / ".join(fmt(rr[t]["ratio_memcpy"], 2) for t in sorted(rr))
+                cpu = rr[min(rr)].get("cpu_ratio_memcpy")
+                cells.append(f"B={b}: {med} (cpu {fmt(cpu, 2)})")
+            if cells:
+                out.append(
+                    (f"`{op}` x memcpy, stochastic, 1 / {top} threads (1-thread CPU time)",
+                     "; ".join(cells))
+                )  # fmt: skip
         for r in fq:
             if r["op"] == "threshold" and r["threads"] == top:
                 out.append(
-                    f"- OCTAV threshold: {fmt(r.get('x_abs_sum_numpy'), 2)}x the time of one "
-                    f"`np.abs(x).sum()` ({fmt(r.get('x_abs_sum_torch'), 2)}x torch `x.abs().sum()`, "
-                    f"{fmt(1.0 / r['ratio_memcpy'], 2)}x a memcpy)"
-                )
+                    (f"OCTAV threshold, {top} threads: x np.abs(x).sum() / x torch "
+                     "x.abs().sum() / x memcpy",
+                     f"{fmt(r.get('x_abs_sum_numpy'), 2)} / {fmt(r.get('x_abs_sum_torch'), 2)}"
+                     f" / {fmt(1.0 / r['ratio_memcpy'], 2)}")
+                )  # fmt: skip
     er = sec.get("error")
     if er and er.get("synthetic"):
         g = {
@@ -452,22 +478,22 @@ def headline(results: Mapping[str, Any]) -> list[str]:
         oc = [g.get(("fedquant", "octav", "stochastic", b)) for b in bits]
         lim = [g.get(("best-uniform-stochastic", "", "", b)) for b in bits]
         if all(v is not None for v in oc + lim):
+            bs = "/".join(map(str, bits))
             out.append(
-                "- Gaussian NMSE, OCTAV + stochastic rounding at B = "
-                + "/".join(map(str, bits))
-                + ": "
-                + " / ".join(fmt(v, 3) for v in oc)
-                + " (best stochastic uniform quantizer: "
-                + " / ".join(fmt(v, 3) for v in lim)
-                + ")"
+                (f"Gaussian NMSE, OCTAV stochastic, B={bs}", " / ".join(fmt(v, 3) for v in oc))
             )
-    out += beyond_headline(results)
-    return out
+            out.append(
+                (
+                    f"Gaussian NMSE, best stochastic uniform, B={bs}",
+                    " / ".join(fmt(v, 3) for v in lim),
+                )
+            )
+    return out + beyond_headline(results)
 
 
 #: rows of the error tables that are not peers: ``hadamard-octav`` is the peers' reference
-#: implementation of rotation + OCTAV (:mod:`fedquant.tools.bench.peers`), written before
-#: ``QuantSpec(rotation=True)`` existed; section 5 measures the option itself
+#: implementation of rotation + OCTAV (:mod:`fedquant.tools.bench.peers`), kept as a
+#: cross-check of ``QuantSpec(rotation=True)``
 PREVIEWS = ("hadamard-octav",)
 
 
@@ -481,37 +507,31 @@ def _error_rows(results: Mapping[str, Any]) -> list[Row]:
     return rows
 
 
-def _octav_best(rows: Sequence[Row]) -> dict[tuple[str, int], float]:
+def peer_wins(results: Mapping[str, Any]) -> list[list[str]]:
+    """Where a peer has lower NMSE than fedquant's OCTAV (best of the two roundings, per
+    tensor) at the same nominal bits: rows of source, B, peer, its NMSE and bits/coord,
+    fedquant's NMSE."""
+    rows = _error_rows(results)
     fed: dict[tuple[str, int], float] = {}
     for r in rows:
         if r["scheme"] == "fedquant" and r["method"] == "octav" and r["granularity"] == "tensor":
             k = (r["source"], r["bits"])
             fed[k] = min(fed.get(k, math.inf), r["nmse"])
-    return fed
-
-
-def peer_wins(results: Mapping[str, Any]) -> list[str]:
-    """Where a peer has lower NMSE than fedquant's OCTAV (best of the two roundings, per
-    tensor) at the same nominal bits -- stated in the report, not hidden."""
-    rows = _error_rows(results)
-    fed = _octav_best(rows)
     names = set(results.get("peers", [])) - set(PREVIEWS)
-    out = []
-    for r in rows:
-        if r["scheme"] in names and (r["source"], r["bits"]) in fed:
-            f = fed[r["source"], r["bits"]]
-            if r["nmse"] < f:
-                out.append(
-                    f"- {r['source']}, B={r['bits']}: `{r['scheme']}` {fmt(r['nmse'])} "
-                    f"({r['bpc']:.2f} bits/coord) < fedquant OCTAV {fmt(f)}"
-                )
-    return out
+    return [
+        [r["source"], str(r["bits"]), f"`{r['scheme']}`", fmt(r["nmse"]), f"{r['bpc']:.2f}",
+         fmt(fed[r["source"], r["bits"]])]
+        for r in rows
+        if r["scheme"] in names
+        and (r["source"], r["bits"]) in fed
+        and r["nmse"] < fed[r["source"], r["bits"]]
+    ]  # fmt: skip
 
 
-def peer_speed_wins(results: Mapping[str, Any]) -> list[str]:
-    """Peers whose encode or decode is faster than fedquant's public ``quantize(scale=s)`` /
-    ``dequantize`` at the same bits (either rounding), both on one thread, compared by the
-    CPU-time ratio to memcpy (the figure least disturbed by other processes)."""
+def peer_speed_wins(results: Mapping[str, Any]) -> list[list[str]]:
+    """Peers whose encode or decode beats fedquant's public ``quantize(scale=s)`` /
+    ``dequantize`` at the same bits (either rounding), both on one thread, by the
+    CPU-time ratio to memcpy: rows of peer, op, B, its ratio, fedquant's op and ratio."""
     sp = results.get("sections", {}).get("speed")
     if not sp or not sp.get("peers"):
         return []
@@ -527,32 +547,8 @@ def peer_speed_wins(results: Mapping[str, Any]) -> list[str]:
         v = r.get("cpu_ratio_memcpy")
         if mine is not None and v and r["threads"] == 1 and v > mine:
             what = "quantize(scale=s)" if r["op"] == "encode" else "dequantize"
-            out.append(
-                f"- {r['impl']} {r['op']} at {r['bits']} bits: {fmt(v, 3)}x memcpy "
-                f"> fedquant `{what}` {fmt(mine, 3)}x (1 thread, CPU time)"
-            )
+            out.append([r["impl"], r["op"], str(r["bits"]), fmt(v, 3), f"`{what}`", fmt(mine, 3)])
     return out
-
-
-NOTES = """- **Real weights are from centrally trained models** (the paper's CNN, a few epochs, seeded),
-  standing in for federated ones; federated runs are in section 4.
-- The **peers** are NumPy reference implementations written from their papers
-  (`fedquant.tools.bench.peers`): faithful in error, not tuned for speed. `torch-qint8`
-  (PyTorch's fused C++ kernel, nearest rounding, 8 bits) is the tuned speed peer.
-- `hadamard-octav` in section 2 is not a peer: it is the peers' NumPy reference of a
-  randomized Hadamard rotation followed by fedquant's OCTAV (stochastic), kept as a cross-check.
-  The rotation is a fedquant option, `QuantSpec(rotation=True)`, measured through the codec in
-  section 5 with rANS coding (`entropy="rans"`) and adaptive bit allocation (`bits="auto:2.03"`).
-- **Timing** on a shared 2-core VM: every figure is a ratio to a memcpy measured in the same
-  process, rep by rep, median of the per-rep ratios; other processes still disturb the
-  2-thread rows most (the load average is recorded with the speed table).
-- **Student-t(3)** has no fourth moment: sample NMSEs at 8 bits move by 3x between seeds
-  (0.011-0.034 for per-tensor OCTAV over seeds 0-5, 2^20 samples); the closed forms are the
-  stable reference.
-- QSGD with one norm at 2 bits: each draw's error comes from ~800 coordinates rounded up to
-  the full norm, so a single draw scatters by ~3.5 %; its expectation on a 2^20 Gaussian is
-  `||x||_1/||x||_2 - 1` = 816.
-"""
 
 
 def markdown(results: Mapping[str, Any]) -> str:
@@ -561,373 +557,240 @@ def markdown(results: Mapping[str, Any]) -> str:
     out = [
         "# fedquant benchmarks",
         "",
-        "Generated by:",
-        "",
         "```",
-        results.get("command", "python -m fedquant.tools.bench"),
+        results.get("command", ""),
         "```",
         "",
-        f"{results.get('created', '')}; "
-        + ", ".join(f"{k} {v}" for k, v in env.items())
-        + (
-            " — **quick smoke run, tiny sizes: not meaningful figures**"
-            if results.get("quick")
-            else ""
+        *_settings(
+            [("created", results.get("created")), *env.items(),
+             ("quick (tiny sizes)", _yes(results.get("quick")))]
         ),
-        "",
-    ]
-    head = headline(results)
-    if head:
-        out += ["## Headline", "", *head, ""]
-    wins = peer_wins(results)
-    if wins:
-        out += ["## Where a peer wins (NMSE at equal nominal bits)", "", *wins, ""]
-    fast = peer_speed_wins(results)
-    if fast:
-        out += ["## Where a peer is faster (same bits, 1 thread)", "", *fast, ""]
-    out += ["## Notes", "", NOTES]
+    ]  # fmt: skip
+    out += _titled("## Headline", ["figure", "value"], headline(results))
+    out += _titled(
+        "## Peers with lower NMSE than OCTAV",
+        ["source", "B", "peer", "NMSE", "bits/coord", "fedquant OCTAV NMSE"],
+        peer_wins(results),
+    )
+    out += _titled(
+        "## Peers faster than fedquant (1 thread, CPU time)",
+        ["peer", "op", "B", "x memcpy", "fedquant", "x memcpy"],
+        peer_speed_wins(results),
+    )
     sec = results.get("sections", {})
-    if sec.get("grid"):
-        out += _grid_md(sec["grid"])
-    if sec.get("error"):
-        out += _error_md(sec["error"])
-    if sec.get("speed"):
-        out += _speed_md(sec["speed"])
+    for key, render in (("grid", _grid_md), ("error", _error_md), ("speed", _speed_md)):
+        out += render(sec[key]) if sec.get(key) else []
     out += federated_markdown(sec.get("federated"))
-    if sec.get("beyond"):
-        out += beyond_markdown(sec["beyond"])
+    out += beyond_markdown(sec["beyond"]) if sec.get("beyond") else []
     return "\n".join(out)
 
 
 # --------------------------------------------------------------------------- federated
 
 
-def _mib(b: float | None) -> str:
-    return "-" if b is None else f"{b / 2**20:.1f} MiB"
-
-
-def _bytes(b: float | None) -> str:
-    return "-" if b is None else f"{b:,.0f}"
-
-
 def _bytes_md(bt: Mapping[str, Any]) -> list[str]:
-    out = [
-        "### 4.1 Uplink bytes to reach float32's accuracy minus one point",
-        "",
-        f"`{bt['dataset']}` ({bt['train_examples']:,} train / {bt['test_examples']:,} test "
-        f"images), {bt['num_clients']} IID clients, {bt['rounds']} rounds, every round evaluated, "
-        f"seeds {', '.join(map(str, bt['seeds']))} (each method runs once per seed). "
-        f"**Target** of a run = the test accuracy of float32 FedAvg *with the same seed* (same "
-        f"initial model, partition and mini-batch order) averaged over its last {bt['k']} "
-        f"rounds, minus {100 * bt['margin']:.0f} point: "
-        + ", ".join(f"seed {s} {100 * t:.2f} %" for s, t in bt.get("targets", {}).items())
-        + " (the seeds differ by about as much as the margin, hence the pairing). "
-        "Bytes to target = the summed lengths of the encoded payloads the server received up to "
-        "and including the first round whose accuracy reaches the target (median over seeds; "
-        "`-` unless every seed reached it). Quantized methods aggregate with inverse-MSE weights "
-        "(the default), float32 with FedAvg.",
-        "",
+    out = ["### Uplink bytes to the target accuracy", ""]
+    loads = [r.get("load_before") for r in bt.get("runs", []) if r.get("load_before") is not None]
+    out += _settings(
+        [
+            ("dataset", f"`{bt['dataset']}`"),
+            ("train / test images", f"{bt['train_examples']:,} / {bt['test_examples']:,}"),
+            ("IID clients", bt["num_clients"]),
+            ("rounds", bt["rounds"]),
+            ("seeds", ", ".join(map(str, bt["seeds"]))),
+            ("float32 rounds averaged (last k)", bt["k"]),
+            ("margin", f"{100 * bt['margin']:.0f} point(s)"),
+            ("target per seed", ", ".join(
+                f"{s}: {100 * t:.2f} %" for s, t in bt.get("targets", {}).items()) or None),
+            ("load average during the runs",
+             f"{min(loads):.1f}-{max(loads):.1f}" if loads else None),
+        ]
+    )  # fmt: skip
+    body = [
+        [
+            f"`{r['method']}`",
+            _bytes(r["uplink_bytes_per_round"]),
+            _x(1.0 / r["per_round_vs_fp32"]) if r.get("per_round_vs_fp32") else "-",
+            f"{r['reached']}/{r['seeds']}",
+            ", ".join("-" if x is None else str(x) for x in r.get("rounds_to_target_per_seed", [])),
+            _bytes(r["bytes_to_target"]),
+            _x(r.get("fewer_bytes_than_fp32")) if r.get("fewer_bytes_than_fp32") else "-",
+            f"{100 * r['final_accuracy']:.1f} ({100 * r['final_accuracy_min']:.1f}-"
+            f"{100 * r['final_accuracy_max']:.1f})",
+        ]
+        for r in bt["methods"]
     ]
-    body = []
-    for r in bt["methods"]:
-        body.append(
-            [
-                f"`{r['method']}`",
-                _bytes(r["uplink_bytes_per_round"]),
-                fmt(1.0 / r["per_round_vs_fp32"], 3) + "x" if r.get("per_round_vs_fp32") else "-",
-                f"{r['reached']}/{r['seeds']}",
-                ", ".join(
-                    "-" if x is None else str(x) for x in r.get("rounds_to_target_per_seed", [])
-                ),
-                _bytes(r["bytes_to_target"]),
-                fmt(r["fewer_bytes_than_fp32"], 3) + "x" if r.get("fewer_bytes_than_fp32") else "-",
-                f"{100 * r['final_accuracy']:.1f} ({100 * r['final_accuracy_min']:.1f}-"
-                f"{100 * r['final_accuracy_max']:.1f})",
-            ]
-        )
-    out.append(
-        table(
-            [
-                "method",
-                "uplink B/round",
-                "smaller per round",
-                "seeds reaching target",
-                "round reached, per seed",
-                "uplink B to target",
-                "fewer B than float32",
-                "final accuracy % (min-max)",
-            ],
+    out += _tbl(
+            ["method", "uplink B/round", "smaller per round", "seeds reaching target",
+             "round reached, per seed", "uplink B to target", "fewer B than float32",
+             "final accuracy % (min-max)"],
             body,
-        )
-    )
-    out.append("")
-    missed = [r for r in bt["methods"] if r["reached"] < r["seeds"]]
-    if missed:
-        out.append(
-            f"Not reached in {bt['rounds']} rounds by every seed: "
-            + ", ".join(f"`{r['method']}` ({r['reached']}/{r['seeds']})" for r in missed)
-            + "."
-        )
-        out.append("")
+        )  # fmt: skip
     if bt.get("skipped"):
         out += ["Left out: " + "; ".join(bt["skipped"]), ""]
-    loads = [r.get("load_before") for r in bt.get("runs", []) if r.get("load_before") is not None]
-    if loads:
-        out += [
-            f"Load average during the runs: {min(loads):.1f}-{max(loads):.1f} "
-            f"(timings of these runs are in the JSON, not compared here).",
-            "",
-        ]
     return out
+
+
+#: the timed parts of a round, as :func:`fedquant.tools.bench.federated.overhead` names them
+_PARTS = ("train", "evaluate", "encode", "admit", "aggregate", "broadcast", "load_state")
 
 
 def _overhead_md(ov: Mapping[str, Any]) -> list[str]:
     st, al, mem = ov["steady"], ov["all"], ov["memory"]
     cfg = ov["config"]
-    out = [
-        "### 4.2 The simulator's overhead and memory (the default run)",
-        "",
-        f"`RunConfig()` with {cfg['rounds']} rounds: {cfg['num_clients']} clients, "
-        f"`{cfg['bits']}` {cfg['rounding']}, {cfg['aggregation']}, "
-        f"{ov['train_examples']:,} training images per round, {ov['threads']} torch threads. "
-        + (
-            "Run in a fresh Python process, as `fedquant run` starts one "
-            "(`fedquant.tools.bench.federated.overhead_in_fresh_process`). "
-            if ov.get("fresh_process")
-            else ""
-        )
-        + "Time measured by wrapping the simulator's functions with timers in the same run "
-        "(`fedquant.tools.bench.federated.timed_simulation`); after each round the checkpoint and "
-        "metrics files are written as `fedquant run` writes them (fsynced, to a temporary "
-        "directory) and counted in the round. **Overhead** = round wall time - local "
-        "training - the evaluation's forward passes: encode, admission, decode + aggregate, "
-        "the broadcast, loading models, data gathering, results files, bookkeeping. "
-        "Evaluation of the global model is its own line and not counted as overhead. "
-        f"Steady state = rounds {ov['warmup'] + 1}..{cfg['rounds']} (round 1 pays numba's "
-        "compilation and torch's first calls); all rounds in the last column.",
-        "",
-    ]
-    body = []
-    for c in ("train", "evaluate", "encode", "admit", "aggregate", "broadcast", "load_state"):
-        body.append(
-            [c, fmt(st[c], 3), f"{100 * st[f'share_{c}']:.2f} %", f"{100 * al[f'share_{c}']:.2f} %"]
-        )
+    out = ["### The simulator's overhead and memory (the default run)", ""]
+    out += _settings(
+        [
+            ("rounds", cfg["rounds"]),
+            ("clients", cfg["num_clients"]),
+            ("bits, rounding", f"`{cfg['bits']}` {cfg['rounding']}"),
+            ("aggregation", cfg["aggregation"]),
+            ("training images per round", f"{ov['train_examples']:,}"),
+            ("torch threads", ov["threads"]),
+            ("fresh process", _yes(ov.get("fresh_process"))),
+            ("steady rounds", f"{ov['warmup'] + 1}..{cfg['rounds']}"),
+        ]
+    )
+
+    def part(label: str, key: str, seconds: float) -> list[str]:
+        return [label, fmt(seconds, 3), _pct(st[f"share_{key}"], 2), _pct(al[f"share_{key}"], 2)]
+
+    body = [part(c, c, st[c]) for c in _PARTS]
     if "results" in st:  # benchmarks from before the results files were timed lack it
-        body.append(
-            [
-                "results files (checkpoint, metrics.jsonl)",
-                fmt(st["results"], 3),
-                f"{100 * st['share_results']:.2f} %",
-                f"{100 * al['share_results']:.2f} %",
-            ]
-        )
-    body.append(
-        [
-            "other (sampling, data, metrics)",
-            fmt(st["other"], 3),
-            f"{100 * st['share_other']:.2f} %",
-            f"{100 * al['share_other']:.2f} %",
-        ]
-    )
-    body.append(
-        [
-            "**overhead** (all but train and evaluate)",
-            fmt(st["non_training"], 3),
-            f"**{100 * st['share_non_training']:.2f} %**",
-            f"{100 * al['share_non_training']:.2f} %",
-        ]
-    )
-    body.append(
-        [
+        body.append(part("results files", "results", st["results"]))
+    body += [
+        part("other", "other", st["other"]),
+        part("**overhead** (all but train and evaluate)", "non_training", st["non_training"]),
+        part(
             "overhead + evaluation",
-            fmt(st["non_training"] + st["evaluate"], 3),
-            f"{100 * st['share_non_training_with_evaluate']:.2f} %",
-            f"{100 * al['share_non_training_with_evaluate']:.2f} %",
-        ]
-    )
-    body.append(["round (wall)", fmt(st["seconds_round"], 4), "100 %", "100 %"])
-    out.append(table(["part", "seconds (steady)", "share (steady)", "share (all rounds)"], body))
-    loads = [r["load"] for r in ov["rounds"] if r.get("load") is not None]
-    out += [
-        "",
-        f"- Overhead share per round, median over steady rounds: "
-        f"{100 * st['median_share_non_training']:.2f} %.",
-        f"- The same split in process CPU time (all threads; not stretched by waiting for a "
-        f"core): training {100 * st['cpu_share_train']:.1f} %, evaluation "
-        f"{100 * st['cpu_share_evaluate']:.1f} %, **overhead "
-        f"{100 * st['cpu_share_non_training']:.2f} %** ({st['cpu_non_training']:.2f} CPU s over "
-        f"{st['rounds']} rounds).",
-        f"- Training speed: {st['samples_per_s']:,.0f} samples/s ({ov['threads']} threads; "
-        f"{st['samples']:,.0f} samples in {st['train']:.1f} s of `train_local`)"
-        + (f"; load average {min(loads):.1f}-{max(loads):.1f} during the run." if loads else "."),
-        f"- Memory: RSS {_mib(mem['rss_after_setup_round1'])} after round 1, "
-        f"{_mib(mem['rss_end'])} after round {cfg['rounds']} (peak {_mib(mem['peak_rss'])}); "
-        f"least-squares slope over rounds {ov['warmup'] + 1}..{cfg['rounds']}: "
-        f"{mem['slope_bytes_per_round'] / 1024:+.1f} KiB/round (one float32 model: "
-        f"{mem['model_float32_bytes'] / 1024:.0f} KiB). Single rounds' RSS moves by "
-        "megabytes as the allocator keeps and returns transient buffers, so 30 rounds "
-        "say little about growth: the long run below does.",
+            "non_training_with_evaluate",
+            st["non_training"] + st["evaluate"],
+        ),
+        ["round (wall)", fmt(st["seconds_round"], 4), "100 %", "100 %"],
     ]
+    out += _tbl(["part", "seconds (steady)", "share (steady)", "share (all rounds)"], body)
+    loads = [r["load"] for r in ov["rounds"] if r.get("load") is not None]
+    figures = [
+        ("overhead share, median of steady rounds", _pct(st["median_share_non_training"], 2)),
+        ("CPU-time share: training / evaluation / overhead",
+         f"{_pct(st['cpu_share_train'])} / {_pct(st['cpu_share_evaluate'])} / "
+         f"{_pct(st['cpu_share_non_training'], 2)}"),
+        ("overhead CPU seconds (steady rounds)",
+         f"{st['cpu_non_training']:.2f} over {st['rounds']} rounds"),
+        ("training samples/s", f"{st['samples_per_s']:,.0f} ({st['samples']:,.0f} samples in "
+         f"{st['train']:.1f} s)"),
+        ("load average during the run", f"{min(loads):.1f}-{max(loads):.1f}" if loads else None),
+        ("RSS after round 1 / at the end / peak",
+         f"{_mib(mem['rss_after_setup_round1'])} / {_mib(mem['rss_end'])} / "
+         f"{_mib(mem['peak_rss'])}"),
+        ("RSS slope over steady rounds", f"{mem['slope_bytes_per_round'] / 1024:+.1f} KiB/round"),
+        ("one float32 model", f"{mem['model_float32_bytes'] / 1024:.0f} KiB"),
+    ]  # fmt: skip
+    out += [table(["figure", "value"], [(k, v) for k, v in figures if v is not None]), ""]
     mor = ov.get("memory_over_rounds")
     if mor:
         w, warm = mor["window"], mor["warmup"]
-        out.append(
-            f"- Memory over {mor['rounds']} rounds (fresh process, {mor['num_clients']} clients, "
-            f"{mor['train_examples']:,} training images, checkpoint and metrics written every "
-            f"round): RSS floor (smallest of {w} rounds) {_mib(mor['floor_first'])} at rounds "
-            f"{warm + 1}-{warm + w}, {_mib(mor['floor_last'])} at rounds "
-            f"{mor['rounds'] - w + 1}-{mor['rounds']}: "
-            f"{mor['floor_growth_per_round'] / 1024:+.1f} KiB/round "
-            f"({mor['floor_growth'] / 1024:+.0f} KiB in all; single rounds rise up to "
-            f"{mor['max_minus_floor'] / 2**20:.1f} MiB above the floor and fall back): "
-            + (
-                "**flat** (under 1/20 of a float32 model per round: nothing model- or "
-                "payload-sized is kept per round)."
-                if mor["flat"]
-                else "**not flat** (1/20 of a float32 model per round or more)."
-            )
-        )
+        out += [
+            f"#### Memory over {mor['rounds']} rounds",
+            "",
+            table(
+                ["figure", "value"],
+                [
+                    ("clients", mor["num_clients"]),
+                    ("training images", f"{mor['train_examples']:,}"),
+                    (f"RSS floor (least of {w} rounds), rounds {warm + 1}-{warm + w}",
+                     _mib(mor["floor_first"])),
+                    (f"RSS floor, rounds {mor['rounds'] - w + 1}-{mor['rounds']}",
+                     _mib(mor["floor_last"])),
+                    ("floor growth", f"{mor['floor_growth_per_round'] / 1024:+.1f} KiB/round "
+                     f"({mor['floor_growth'] / 1024:+.0f} KiB in all)"),
+                    ("largest single round above the floor",
+                     f"{mor['max_minus_floor'] / 2**20:.1f} MiB"),
+                    ("flat (growth under 1/20 of a float32 model per round)", _yes(mor["flat"])),
+                ],
+            ),
+            "",
+        ]  # fmt: skip
     ts = ov.get("training_speed")
     if ts:
-        out.append(
-            "- Local training alone (`train_local`, one epoch over all "
-            f"{ts[0]['samples']:,} images, median of {ts[0]['reps']} interleaved reps, "
-            f"load average {ts[0]['load_before']}/{ts[-1]['load_after']}): "
-            + "; ".join(
-                f"{r['threads']} thread(s) {r['samples_per_s']:,.0f} samples/s (best "
-                f"{r['best_samples_per_s']:,.0f}, {r['cpu_us_per_sample']:.0f} us CPU/sample)"
-                for r in ts
-            )
-            + "."
-        )
+        out += [
+            f"#### Local training alone ({ts[0]['samples']:,} images, median of "
+            f"{ts[0]['reps']} reps)",
+            "",
+            table(
+                ["threads", "samples/s", "best samples/s", "us CPU/sample", "load before/after"],
+                (
+                    [r["threads"], f"{r['samples_per_s']:,.0f}", f"{r['best_samples_per_s']:,.0f}",
+                     f"{r['cpu_us_per_sample']:.0f}",
+                     f"{r.get('load_before', '-')}/{r.get('load_after', '-')}"]
+                    for r in ts
+                ),
+            ),
+            "",
+        ]  # fmt: skip
     mvc = ov.get("memory_vs_clients")
     if mvc:
         out += [
-            "",
-            "RSS of fresh processes simulating the same data split among more clients "
-            f"({mvc[0]['rounds']} round(s) each): one model copy per client would add the last "
-            "column.",
+            f"#### Memory vs clients ({mvc[0]['rounds']} round(s), fresh processes)",
             "",
             table(
-                [
-                    "clients",
-                    "RSS after data load",
-                    "RSS after setup",
-                    "RSS at end",
-                    "peak",
-                    "end - first row",
-                    "a model per client would add",
-                ],
+                ["clients", "RSS after data load", "RSS after setup", "RSS at end", "peak",
+                 "end - first row", "a model per client would add"],
                 (
-                    [
-                        r["num_clients"],
-                        _mib(r["rss_data"]),
-                        _mib(r["rss_setup"]),
-                        _mib(r["rss_end"]),
-                        _mib(r["peak_rss"]),
-                        f"{r['extra_vs_first'] / 2**20:+.1f} MiB",
-                        _mib(r["model_copies_would_add"]),
-                    ]
+                    [r["num_clients"], _mib(r["rss_data"]), _mib(r["rss_setup"]),
+                     _mib(r["rss_end"]), _mib(r["peak_rss"]),
+                     f"{r['extra_vs_first'] / 2**20:+.1f} MiB", _mib(r["model_copies_would_add"])]
                     for r in mvc
                 ),
             ),
-        ]
-    prof = ov.get("profile")
-    if prof:
-        out += [
             "",
-            "<details><summary>cProfile of steady rounds: functions by own time</summary>\n",
-            table(
-                ["function", "calls", "own s", "cumulative s", "own share"],
-                (
-                    [
-                        f"`{r['function']}`",
-                        r["calls"],
-                        fmt(r["tottime"], 3),
-                        fmt(r["cumtime"], 3),
-                        f"{100 * r['share']:.1f} %",
-                    ]
-                    for r in prof
-                ),
-            ),
-            "\n</details>",
-        ]
-    out.append("")
+        ]  # fmt: skip
+    prof = ov.get("profile") or []
+    body = [
+        [f"`{r['function']}`", r["calls"], fmt(r["tottime"], 3), fmt(r["cumtime"], 3),
+         _pct(r["share"])]
+        for r in prof
+    ]  # fmt: skip
+    if body:
+        header = ["function", "calls", "own s", "cumulative s", "own share"]
+        out += [_details("cProfile of steady rounds: own time", table(header, body)), ""]
     return out
 
 
 def _flower_md(fl: Mapping[str, Any]) -> list[str]:
-    out = [
-        "### 4.3 The simulator vs Flower's simulation engine (Ray)",
-        "",
-    ]
+    out = ["### The simulator vs Flower's simulation engine (Ray)", ""]
     if fl.get("skipped"):
         return [*out, f"Skipped: {fl['skipped']}.", ""]
     ver = fl.get("versions", {})
-    out += [
-        f"The same run ({fl['num_clients']} clients, `{fl['bits']}`, {fl['aggregation']}, "
-        f"{fl['train_examples']:,} training images, {fl['rounds']} rounds, central evaluation "
-        "every round) through fedquant's simulator and through Flower's simulation engine "
-        f"(flwr {ver.get('flwr', '?')}, ray {ver.get('ray', '?')}; `fedquant_mod` + "
-        "`QuantizedFedAvg`, the simulator's client as the ClientApp), one after the other in one "
-        "process. Flower's startup = from calling `run_simulation` to the first client starting "
-        "to train; a round = between the ends of consecutive central evaluations; medians over "
-        "rounds 2..N. Ratios > 1: Flower is slower.",
-        "",
-    ]
+    out += _settings(
+        [
+            ("clients", fl["num_clients"]),
+            ("bits", f"`{fl['bits']}`"),
+            ("aggregation", fl["aggregation"]),
+            ("training images", f"{fl['train_examples']:,}"),
+            ("rounds", fl["rounds"]),
+            ("flwr / ray", f"{ver.get('flwr', '?')} / {ver.get('ray', '?')}"),
+        ]
+    )
     body = []
     for r in fl["rows"]:
         if r.get("error"):
             body.append([r["runtime"], "failed: " + r["error"], "", "", "", "", "", "", ""])
             continue
+        diff = r.get("max_accuracy_difference")
         body.append(
-            [
-                r["runtime"],
-                fmt(r["startup_s"], 3),
-                fmt(r["round_median_s"], 3),
-                fmt(r.get("round_vs_simulator"), 3),
-                fmt(r["train_median_s"], 3),
-                fmt(r["total_s"], 4),
-                fmt(r.get("total_vs_simulator"), 3),
-                f"{100 * r['final_accuracy']:.1f}"
-                + (
-                    f" (max diff {fmt(r['max_accuracy_difference'], 2)})"
-                    if "max_accuracy_difference" in r
-                    else ""
-                ),
-                f"{r.get('load_before', '-')}/{r.get('load_after', '-')}",
-            ]
-        )
-    out.append(
-        table(
-            [
-                "runtime",
-                "startup s",
-                "round s",
-                "round x simulator",
-                "client training s per round",
-                "total s",
-                "total x simulator",
-                "final accuracy %",
-                "load before/after",
-            ],
+            [r["runtime"], fmt(r["startup_s"], 3), fmt(r["round_median_s"], 3),
+             fmt(r.get("round_vs_simulator"), 3), fmt(r["train_median_s"], 3),
+             fmt(r["total_s"], 4), fmt(r.get("total_vs_simulator"), 3),
+             f"{100 * r['final_accuracy']:.1f}" + (f" ({fmt(diff, 2)})" if diff is not None else ""),
+             f"{r.get('load_before', '-')}/{r.get('load_after', '-')}"]
+        )  # fmt: skip
+    out += _tbl(
+            ["runtime", "startup s", "round s", "round x simulator",
+             "client training s per round", "total s", "total x simulator",
+             "final accuracy % (max difference)", "load before/after"],
             body,
-        )
-    )
-    out.append("")
-    wins = [
-        r
-        for r in fl["rows"]
-        if r.get("round_vs_simulator") is not None and r["round_vs_simulator"] < 1.0
-    ]
-    for r in wins:
-        out.append(
-            f"- **Where Flower wins:** {r['runtime']}: {fmt(r['round_median_s'], 3)} s per round, "
-            f"{fmt(r['round_vs_simulator'], 2)}x the simulator's, once Ray is up (clients train "
-            "in parallel actors; the simulator trains them one after another)."
-        )
-    if wins:
-        out.append("")
+        )  # fmt: skip
     return out
 
 
@@ -964,67 +827,35 @@ def merge_federated(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def federated_markdown(fed: Mapping[str, Any] | None) -> list[str]:
-    """Section 4 of the report from ``results["sections"]["federated"]`` (``None``: a stub)."""
+    """The federated section from ``results["sections"]["federated"]`` (``None``: not run)."""
     if not fed:
-        return [
-            "## 4. Federated benchmarks",
-            "",
-            "Not part of this run: `python -m fedquant.tools.bench --only federated` "
-            "(`fedquant.tools.bench.federated`).",
-            "",
-        ]
-    out = [
-        "## 4. Federated benchmarks",
-        "",
-        "Generated by:",
-        "",
-        "```",
-        *fed.get("commands", [fed.get("command", "")]),
-        "```",
-        "",
-    ]
+        return ["## Federated", "", "Not in this run (`--only federated`).", ""]
+    out = ["## Federated", "", "```", *fed.get("commands", [fed.get("command", "")]), "```", ""]
     runs = fed.get("runs") or []
     if len(runs) > 1:
-        out += [
-            "Merged from these runs (`fedquant.tools.bench.report.merge_federated`): "
-            + "; ".join(
-                f"{', '.join(r.get('parts', []))} on {r.get('created')} (load average "
-                f"{r.get('load_before')} before, {r.get('load_after')} after)"
-                for r in runs
-            )
-            + ".",
-            "",
-        ]
+        out += _tbl(
+                ["merged run", "created", "load before", "load after"],
+                (
+                    [", ".join(r.get("parts", [])), r.get("created"), r.get("load_before"),
+                     r.get("load_after")]
+                    for r in runs
+                ),
+            )  # fmt: skip
     if fed.get("quick"):
-        out += ["**Quick smoke run, tiny sizes: not meaningful figures.**", ""]
-    if fed.get("bytes_to_target"):
-        out += _bytes_md(fed["bytes_to_target"])
-    if fed.get("overhead"):
-        out += _overhead_md(fed["overhead"])
-    if fed.get("flower"):
-        out += _flower_md(fed["flower"])
+        out += ["**Quick smoke run, tiny sizes.**", ""]
+    parts = (("bytes_to_target", _bytes_md), ("overhead", _overhead_md), ("flower", _flower_md))
+    for key, render in parts:
+        out += render(fed[key]) if fed.get(key) else []
     return out
 
 
 # --------------------------------------------------------------------------- beyond the paper
 
 
-def _pct(v: float | None, digits: int = 1) -> str:
-    return "-" if v is None else f"{100 * v:.{digits}f} %"
-
-
-def _gain(v: float | None) -> str:
-    return "-" if v is None else f"{fmt(v, 3)}x"
-
-
-def _bits_list(bits: Sequence[int]) -> str:
-    return ", ".join(map(str, bits))
-
-
 def rotation_totals(rows: Sequence[Row]) -> list[dict[str, Any]]:
-    """Whole-model figures of :func:`fedquant.tools.bench.rotation.rotation_weight_errors` rows, one
-    per (granularity, bits): NMSE = sum of MSE x size / sum of variance x size (as in
-    section 2), bits/coordinate = payload bits / weights, gain = plain / rotated NMSE."""
+    """Whole-model figures of :func:`fedquant.tools.bench.rotation.rotation_weight_errors`
+    rows, one per (granularity, bits): NMSE = sum of MSE x size / sum of variance x size,
+    bits/coordinate = payload bits / weights, gain = plain / rotated NMSE."""
     acc: dict[tuple[str, int], dict[str, Any]] = {}
     for r in rows:
         k = (r["granularity"], r["bits"])
@@ -1068,9 +899,9 @@ def rotation_totals(rows: Sequence[Row]) -> list[dict[str, Any]]:
 
 
 def entropy_totals(rows: Sequence[Row]) -> list[dict[str, Any]]:
-    """Whole-model figures of :func:`fedquant.tools.bench.entropy.entropy_weight_efficiency` rows, one
-    per (rotation, bits): bits per weight of each coder (code-weighted means of the layers)
-    and the encoded payload's bytes, packed and with ``entropy="rans"``."""
+    """Whole-model figures of :func:`fedquant.tools.bench.entropy.entropy_weight_efficiency`
+    rows, one per (rotation, bits): bits per weight of each coder (code-weighted means of
+    the layers) and the encoded payload's bytes, packed and with ``entropy="rans"``."""
     acc: dict[tuple[bool, int], dict[str, Any]] = {}
     for r in rows:
         k = (bool(r["rotation"]), r["bits"])
@@ -1115,24 +946,6 @@ def _rounding_of(rows: Sequence[Row]) -> str | None:
     return "stochastic" if "stochastic" in rs else (rs[0] if rs else None)
 
 
-def _where(cases: Sequence[str]) -> str:
-    return "; ".join(cases)
-
-
-def _weights_note(sec: Mapping[str, Any], model: str) -> str:
-    """Where the weights of ``model`` came from, e.g. "trained centrally on mnist-embedded ..."."""
-    w = (sec.get("weights") or {}).get(model) or {}
-    info = w.get("train")
-    if info:
-        return (
-            f"the paper's CNN trained centrally on `{info['dataset']}`, {info['epochs']} "
-            f"epoch(s), test accuracy {100 * info['test_accuracy']:.1f} %; as in section 2"
-        )
-    if w.get("source"):
-        return f"weights from `{w['source']}`"
-    return "the weights of section 2"
-
-
 #: the columns shared by the rotation tables (whole model, per layer)
 _ROTATION_COLUMNS = [
     "granularity",
@@ -1145,174 +958,66 @@ _ROTATION_COLUMNS = [
 ]
 
 
-def _rotation_cells(r: Mapping[str, Any]) -> list[Any]:
+def _rotation_cells(r: Row) -> list[Any]:
     """The cells of :data:`_ROTATION_COLUMNS` for one row of the rotation benchmark."""
     return [
         r["granularity"],
         r["bits"],
         fmt(r["nmse_plain"]),
         fmt(r["nmse_rotated"]),
-        _gain(r["gain"]),
+        _x(r["gain"]),
         f"{r['bpc_plain']:.3f}",
         f"{r['bpc_rotated']:.3f}",
     ]
 
 
-def _rotation_md(rot: Mapping[str, Any], n: int, sec: Mapping[str, Any]) -> list[str]:
+def _rotation_md(rot: Mapping[str, Any]) -> list[str]:
     syn = rot.get("synthetic", [])
-    out = [
-        "### 5.1 Random rotation (`QuantSpec(rotation=True)`)",
-        "",
-        "A seeded randomized Hadamard rotation before per-tensor OCTAV "
-        "(`fedquant.quant.rotation`; the receiver rotates back with the shared key). Rotated "
-        "coordinates are close to Gaussian whatever the source, so the rotated NMSE should "
-        "approach the closed-form NMSE of OCTAV on a unit Gaussian (`rotated / Gaussian` = 1). "
-        "Everything is measured through `encode`/`decode`; bits/coordinate = payload bits / "
-        "values, so they include the padding to the rotation's block size and the headers. "
-        "`gain` = NMSE plain / NMSE rotated: **> 1 means the rotation helps, < 1 that it "
-        "hurts**.",
-        "",
-    ]
+    out = ["### Random rotation (`QuantSpec(rotation=True)`)", ""]
     if syn:
-        out += [
-            f"Synthetic sources ({n:,} seeded samples, one tensor):",
-            "",
-            table(
-                [
-                    "source",
-                    "rounding",
-                    "B",
-                    "NMSE plain",
-                    "NMSE rotated",
-                    "gain",
-                    "rotated / Gaussian",
-                    "bits/coord plain",
-                    "bits/coord rotated",
-                ],
+        out += _tbl(
+                ["source", "rounding", "B", "NMSE plain", "NMSE rotated", "gain",
+                 "rotated / Gaussian", "bits/coord plain", "bits/coord rotated"],
                 (
-                    [
-                        r["source"],
-                        r["rounding"],
-                        r["bits"],
-                        fmt(r["nmse_plain"]),
-                        fmt(r["nmse_rotated"]),
-                        _gain(r["gain"]),
-                        fmt(r.get("rotated_vs_gaussian"), 3),
-                        f"{r['bpc_plain']:.3f}",
-                        f"{r['bpc_rotated']:.3f}",
-                    ]
+                    [r["source"], r["rounding"], r["bits"], fmt(r["nmse_plain"]),
+                     fmt(r["nmse_rotated"]), _x(r["gain"]), fmt(r.get("rotated_vs_gaussian"), 3),
+                     f"{r['bpc_plain']:.3f}", f"{r['bpc_rotated']:.3f}"]
                     for r in syn
                 ),
-            ),
-            "",
-        ]
-        lose = [
-            f"{r['source']} {r['rounding']} B={r['bits']} ({_gain(r['gain'])})"
-            for r in syn
-            if r["gain"] is not None and r["gain"] < 1.0
-        ]
-        win = [r for r in syn if r["gain"] is not None and r["gain"] >= 1.0]
-        if lose:
-            out.append(f"- **Rotation is worse than plain OCTAV on:** {_where(lose)}.")
-        if win:
-            best = max(win, key=lambda r: r["gain"])
-            out.append(
-                f"- Rotation helps in {len(win)} of {len(syn)} synthetic cases, most on "
-                f"{best['source']} {best['rounding']} B={best['bits']} ({_gain(best['gain'])})."
-            )
-        if lose or win:
-            out.append("")
+            )  # fmt: skip
     for model, rows in rot.get("models", {}).items():
         if not rows:
             continue
-        tot = rotation_totals(rows)
+        ks = [r["kurtosis"] for r in rows if r.get("kurtosis") is not None]
         out += [
-            f"**{model}** ({_weights_note(sec, model)}; {rows[0].get('rounding')} rounding), "
-            "whole model:",
+            f"#### {model}: whole model, {rows[0].get('rounding')} rounding",
             "",
-            table(_ROTATION_COLUMNS, (_rotation_cells(t) for t in tot)),
+            *_settings(
+                [("layers' excess kurtosis", f"{min(ks):.2f} to {max(ks):.2f}" if ks else None)]
+            ),
+            table(_ROTATION_COLUMNS, (_rotation_cells(t) for t in rotation_totals(rows))),
             "",
-            "<details><summary>per layer</summary>\n\n"
-            + table(
-                ["layer", "size", "excess kurtosis", *_ROTATION_COLUMNS],
-                (
-                    [
-                        f"`{r['layer']}`",
-                        f"{r['numel']:,}",
-                        fmt(r.get("kurtosis"), 3),
-                        *_rotation_cells(r),
-                    ]
-                    for r in rows
+            _details(
+                "per layer",
+                table(
+                    ["layer", "size", "excess kurtosis", *_ROTATION_COLUMNS],
+                    (
+                        [f"`{r['layer']}`", f"{r['numel']:,}", fmt(r.get("kurtosis"), 3),
+                         *_rotation_cells(r)]
+                        for r in rows
+                    ),
                 ),
-            )
-            + "\n\n</details>",
+            ),
             "",
-        ]
-        lose_t = [t for t in tot if t["gain"] is not None and t["gain"] < 1.0]
-        if lose_t:
-            out.append(
-                f"- **{model}: the rotation is worse than plain OCTAV** (whole model) at "
-                + _where([f"{t['granularity']} B={t['bits']} ({_gain(t['gain'])})" for t in lose_t])
-                + "."
-                + _kurtosis_note(rows)
-            )
-        if len(lose_t) < len(tot):
-            out.append(
-                f"- {model}: the rotation helps (whole model) at "
-                + _where(
-                    [
-                        f"{t['granularity']} B={t['bits']} ({_gain(t['gain'])})"
-                        for t in tot
-                        if t not in lose_t and t["gain"] is not None
-                    ]
-                )
-                + "."
-            )
-        extra = [t["bpc_rotated"] - t["bpc_plain"] for t in tot]
-        if extra:
-            out.append(
-                f"- {model}: the padding costs {min(extra):.3f}-{max(extra):.3f} extra "
-                "bits/coordinate over the unrotated payload."
-            )
-        out.append("")
-    sp = rot.get("speed") or []
-    if sp:
-        out += _op_speed_md(sp, "melem_per_s", "M elem/s", rot.get("load_before"))
-        ratio = _slowdowns(sp, (("encode(rotation)", "encode"), ("decode(rotation)", "decode")))
-        if ratio:
-            out += ["- " + ratio, ""]
+        ]  # fmt: skip
+    if rot.get("speed"):
+        out += _op_speed_md(rot["speed"], "melem_per_s", "M elem/s", rot.get("load_before"))
     return out
 
 
-def _kurtosis_note(rows: Sequence[Row]) -> str:
-    """The layers' excess kurtosis range, the figure that says whether rotating can pay."""
-    ks = [r["kurtosis"] for r in rows if r.get("kurtosis") is not None]
-    if not ks:
-        return ""
-    return (
-        f" The layers' excess kurtosis is {min(ks):.2f} to {max(ks):.2f} (Gaussian 0, Laplace "
-        "3): the rotation turns values into Gaussian-like ones, which pays on heavier tails than "
-        "these (the synthetic rows above) and costs where the tails are lighter."
-    )
-
-
-def _slowdowns(rows: Sequence[Row], pairs: Sequence[tuple[str, str]]) -> str:
-    """'X with rotation takes 2.1x the time of X' for each pair, at the most threads."""
-    top = max(r["threads"] for r in rows)
-    by = {r["op"]: r for r in rows if r["threads"] == top}
-    cells = []
-    for slow, fast in pairs:
-        if slow in by and fast in by and by[slow]["seconds"] > 0:
-            cells.append(
-                f"`{slow}` takes {fmt(by[slow]['seconds'] / by[fast]['seconds'], 3)}x the time "
-                f"of `{fast}`"
-            )
-    return "; ".join(cells) + f" ({top} thread(s))." if cells else ""
-
-
 def _op_speed_md(rows: Sequence[Row], rate: str, rate_label: str, load: str | None) -> list[str]:
-    """Speed rows (op, bits, threads, ratio_memcpy, rate) as one table: ratio per thread count."""
-    threaded = all("threads" in r for r in rows)
+    """Speed rows (op, bits, threads, ratio_memcpy, rate) as one table: ratio per thread count,
+    and each op's time relative to the first op with the same bits."""
     ths = sorted({r.get("threads", 1) for r in rows})
     keys = list(dict.fromkeys((r["op"], r.get("bits")) for r in rows))
     by = {(r["op"], r.get("bits"), r.get("threads", 1)): r for r in rows}
@@ -1325,16 +1030,13 @@ def _op_speed_md(rows: Sequence[Row], rate: str, rate_label: str, load: str | No
             + [fmt(last[rate], 4) if last else ""]
             + ([fmt(last.get("bpc"), 4) if last else ""] if rate == "mcodes_per_s" else [])
         )
-    n = rows[0]["n"]
     return [
-        f"Speed on {n:,} float32 values (Gaussian): `ratio` = t(memcpy) / t(op), median of "
-        "interleaved reps as in section 3; higher is better"
-        + (f"; load average before: {load}" if load else "")
-        + ".",
+        f"#### Speed on {rows[0]['n']:,} float32 values",
         "",
+        *_settings([("load average before", load)]),
         table(
             ["op", "B"]
-            + ([f"ratio, {t} thread(s)" for t in ths] if threaded else ["ratio"])
+            + [f"ratio, {t} thread(s)" for t in ths]
             + [rate_label]
             + (["bits/code"] if rate == "mcodes_per_s" else []),
             body,
@@ -1343,373 +1045,160 @@ def _op_speed_md(rows: Sequence[Row], rate: str, rate_label: str, load: str | No
     ]
 
 
-def _entropy_md(ent: Mapping[str, Any], n: int, sec: Mapping[str, Any]) -> list[str]:
+def _entropy_md(ent: Mapping[str, Any]) -> list[str]:
     syn = ent.get("synthetic", [])
-    zstd = ent.get("zstd")
-    out = [
-        '### 5.2 Entropy coding (rANS, `QuantSpec(entropy="rans")`)',
-        "",
-        "fedquant's static rANS coder (`fedquant.quant.entropy`) on the codes of per-tensor "
-        "OCTAV, against the codes' order-0 empirical entropy (the coder's floor) and the "
-        "nominal `B` bits of packing. Bits per code include the frequency table and the "
-        "coder's states. `saving` = 1 - rANS bits / B. "
-        + (
-            f"zstd (level 3, `zstandard` {zstd}, a general-purpose peer) compresses the packed "
-            "codes and, separately, one byte per code."
-            if zstd
-            else "zstd columns are empty: `zstandard` is not installed."
-        ),
-        "",
-    ]
+    out = ['### Entropy coding (`QuantSpec(entropy="rans")`)', ""]
+    out += _settings([("zstandard (level 3)", ent.get("zstd") or "not installed")])
     if syn:
-        out += [
-            f"Synthetic sources ({n:,} seeded samples):",
-            "",
-            table(
-                [
-                    "source",
-                    "rotation",
-                    "rounding",
-                    "B",
-                    "entropy",
-                    "rANS bits/code",
-                    "rANS over entropy",
-                    "saving vs B",
-                    "zstd (packed)",
-                    "zstd (byte/code)",
-                ],
+        out += _tbl(
+                ["source", "rotation", "rounding", "B", "entropy", "rANS bits/code",
+                 "rANS over entropy", "saving vs B", "zstd (packed)", "zstd (byte/code)"],
                 (
-                    [
-                        r["source"],
-                        "yes" if r["rotation"] else "no",
-                        r["rounding"],
-                        r["bits"],
-                        fmt(r["entropy"], 4),
-                        fmt(r["rans"], 4),
-                        _pct(r.get("rans_over_entropy"), 3),
-                        _pct(1.0 - r["rans"] / r["bits"]),
-                        fmt(r.get("zstd_packed"), 4),
-                        fmt(r.get("zstd_bytes_per_code"), 4),
-                    ]
+                    [r["source"], _yes(r["rotation"]), r["rounding"], r["bits"],
+                     fmt(r["entropy"], 4), fmt(r["rans"], 4), _pct(r.get("rans_over_entropy"), 3),
+                     _pct(1.0 - r["rans"] / r["bits"]), fmt(r.get("zstd_packed"), 4),
+                     fmt(r.get("zstd_bytes_per_code"), 4)]
                     for r in syn
                 ),
-            ),
-            "",
-        ]
-        out += _entropy_verdicts(
-            syn,
-            lambda r: (
-                f"{r['source']}{' rotated' if r['rotation'] else ''} {r['rounding']} B={r['bits']}"
-            ),
-        )
+            )  # fmt: skip
     for model, rows in ent.get("models", {}).items():
         if not rows:
             continue
-        tot = entropy_totals(rows)
         out += [
-            f"**{model}** ({_weights_note(sec, model)}; {rows[0].get('rounding')} rounding): bits "
-            "per weight over the conv and linear weights, and the bytes of the whole encoded "
-            "state (`encode`, every tensor, headers included; rANS only where it saves bytes):",
+            f"#### {model}: whole model, {rows[0].get('rounding')} rounding",
             "",
             table(
-                [
-                    "rotation",
-                    "B",
-                    "entropy",
-                    "rANS bits/weight",
-                    "zstd (packed)",
-                    "payload packed B",
-                    "payload rANS B",
-                    "payload saving",
-                ],
+                ["rotation", "B", "entropy", "rANS bits/weight", "zstd (packed)",
+                 "payload packed B", "payload rANS B", "payload saving"],
                 (
-                    [
-                        "yes" if t["rotation"] else "no",
-                        t["bits"],
-                        fmt(t.get("entropy"), 4),
-                        fmt(t.get("rans"), 4),
-                        fmt(t.get("zstd_packed"), 4),
-                        _bytes(t.get("payload_packed")),
-                        _bytes(t.get("payload_rans")),
-                        _pct(t.get("saving")),
-                    ]
-                    for t in tot
+                    [_yes(t["rotation"]), t["bits"], fmt(t.get("entropy"), 4),
+                     fmt(t.get("rans"), 4), fmt(t.get("zstd_packed"), 4),
+                     _bytes(t.get("payload_packed")), _bytes(t.get("payload_rans")),
+                     _pct(t.get("saving"))]
+                    for t in entropy_totals(rows)
                 ),
             ),
             "",
-            "<details><summary>per layer</summary>\n\n"
-            + table(
-                ["layer", "rotation", "B", "entropy", "rANS", "zstd (packed)", "zstd (byte/code)"],
-                (
-                    [
-                        f"`{r['layer']}`",
-                        "yes" if r["rotation"] else "no",
-                        r["bits"],
-                        fmt(r["entropy"], 4),
-                        fmt(r["rans"], 4),
-                        fmt(r.get("zstd_packed"), 4),
-                        fmt(r.get("zstd_bytes_per_code"), 4),
-                    ]
-                    for r in rows
-                    if r["layer"] != "(payload)"
+            _details(
+                "per layer",
+                table(
+                    ["layer", "rotation", "B", "entropy", "rANS", "zstd (packed)",
+                     "zstd (byte/code)"],
+                    (
+                        [f"`{r['layer']}`", _yes(r["rotation"]), r["bits"], fmt(r["entropy"], 4),
+                         fmt(r["rans"], 4), fmt(r.get("zstd_packed"), 4),
+                         fmt(r.get("zstd_bytes_per_code"), 4)]
+                        for r in rows
+                        if r["layer"] != "(payload)"
+                    ),
                 ),
-            )
-            + "\n\n</details>",
+            ),
             "",
-        ]
-        none = [t for t in tot if t.get("saving") is not None and t["saving"] <= 0.0]
-        if none:
-            out.append(
-                f"- **{model}: rANS saves nothing** on the payload at "
-                + _where([_rot_label(t) for t in none])
-                + " (the codec then keeps the packed codes)."
-            )
-        saved = [t for t in tot if t.get("saving") is not None and t["saving"] > 0.0]
-        if saved:
-            lo = min(saved, key=lambda t: t["saving"])
-            hi = max(saved, key=lambda t: t["saving"])
-            out.append(
-                f"- {model}: rANS saves {_pct(lo['saving'])} ({_rot_label(lo)}) to "
-                f"{_pct(hi['saving'])} ({_rot_label(hi)}) of the payload."
-            )
-        zwin = [
-            t
-            for t in tot
-            if t.get("zstd_packed") is not None
-            and t.get("rans") is not None
-            and t["zstd_packed"] < t["rans"]
-        ]
-        if zwin:
-            out.append(
-                f"- **{model}: zstd on the packed codes beats rANS** at "
-                + _where([_rot_label(t) for t in zwin])
-                + "."
-            )
-        out.append("")
-    sp = ent.get("speed") or []
-    if sp:
-        out += _op_speed_md(sp, "mcodes_per_s", "M codes/s", ent.get("load_before"))
-        by = {(r["op"], r["bits"]): r for r in sp}
-        cells = []
-        for b in sorted({r["bits"] for r in sp}):
-            dec, ref = by.get(("rans decode (levels)", b)), by.get(("packed dequantize", b))
-            if dec and ref:
-                cells.append(
-                    f"B={b}: {fmt(dec['seconds'] / ref['seconds'], 3)}x the time of unpacking"
-                )
-        if cells:
-            out += [
-                "- rANS decoding straight to float32 levels vs `dequantize` of packed codes: "
-                + "; ".join(cells)
-                + ".",
-                "",
-            ]
+        ]  # fmt: skip
+    if ent.get("speed"):
+        out += _op_speed_md(ent["speed"], "mcodes_per_s", "M codes/s", ent.get("load_before"))
     return out
 
 
-def _rot_label(t: Row) -> str:
-    return f"B={t['bits']} {'rotated' if t['rotation'] else 'unrotated'}"
-
-
-def _entropy_verdicts(rows: Sequence[Row], label: Any) -> list[str]:
-    out = []
-    zwin = [
-        label(r) + f" ({fmt(r['zstd_packed'], 3)} < {fmt(r['rans'], 3)} bits)"
-        for r in rows
-        if r.get("zstd_packed") is not None and r["zstd_packed"] < r["rans"]
-    ]
-    if zwin:
-        out.append(f"- **zstd on the packed codes beats rANS on:** {_where(zwin)}.")
-    elif any(r.get("zstd_packed") is not None for r in rows):
-        out.append("- zstd on the packed codes is never below rANS here.")
-    nosave = [label(r) for r in rows if r["rans"] >= r["bits"]]
-    if nosave:
-        out.append(f"- **rANS saves nothing over packing on:** {_where(nosave)}.")
-    over = [r["rans_over_entropy"] for r in rows if r.get("rans_over_entropy") is not None]
-    if over:
-        out.append(
-            f"- rANS is within {_pct(max(over), 3)} of the entropy (worst case), "
-            f"{_pct(min(over), 3)} at best."
-        )
-    return [*out, ""] if out else []
-
-
-def _allocation_md(al: Mapping[str, Any], sec: Mapping[str, Any]) -> list[str]:
-    out = [
-        '### 5.3 Adaptive bit allocation (`bits="auto:B"`)',
-        "",
-        "Per-layer widths chosen to minimize the total squared error `sum_l n_l MSE_l` at a "
-        "budget of bits per weight (`fedquant.quant.allocation`), against fixed widths at "
-        "**the same budget** (the fixed setting's bits per weight; same bytes up to rounding), "
-        "stochastic rounding, on the model weights (`fedquant.tools.bench.allocation."
-        "codec_comparison`). `sq error x fixed` < 1: the allocation wins. Encode time: median "
-        "of repeated `encode` calls, the allocation included.",
-        "",
-    ]
+def _allocation_md(al: Mapping[str, Any]) -> list[str]:
+    out = ['### Adaptive bit allocation (`bits="auto:B"`)', ""]
     for model, rows in al.get("models", {}).items():
-        if not rows:
-            continue
         layers = list(dict.fromkeys(k for r in rows for k in r["bits"]))
-        out += [
-            f"**{model}** ({_weights_note(sec, model)}):",
-            "",
-            table(
-                ["spec", "at the budget of"]
-                + [f"`{k}`" for k in layers]
-                + [
-                    "bits/weight",
-                    "bytes",
-                    "sq error",
-                    "sq error x fixed",
-                    "encode ms",
-                    "encode x fixed",
-                ],
-                (
-                    [f"`{r['spec']}`", f"`{r['budget_of']}`"]
-                    + [str(r["bits"].get(k, "-")) for k in layers]
-                    + [
-                        f"{r['bits_per_weight']:.4f}",
-                        _bytes(r["bytes"]),
-                        fmt(r["sq_error"]),
-                        fmt(r.get("sq_error_ratio"), 3),
-                        fmt(r["encode_ms"], 3),
-                        fmt(r.get("encode_ratio"), 3),
-                    ]
-                    for r in rows
-                ),
-            ),
-            "",
-        ]
-        autos = [r for r in rows if r["spec"] != r["budget_of"]]
-        fixed = {r["spec"]: r for r in rows if r["spec"] == r["budget_of"]}
-        for r in autos:
-            ref = fixed.get(r["budget_of"])
-            ratio = r.get("sq_error_ratio")
-            if ref is None or ratio is None:
-                continue
-            same = r["bits"] == ref["bits"]
-            what = (
-                "chose the same widths as"
-                if same
-                else "chose "
-                + "-".join(str(r["bits"][k]) for k in layers if k in r["bits"])
-                + " instead of"
-            )
-            if ratio > 1.0:
-                verdict = f"**{fmt(ratio, 3)}x the squared error: worse**" + (
-                    " (same widths; the stochastic draws differ)" if same else ""
-                )
-            elif ratio < 1.0:
-                verdict = f"{fmt(ratio, 3)}x the squared error"
-            else:
-                verdict = "the same squared error"
-            out.append(
-                f"- {model}, budget of `{r['budget_of']}`: `auto` {what} `{r['budget_of']}`, "
-                f"{verdict}, encode {fmt(r.get('encode_ratio'), 3)}x the time."
-            )
-        out.append("")
+        header = (
+            ["spec", "at the budget of"]
+            + [f"`{k}`" for k in layers]
+            + ["bits/weight", "bytes", "sq error", "sq error x fixed", "encode ms",
+               "encode x fixed"]
+        )  # fmt: skip
+        body = [
+            [f"`{r['spec']}`", f"`{r['budget_of']}`"]
+            + [str(r["bits"].get(k, "-")) for k in layers]
+            + [f"{r['bits_per_weight']:.4f}", _bytes(r["bytes"]), fmt(r["sq_error"]),
+               fmt(r.get("sq_error_ratio"), 3), fmt(r["encode_ms"], 3),
+               fmt(r.get("encode_ratio"), 3)]
+            for r in rows
+        ]  # fmt: skip
+        if body:
+            out += [f"#### {model}", "", *_tbl(header, body)]
     return out
 
 
 def beyond_markdown(sec: Mapping[str, Any]) -> list[str]:
-    """Section 5 of the report from ``results["sections"]["beyond"]``."""
-    out = [
-        "## 5. Beyond the paper: rotation, entropy coding, adaptive bit allocation",
-        "",
-        "fedquant options the paper does not have, measured through fedquant's codec on the "
-        "synthetic sources and model weights of section 2 (loaded once for both): "
-        "`QuantSpec(rotation=True)`, "
-        '`QuantSpec(entropy="rans")` and `bits="auto:2.03"` (`RunConfig` takes the same '
-        "settings). Every verdict below is computed from the rows of `bench.json` "
-        "(`sections.beyond`).",
-        "",
-    ]
-    n = sec.get("n", 0)
-    if sec.get("rotation"):
-        out += _rotation_md(sec["rotation"], n, sec)
-    if sec.get("entropy"):
-        out += _entropy_md(sec["entropy"], n, sec)
-    if sec.get("allocation"):
-        out += _allocation_md(sec["allocation"], sec)
+    """The beyond-the-paper section from ``results["sections"]["beyond"]``."""
+    out = ["## Beyond the paper: rotation, entropy coding, adaptive bit allocation", ""]
+    out += _settings(
+        [
+            ("synthetic samples", f"{sec['n']:,}" if sec.get("n") else None),
+            ("speed: float32 elements", f"{sec['n_speed']:,}" if sec.get("n_speed") else None),
+            ("speed: timed reps", sec.get("reps")),
+        ]
+    )
+    out += _weights_table(sec.get("weights") or {})
+    parts = (("rotation", _rotation_md), ("entropy", _entropy_md), ("allocation", _allocation_md))
+    for key, render in parts:
+        out += render(sec[key]) if sec.get(key) else []
     if sec.get("skipped"):
         out += ["Skipped: " + "; ".join(sec["skipped"]), ""]
     return out
 
 
-def beyond_headline(results: Mapping[str, Any]) -> list[str]:
-    """Headline bullets of section 5 (rotation on Student-t(3) and on trained weights at 4
-    bits, rANS at 2 bits, allocation at 4-2-2-4's budget), computed from its rows."""
+def beyond_headline(results: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(figure, value) pairs of the beyond-the-paper section: rotation on Student-t(3) and on
+    the model weights at 4 bits, rANS at 2 bits, allocation at 4-2-2-4's budget."""
     sec = results.get("sections", {}).get("beyond")
     if not sec:
         return []
-    out: list[str] = []
+    out: list[tuple[str, str]] = []
     rot = sec.get("rotation") or {}
     syn = rot.get("synthetic") or []
     rnd = _rounding_of(syn)
     r = _pick(syn, source="student-t3", bits=4, rounding=rnd)
     if r:
         out.append(
-            f"- Random rotation before OCTAV, Student-t(3), 4 bits, {rnd} rounding: NMSE "
-            f"{fmt(r['nmse_plain'], 3)} -> {fmt(r['nmse_rotated'], 3)} "
-            f"({_gain(r['gain'])} {'lower' if r['gain'] >= 1 else 'HIGHER: worse'}) at "
-            f"{r['bpc_rotated']:.3f} bits/coordinate"
-        )
+            (f"rotation, Student-t(3), B=4, {rnd}: NMSE plain -> rotated (gain), bits/coord",
+             f"{fmt(r['nmse_plain'], 3)} -> {fmt(r['nmse_rotated'], 3)} ({_x(r['gain'])}), "
+             f"{r['bpc_rotated']:.3f}")
+        )  # fmt: skip
     for model, rows in (rot.get("models") or {}).items():
         t = _pick(rotation_totals(rows), granularity="tensor", bits=4)
         if t and t["gain"] is not None:
             out.append(
-                f"- Rotation on {model} weights, per tensor, 4 bits, {t['rounding']} rounding: NMSE "
-                f"{fmt(t['nmse_plain'], 3)} -> {fmt(t['nmse_rotated'], 3)}: "
-                + (
-                    f"{_gain(t['gain'])} lower"
-                    if t["gain"] >= 1
-                    else f"**worse** ({fmt(1 / t['gain'], 3)}x the error of plain OCTAV)"
-                )
-            )
+                (f"rotation, {model} weights, per tensor, B=4, {t['rounding']}: NMSE plain -> "
+                 "rotated (gain)",
+                 f"{fmt(t['nmse_plain'], 3)} -> {fmt(t['nmse_rotated'], 3)} ({_x(t['gain'])})")
+            )  # fmt: skip
     ent = sec.get("entropy") or {}
     esyn = ent.get("synthetic") or []
     rnd = _rounding_of(esyn)
     r = _pick(esyn, source="gaussian", bits=2, rounding=rnd, rotation=False)
     if r:
         out.append(
-            f"- rANS on 2-bit OCTAV codes of a Gaussian ({rnd}): {fmt(r['rans'], 4)} bits/code "
-            f"(entropy {fmt(r['entropy'], 4)}): "
-            + (
-                f"{_pct(1 - r['rans'] / 2)} fewer bits than packing"
-                if r["rans"] < 2
-                else f"**no saving** ({_pct(r['rans'] / 2 - 1)} more bits than packing)"
-            )
-            + (
-                f"; zstd-3 on the packed codes {fmt(r['zstd_packed'], 4)}"
-                if r.get("zstd_packed") is not None
-                else ""
-            )
-        )
+            (f"rANS, 2-bit OCTAV codes of a Gaussian, {rnd}: bits/code (entropy; zstd-3 packed)",
+             f"{fmt(r['rans'], 4)} ({fmt(r['entropy'], 4)}; {fmt(r.get('zstd_packed'), 4)})")
+        )  # fmt: skip
     for model, rows in (ent.get("models") or {}).items():
         t = _pick(entropy_totals(rows), bits=2, rotation=False)
         if t and t.get("saving") is not None:
             out.append(
-                f"- rANS on the {model} payload at 2 bits: {_bytes(t['payload_packed'])} -> "
-                f"{_bytes(t['payload_rans'])} bytes ("
-                + (f"{_pct(t['saving'])} saved)" if t["saving"] > 0 else "**no saving**)")
-            )
+                (f"rANS, {model} payload, B=2: bytes packed -> rANS (saved)",
+                 f"{_bytes(t['payload_packed'])} -> {_bytes(t['payload_rans'])} "
+                 f"({_pct(t['saving'])})")
+            )  # fmt: skip
     for model, rows in ((sec.get("allocation") or {}).get("models") or {}).items():
         auto = next(
             (x for x in rows if x["budget_of"] == "4-2-2-4" and x["spec"] != "4-2-2-4"), None
         )
         if auto and auto.get("sq_error_ratio") is not None:
-            ratio = auto["sq_error_ratio"]
             out.append(
-                f"- `auto` bit allocation at 4-2-2-4's budget ({auto['bits_per_weight']:.3f} "
-                f"bits/weight) on {model}: "
-                + "-".join(str(b) for b in auto["bits"].values())
-                + f", {fmt(ratio, 3)}x the squared error of 4-2-2-4"
-                + (" (**worse**)" if ratio > 1 else "")
-            )
+                (f"`auto` at 4-2-2-4's budget, {model}: widths, bits/weight, sq error x 4-2-2-4",
+                 "-".join(str(b) for b in auto["bits"].values())
+                 + f", {auto['bits_per_weight']:.3f}, {fmt(auto['sq_error_ratio'], 3)}")
+            )  # fmt: skip
     return out
 
 
 def write_markdown(results: Mapping[str, Any], path: str | Path) -> Path:
+    """Write :func:`markdown` of ``results`` to ``path``."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(markdown(results))
