@@ -234,3 +234,31 @@ def test_resume_refuses_other_options(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "--resume: takes the configuration from DIR/config.toml" in capsys.readouterr().err
     assert main(["run", "--resume", str(tmp_path)]) == 2
     assert "is not a fedquant results directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["compare", "bench", "fuzz", "reproduce", "robustness"])
+def test_every_tool_takes_argv_and_prog(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib
+    import inspect
+
+    from fedquant.cli import TOOLS
+
+    module, _ = TOOLS[name]
+    assert list(inspect.signature(importlib.import_module(module).main).parameters)[:2] == [
+        "argv",
+        "prog",
+    ]
+    # the dispatcher passes the name the user typed; a bad flag is one line and exit 2
+    with pytest.raises(SystemExit) as exit_:
+        main([name, "x", "--no-such-flag"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"fedquant {name}: error: ")
+    assert "--no-such-flag" in err[0]
+
+
+def test_tool_names_are_the_dispatch_table() -> None:
+    from fedquant.cli import TOOLS, build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "cmd")
+    assert list(sub.choices) == ["run", *TOOLS]  # type: ignore[attr-defined]

@@ -18,17 +18,10 @@ from fedquant.errors import ConfigError
 from fedquant.fl.client import state_numpy
 from fedquant.fl.models import PaperCNN
 from fedquant.fl.simulation import TIMING_KEYS, Simulation
-from fedquant.reproduce import report
-from fedquant.reproduce.grid import ENV_FIELDS, Job, expand, load_grid
-from fedquant.reproduce.runner import (
-    LOCK,
-    job_status,
-    read_invocations,
-    run_job,
-    run_jobs,
-    source_fingerprint,
-    stratified_subset,
-)
+from fedquant.tools.reproduce import claims, report, results
+from fedquant.tools.reproduce.grid import ENV_FIELDS, Job, expand, load_grid
+from fedquant.tools.reproduce.runner import run_job, run_jobs, stratified_subset
+from fedquant.tools.runner import LOCK, job_status, read_invocations, source_fingerprint
 
 GRID = Path(__file__).resolve().parents[1] / "experiments" / "paper-claims.toml"
 #: the input shape of each data set of the grid (channels, height, width)
@@ -61,7 +54,7 @@ def test_grid_every_cell_validates_on_every_scale() -> None:
 def test_grid_has_the_issue_comparisons_and_the_paper_settings() -> None:
     grid = load_grid(GRID)
     names = [c.name for c in grid.cells]
-    assert set(report.CLAIM_CELLS) <= set(names)
+    assert set(claims.CLAIM_CELLS) <= set(names)
     small = {j.key: j for j in expand(grid, "small")}
     paper = {j.key: j for j in expand(grid, "paper")}
     assert len(grid.scales["small"].seeds) >= 3 and len(grid.scales["paper"].seeds) >= 3
@@ -213,10 +206,14 @@ def test_two_cells_end_to_end_then_skip(tmp_path: Path, capsys: pytest.CaptureFi
     assert abs(base["uplink_bytes_per_client_round"] - 24_927) <= 2
     md = (tmp_path / "out" / "claims-tiny" / "README.md").read_text()
     assert "Status: complete" in md and "MNIST (embedded)" in md
-    assert "Code: the runs were computed by fedquant source" in md and "OUTDATED" not in md
+    assert "Code: fedquant source" in md and "OUTDATED" not in md
     assert "/work/" not in md.split("## Verdicts")[0]  # a commit, not a local path
     inv = read_invocations(raw)
     assert len(inv) == 1 and inv[0]["status"] == "finished" and inv[0]["results"] == {"done": 2}
+    # which code and environment: the git commit, versions and CPU, recorded and shown
+    assert inv[0]["source_commit"] and f"commit `{inv[0]['source_commit']}`" in md
+    assert inv[0]["environment"]["numpy"] == np.__version__ and "pythonpath" not in inv[0]
+    assert f"Environment: python {inv[0]['environment']['python']}" in md
     assert inv[0]["cpu_seconds"] > 0 and inv[0]["source_sha256"] == s["source_sha256"]
     assert inv[0]["argv"] == [
         f"fedquant reproduce --scale tiny --grid {grid} --out {tmp_path / 'out'} --jobs 0"
@@ -365,21 +362,21 @@ def test_command_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
 
 
 def test_paired_difference_and_interval() -> None:
-    d = report.paired_diff({0: 91.0, 1: 92.0, 2: 96.0}, {0: 90.0, 1: 90.0, 2: 90.0, 7: 1.0})
+    d = results.paired_diff({0: 91.0, 1: 92.0, 2: 96.0}, {0: 90.0, 1: 90.0, 2: 90.0, 7: 1.0})
     assert d is not None and d.n == 3  # seed 7 has no partner
     assert math.isclose(d.mean, 3.0) and math.isclose(d.sd, math.sqrt(7.0))
     half = 4.303 * math.sqrt(7.0) / math.sqrt(3)  # t(0.975, 2 df) = 4.303
     assert math.isclose(d.lo, 3.0 - half) and math.isclose(d.hi, 3.0 + half)
     assert not d.resolved  # the interval [-3.6, 9.6] holds 0
-    one = report.paired_diff({0: 2.0}, {0: 1.0})
+    one = results.paired_diff({0: 2.0}, {0: 1.0})
     assert one is not None and one.n == 1 and not one.resolved and "1 seed" in one.fmt()
-    assert report.paired_diff({0: 1.0}, {1: 1.0}) is None
-    assert report.t975(1) == 12.706 and report.t975(100) == 1.96
-    assert report.combine([report.HELD, report.NOT_MEASURED]) == report.HELD
-    assert report.combine([report.HELD, report.NOT_HELD]) == report.NOT_HELD
-    assert report.combine([report.INCONCLUSIVE, report.NOT_HELD]) == report.NOT_HELD
-    assert report.combine([report.INCONCLUSIVE, report.INCONCLUSIVE]) == report.INCONCLUSIVE
-    assert report.combine([report.NOT_MEASURED]) == report.NOT_MEASURED
+    assert results.paired_diff({0: 1.0}, {1: 1.0}) is None
+    assert results.t975(1) == 12.706 and results.t975(100) == 1.96
+    assert claims.combine([claims.HELD, claims.NOT_MEASURED]) == claims.HELD
+    assert claims.combine([claims.HELD, claims.NOT_HELD]) == claims.NOT_HELD
+    assert claims.combine([claims.INCONCLUSIVE, claims.NOT_HELD]) == claims.NOT_HELD
+    assert claims.combine([claims.INCONCLUSIVE, claims.INCONCLUSIVE]) == claims.INCONCLUSIVE
+    assert claims.combine([claims.NOT_MEASURED]) == claims.NOT_MEASURED
 
 
 # --------------------------------------------------------------------------- the report
@@ -464,37 +461,38 @@ def _fixture_raw(tmp_path: Path, drop: str | None = None) -> tuple[Any, Path]:
 
 def test_report_verdicts_on_fixture_results(tmp_path: Path) -> None:
     grid, out = _fixture_raw(tmp_path)
-    c = report.collect(grid, "tiny", out / "raw")
+    c = results.collect(grid, "tiny", out / "raw")
     assert c.complete
-    verdicts = {r.key: r for r in report.evaluate_claims(c)}
-    assert verdicts["a"].verdict == report.NOT_HELD  # bits2 is 5 points below, resolved
-    assert verdicts["b"].verdict == report.HELD  # every gain resolved
+    verdicts = {r.key: r for r in claims.evaluate_claims(c)}
+    assert verdicts["a"].verdict == claims.NOT_HELD  # bits2 is 5 points below, resolved
+    assert verdicts["b"].verdict == claims.HELD  # every gain resolved
     assert "3 of 3 90 % intervals" not in verdicts["b"].summary  # +1.0 is below 2 pp
     assert "2 of 3 90 % intervals lie above 2 pp" in verdicts["b"].summary
-    assert verdicts["c"].verdict == report.HELD
-    assert verdicts["d"].verdict == report.NOT_HELD  # IID -3.0, Dirichlet +0.5
+    assert verdicts["c"].verdict == claims.HELD
+    assert verdicts["d"].verdict == claims.NOT_HELD  # IID -3.0, Dirichlet +0.5
     assert verdicts["coef"].verdict == "no resolved change in accuracy"
     b_rows = {(r.a, r.b): r for r in verdicts["b"].rows}
-    assert b_rows[("base", "nearest")].outcome == report.HELD
-    assert b_rows[("bits2", "bits2-nearest")].outcome == report.HELD
+    assert b_rows[("base", "nearest")].outcome == claims.HELD
+    assert b_rows[("bits2", "bits2-nearest")].outcome == claims.HELD
     assert b_rows[("base", "nearest")].tested.n == 5  # type: ignore[union-attr]
     d_rows = {r.what: r.outcome for r in verdicts["d"].rows}
-    assert d_rows == {"IID": report.NOT_HELD, "Dirichlet(0.5)": report.HELD}
+    assert d_rows == {"IID": claims.NOT_HELD, "Dirichlet(0.5)": claims.HELD}
     a_rows = {r.a: r for r in verdicts["a"].rows}
-    assert a_rows["bits2"].outcome == report.NOT_HELD
-    assert a_rows["bits8"].outcome == report.INFO  # outside the claim's 2-4 bits
+    assert a_rows["bits2"].outcome == claims.NOT_HELD
+    assert a_rows["bits8"].outcome == claims.INFO  # outside the claim's 2-4 bits
     assert not a_rows["dir-base"].counted and a_rows["dir-fedavg"].b == "dir-fp32-fedavg"
     assert "uplink 13.2x smaller" in a_rows["base"].note
-    assert report.mse_ratio(c, "mnist-embedded", "base", "octav-paper") == {"fc1.weight": 0.5}
+    assert claims.mse_ratio(c, "mnist-embedded", "base", "octav-paper") == {"fc1.weight": 0.5}
 
     path = report.write_report(grid, "tiny", out)
     md = path.read_text()
     assert "**Status: complete** — 90 of 90 runs finished." in md
-    assert "Holm's correction over every hypothesis of claims (a)–(d)" in md
+    assert "Holm's correction over claims (a)–(d), family-wise α = 0.05; intervals 90 %." in md
+    assert "| (a) | equivalence within ±1 pp (TOST) |" in md
     assert "| (c) OCTAV clipping beats max-abs scaling | **held** |" in md
     assert "| (d) inverse-MSE averaging matches or beats FedAvg" in md
     # the robustness check (mean of the last evaluations) agrees on the fixture: same offsets
-    robust = {r.key: r.verdict for r in report.evaluate_claims(c, report.LAST_EVALS)}
+    robust = {r.key: r.verdict for r in claims.evaluate_claims(c, results.LAST_EVALS)}
     assert robust == {k: r.verdict for k, r in verdicts.items()}
     assert "verdict on the mean of the last 3 evaluations" in md
     assert "| (c) OCTAV clipping beats max-abs scaling | **held** |" in md
@@ -512,7 +510,9 @@ def test_report_says_partial(tmp_path: Path) -> None:
     md = report.write_report(grid, "tiny", out, figures=False).read_text()
     assert "**Status: PARTIAL — 89 of 90 runs finished (1 missing)" in md
     assert "`mnist-embedded/nearest/seed1`" in md
-    nearest = [r for r in report.evaluate_claims(report.collect(grid, "tiny", out / "raw"))[1].rows]
+    nearest = [
+        r for r in claims.evaluate_claims(results.collect(grid, "tiny", out / "raw"))[1].rows
+    ]
     assert next(r for r in nearest if r.b == "nearest").diff.n == 4  # type: ignore[union-attr]
 
 
@@ -534,7 +534,7 @@ def test_committed_report_regenerates_from_its_raw_data(tmp_path: Path) -> None:
     md = report.write_report(load_grid(GRID), "small", out, figures=False).read_text()
     assert _unstamped(md) == _unstamped((committed / "README.md").read_text())
     # the seed-level data and the seeds an inconclusive comparison needs, recomputed here
-    from fedquant.reproduce.stats import Hypothesis, seeds_to_resolve
+    from fedquant.tools.reproduce.stats import Hypothesis, seeds_to_resolve
 
     row = next(line for line in md.splitlines() if "| 2 bits | `bits2` − `fp32-fedavg`" in line)
     cells = [c.strip() for c in row.strip("|").split("|")]
@@ -547,8 +547,21 @@ def test_committed_report_regenerates_from_its_raw_data(tmp_path: Path) -> None:
     assert need is not None and abs(int(cells[7]) - need) <= 1  # per-seed values are rounded
 
 
+def test_committed_robustness_table_regenerates_from_its_raw_data(tmp_path: Path) -> None:
+    from fedquant.tools.reproduce.robustness import write_robustness_report
+
+    committed = Path(__file__).resolve().parents[1] / "docs" / "results" / "robustness-small"
+    out = tmp_path / "robustness-small"
+    out.mkdir()
+    (out / "raw").symlink_to(committed / "raw")
+    grid = load_grid(GRID.parent / "robustness.toml")
+    md = write_robustness_report(grid, "small", out, "../shared/data").read_text()
+    assert _unstamped(md) == _unstamped((committed / "README.md").read_text())
+    assert "| clean |" in md and "## The goal" in md
+
+
 def test_plan_prices_a_scale_and_its_half_widths(capsys: pytest.CaptureFixture[str]) -> None:
-    from fedquant.reproduce.power import CostModel, run_cost
+    from fedquant.tools.reproduce.power import CostModel, run_cost
 
     grid = load_grid(GRID)
     medium = {j.key: j for j in expand(grid, "medium")}

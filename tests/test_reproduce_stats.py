@@ -8,8 +8,8 @@ import pytest
 from scipy import stats as sps
 
 from fedquant.errors import ConfigError
-from fedquant.reproduce import stats
-from fedquant.reproduce.stats import (
+from fedquant.tools.reproduce import stats
+from fedquant.tools.reproduce.stats import (
     HELD,
     INCONCLUSIVE,
     NOT_HELD,

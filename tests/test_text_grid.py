@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from fedquant.errors import ConfigError
-from fedquant.reproduce.grid import expand, load_grid
-from fedquant.reproduce.report import collect
-from fedquant.reproduce.runner import run_job, tensor_vnmse
-from fedquant.reproduce.text_report import (
+from fedquant.tools.reproduce.grid import expand, load_grid
+from fedquant.tools.reproduce.results import collect
+from fedquant.tools.reproduce.runner import run_job, tensor_vnmse
+from fedquant.tools.reproduce.text_report import (
     REFERENCES,
     allocated_bits,
     cell_table,

@@ -7,9 +7,12 @@
 ``fedquant fuzz``       fuzz the payload decoder
 ``fedquant reproduce``  the paper-claims grid (see docs/results)
 ``fedquant compare``    overlay and tabulate the metrics of several runs
+``fedquant robustness`` the attack x aggregation-rule grid
 
-User errors (bad flags, bad config values, missing data) print one line naming
-the option and the allowed values and exit with status 2; no traceback.
+Every command but ``run`` is a tool (:data:`TOOLS`): a module whose
+``main(argv, prog) -> int`` parses its own options. User errors (bad flags, bad
+config values, missing data) print one line naming the option and the allowed
+values and exit with status 2; no traceback.
 """
 
 from __future__ import annotations
@@ -19,18 +22,28 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
+from fedquant.argparsing import EXIT_USER_ERROR, Parser
 from fedquant.errors import ConfigError, FedquantError
 
-EXIT_USER_ERROR = 2
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but errors are one line and exit 2 without the usage block."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see --help)\n")
+#: subcommand -> (module, help); each module's ``main(argv, prog) -> int`` runs it
+TOOLS = {
+    "compare": (
+        "fedquant.tools.compare",
+        "overlay and tabulate the metrics of several results directories",
+    ),
+    "bench": (
+        "fedquant.tools.bench.cli",
+        "benchmarks: quantization error, speed, federated traffic",
+    ),
+    "fuzz": ("fedquant.fuzz", "fuzz the payload decoder and the server's ingest path"),
+    "reproduce": ("fedquant.tools.reproduce", "run the paper-claims grid and write the report"),
+    "robustness": (
+        "fedquant.tools.reproduce.robustness",
+        "run the attack x aggregation-rule grid and write the robustness table",
+    ),
+}
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -271,25 +284,6 @@ def _print_summary(
     Console().print(t)
 
 
-def cmd_compare(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    from fedquant.fl.compare import compare
-
-    result = compare(args.runs, args.out, metric=args.metric)
-    rows = result.table()
-    direction = "lower" if result.lower_is_better else "higher"
-    t = Table(title=f"fedquant compare: {result.metric} ({direction} is better)")
-    for col in rows[0]:
-        t.add_column(col, justify="left" if col == "configuration" else "right")
-    for row in rows:
-        t.add_row(*row.values())
-    Console().print(t)
-    print(f"plots and CSVs: {Path(args.out)}")
-    return 0
-
-
 def _print_plan(spec: Any, state: Any) -> None:
     """How each tensor of a client's upload travels (bits, bytes), before the first round."""
     print(f"uplink per client and round, bits {spec.describe_bits()}:\n{spec.plan(state)}")
@@ -297,23 +291,20 @@ def _print_plan(spec: Any, state: Any) -> None:
 
 def _delegate(module: str, argv: Sequence[str], prog: str) -> int:
     import importlib
-    import inspect
 
     try:
         mod = importlib.import_module(module)
     except ImportError as e:
         raise ConfigError("command", f"this installation lacks {module} ({e})") from None
-    if "prog" in inspect.signature(mod.main).parameters:
-        return int(mod.main(list(argv), prog=prog))
-    return int(mod.main(list(argv)))
+    return int(mod.main(list(argv), prog))
 
 
 def build_parser() -> argparse.ArgumentParser:
     from fedquant import __version__
 
-    parser = _Parser(prog="fedquant", description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser = Parser(prog="fedquant", description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"fedquant {__version__}")
-    sub = parser.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="cmd", required=True, parser_class=Parser)
     run = sub.add_parser(
         "run",
         help="federated training with clipped uniform quantization",
@@ -323,45 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_run_options(run)
     run.set_defaults(func=cmd_run)
-    cmp = sub.add_parser(
-        "compare",
-        help="overlay and tabulate the metrics of several results directories",
-        description="Overlay a metric of several runs against rounds and against uplink bytes, "
-        "print a summary table, and write the plots and CSVs. Runs whose config.toml differ "
-        "only in the seed are one configuration: mean and standard deviation over seeds.",
-    )
-    cmp.add_argument(
-        "runs",
-        nargs="+",
-        metavar="RUN_DIR",
-        help="results directories of fedquant run, or folders of them (fedquant run --out)",
-    )
-    cmp.add_argument(
-        "--metric",
-        default="accuracy",
-        help="the evaluated metric, test_<METRIC> in metrics.jsonl (default: accuracy)",
-    )
-    cmp.add_argument(
-        "--out",
-        default="fedquant-compare",
-        metavar="DIR",
-        help="where to write the plots and CSVs (default: ./fedquant-compare)",
-    )
-    cmp.set_defaults(func=cmd_compare)
-    for name, module, helptext in (
-        (
-            "bench",
-            "fedquant.tools.bench.cli",
-            "benchmarks: quantization error, speed, federated traffic",
-        ),
-        ("fuzz", "fedquant.fuzz", "fuzz the payload decoder and the server's ingest path"),
-        ("reproduce", "fedquant.reproduce", "run the paper-claims grid and write the report"),
-        (
-            "robustness",
-            "fedquant.reproduce.robustness",
-            "run the attack x aggregation-rule grid and write the robustness table",
-        ),
-    ):
+    for name, (module, helptext) in TOOLS.items():
         p = sub.add_parser(name, help=helptext, add_help=False)
         p.set_defaults(module=module)
     return parser
@@ -370,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    if argv and argv[0] in ("bench", "fuzz", "reproduce", "robustness"):
+    if argv and argv[0] in TOOLS:
         args, _ = parser.parse_known_args(argv[:1])
         try:
             return _delegate(args.module, argv[1:], f"fedquant {argv[0]}")

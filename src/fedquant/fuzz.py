@@ -76,6 +76,7 @@ from typing import Any
 
 import numpy as np
 
+from fedquant.argparsing import Parser
 from fedquant.errors import ConfigError, DecodeError, FedquantError, InvalidInputError
 from fedquant.fl.aggregation import aggregate_payloads
 from fedquant.quant import codec
@@ -1488,9 +1489,9 @@ def _check_args(args: argparse.Namespace) -> None:
         )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m fedquant.fuzz``: run the fuzzer, print a summary, 1 on any failure."""
-    p = argparse.ArgumentParser(prog="python -m fedquant.fuzz", description=__doc__.split("\n")[0])
+def main(argv: Sequence[str] | None = None, prog: str = "python -m fedquant.fuzz") -> int:
+    """``fedquant fuzz``: run the fuzzer, print a summary, 1 on any failure."""
+    p = Parser(prog=prog, description=__doc__.split("\n")[0])
     p.add_argument("--runs", type=int, default=100_000, help="number of inputs (default 100000)")
     p.add_argument("--seed", type=int, default=0, help="mutator seed (default 0)")
     p.add_argument(

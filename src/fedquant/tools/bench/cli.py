@@ -47,6 +47,7 @@ from typing import Any
 
 import numpy as np
 
+from fedquant.argparsing import Parser
 from fedquant.errors import ConfigError, FedquantError
 
 SECTIONS = ("grid", "error", "speed", "federated", "beyond")
@@ -56,7 +57,7 @@ MODELS = ("mnist", "cifar10")
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog=prog,
         description="fedquant benchmarks: quantization error vs peers and limits, speed "
         "as a ratio to memcpy, and the options beyond the paper (rotation, rANS coding, "

@@ -1,25 +1,26 @@
-"""Running the jobs of a grid: resumable, lock-protected, optionally in parallel processes.
+"""The experiment runner of the tools: config × seed grids, resumable, in parallel processes.
 
-Each job writes its own results directory ``<raw>/<dataset>/<cell>/seed<k>/``::
+A *job* is one run of a grid (one configuration and seed) with its own
+results directory ``<raw>/<job.directory>/``. What a job computes is the
+caller's ``execute(job, directory)``; this module adds what every grid needs:
 
-    cell.json       the job: scale, data set, cell, seed, fingerprint, grid settings
-    config.toml     the resolved RunConfig (``fedquant run --config`` reruns it,
-                    without the train/test subset)
-    meta.json       package versions, data set sizes
-    clients.json    per-client label counts
-    metrics.jsonl   one line per round (the simulator's metrics)
-    summary.json    final figures; present = the job is finished
-    checkpoint.npz  only while the job runs (deleted when it finishes)
-    .lock           only while a process runs it
+* **skip done runs by fingerprint** -- ``cell.json`` records the job
+  (:meth:`GridJob.record`, with the job's ``fingerprint``: a hash of its
+  settings); a job whose ``summary.json`` exists under the same fingerprint is
+  skipped, one whose recorded fingerprint differs is cleared and rerun;
+* **rerun outdated runs** -- every summary records the
+  :func:`source_fingerprint` of the code that computed it; with
+  ``rerun_outdated`` a run made by other code is rerun;
+* **parallel processes** -- :func:`run_jobs` runs jobs in ``spawn``ed worker
+  processes (:func:`run_in_processes`); a ``.lock`` file per job (created
+  with ``O_EXCL``) lets several invocations share a grid, and a lock left by a
+  dead process on this host is taken over;
+* **results to files** -- the summary (the caller's figures plus time, load
+  and source, see :func:`run_job`) in ``summary.json``, a traceback in
+  ``error.txt``, and a record per invocation in ``<raw>/invocations/``.
 
-A job whose ``summary.json`` exists with the grid's fingerprint is skipped (unless
-it was computed by another fedquant source and ``rerun_outdated`` is set); one
-with a checkpoint resumes from it (bit-identical to an uninterrupted run, see
-:mod:`fedquant.fl.simulation`); one whose recorded fingerprint differs from the
-grid's is cleared and rerun. The ``.lock`` file (created with ``O_EXCL``)
-lets several ``fedquant reproduce`` processes, or a process pool, share one
-grid without running a job twice; a lock left by a dead process on this host
-is taken over.
+:func:`call_in_fresh_process` runs one function in a new Python process (for
+measurements that must not see the caller's heap).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ import os
 import resource
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import traceback
@@ -41,25 +44,27 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
-from fedquant.errors import ConfigError, FedquantError
-from fedquant.fl.results import ResultsDir, atomic_write, write_json
-from fedquant.reproduce.grid import Job
+from fedquant.errors import FedquantError
+from fedquant.fl.files import atomic_write
+from fedquant.tools.report import Row, environment, write_json
 
 __all__ = [
+    "GridJob",
     "JobResult",
     "LoadSampler",
+    "Outcome",
+    "call_in_fresh_process",
     "job_status",
     "read_invocations",
+    "run_in_processes",
     "run_job",
     "run_jobs",
     "run_source",
-    "source_commit",
     "source_fingerprint",
-    "stratified_subset",
 ]
 
 LOCK = ".lock"
@@ -74,17 +79,16 @@ RESULT_FILES = (
     "checkpoint.npz",
     "error.txt",
 )
-#: glibc settings that made allocation-heavy torch code up to 1.8x faster on this
-#: project's 2-core machines (big allocations reuse memory instead of a fresh mmap
-#: per tensor); set for worker processes unless the user set them.
+#: glibc settings that make allocation-heavy torch code faster on small machines (big
+#: allocations reuse memory instead of a fresh mmap per tensor); set for worker
+#: processes unless the user set them.
 _CHILD_ENV = {
     "MALLOC_MMAP_THRESHOLD_": "4294967296",
     "MALLOC_TRIM_THRESHOLD_": "4294967296",
 }
 
-
 _GITIGNORE = """\
-# written by fedquant reproduce: files of running or interrupted runs
+# written by the fedquant runner: files of running or interrupted runs
 .lock
 checkpoint.npz
 .*.npz.*
@@ -92,6 +96,52 @@ checkpoint.npz
 .*.jsonl.*
 .*.toml.*
 """
+
+#: folders and modules of the package that do not compute a run's numbers
+_NOT_COMPUTING = ("tools/", "bench/", "flower/", "cli.py", "argparsing.py")
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class GridJob(Protocol):
+    """What :func:`run_job` needs of a job (``fedquant.tools.reproduce.grid.Job`` is one)."""
+
+    @property
+    def key(self) -> str:
+        """A name unique in the grid (progress lines, results)."""
+
+    @property
+    def fingerprint(self) -> str:
+        """A hash of the settings the job computes with (not of where or how fast)."""
+
+    @property
+    def alias_of(self) -> str | None:
+        """Another job with identical settings whose results are this one's (then not run)."""
+
+    @property
+    def config(self) -> Any:
+        """The run's :class:`~fedquant.fl.config.RunConfig` (``threads``, ``device``)."""
+
+    def directory(self, raw_root: Path) -> Path:
+        """The job's results directory under ``raw_root``."""
+
+    def record(self) -> Row:
+        """What ``cell.json`` records of the job (with ``"fingerprint"``)."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What an ``execute(job, directory)`` function returns to :func:`run_job`."""
+
+    #: the run's figures (the runner adds time, load and source, then writes summary.json)
+    summary: Row
+    #: the round the run resumed from (0: started afresh)
+    resumed_from: int = 0
+
+
+#: ``execute(job, directory)``: compute the job in its (locked, prepared) directory
+Execute = Callable[[Any, Path], Outcome]
 
 
 @dataclass
@@ -105,11 +155,34 @@ class JobResult:
 
     key: str
     status: str
-    final_accuracy: float | None = None
-    seconds: float = 0.0
-    resumed_from: int = 0
-    load_avg: float | None = None
+    #: the run's summary.json (done or skipped jobs)
+    summary: Row | None = None
     error: str | None = None
+
+    @property
+    def final_accuracy(self) -> float | None:
+        """The summary's ``final_accuracy`` (None without one)."""
+        acc = (self.summary or {}).get("final_accuracy")
+        return None if acc is None else float(acc)
+
+    @property
+    def seconds(self) -> float:
+        """Wall seconds of the run in this invocation (0 unless done now)."""
+        return (
+            float((self.summary or {}).get("wall_seconds", 0.0)) if self.status == "done" else 0.0
+        )
+
+    @property
+    def resumed_from(self) -> int:
+        """The round a run done now resumed from (0: it started afresh)."""
+        return (
+            int((self.summary or {}).get("resumed_from_round", 0)) if self.status == "done" else 0
+        )
+
+    @property
+    def load_avg(self) -> float | None:
+        """The 1-minute load average when a run done now ended."""
+        return (self.summary or {}).get("load_avg_1min_end") if self.status == "done" else None
 
 
 # --------------------------------------------------------------------------- provenance
@@ -119,9 +192,9 @@ class JobResult:
 def source_fingerprint() -> str:
     """16 hex digits of SHA-256 over the ``.py`` files of the imported fedquant package.
 
-    The ``reproduce``, ``bench`` and ``flower`` subpackages are left out: they
-    do not compute a run's numbers. Runs with different fingerprints were made by different code
-    (the report says so).
+    The tools, the Flower adapter and the command line are left out: they do
+    not compute a run's numbers. Runs with different fingerprints were made by
+    different code.
     """
     import fedquant
 
@@ -129,99 +202,10 @@ def source_fingerprint() -> str:
     h = hashlib.sha256()
     for p in sorted(root.rglob("*.py")):
         rel = p.relative_to(root).as_posix()
-        if rel.startswith(("reproduce/", "bench/", "flower/")):
+        if rel.startswith(_NOT_COMPUTING):
             continue
         h.update(rel.encode() + b"\0" + p.read_bytes() + b"\0")
     return h.hexdigest()[:16]
-
-
-def source_commit(where: Path) -> str | None:
-    """``git rev-parse HEAD`` of the checkout holding ``where`` (``+dirty`` when the package
-    has uncommitted changes); ``None`` outside a git checkout or without git."""
-    import subprocess
-
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(where), "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(where), "status", "--porcelain", "--", "."],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return head + ("+dirty" if dirty else "") if head else None
-
-
-# --------------------------------------------------------------------------- data
-
-
-def stratified_subset(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """Indices of a class-stratified random subset of ``n`` of ``labels`` (sorted).
-
-    Each class gets ``n`` times its share, rounded by largest remainder, so
-    the subset's class proportions match the full set's to within one image.
-    ``n >= len(labels)`` (or ``n == 0``) returns every index.
-
-    Examples
-    --------
-    >>> y = np.array([0] * 6 + [1] * 3 + [2] * 1)
-    >>> np.bincount(y[stratified_subset(y, 5, seed=0)]).tolist()
-    [3, 2, 0]
-    """
-    y = np.asarray(labels)
-    if n <= 0 or n >= y.size:
-        return np.arange(y.size, dtype=np.int64)
-    classes, counts = np.unique(y, return_counts=True)
-    exact = counts * (n / y.size)
-    quota = np.floor(exact).astype(np.int64)
-    short = n - int(quota.sum())
-    quota[np.argsort(-(exact - quota), kind="stable")[:short]] += 1
-    rng = np.random.default_rng(seed)
-    picked = [
-        rng.permutation(np.flatnonzero(y == c))[:q] for c, q in zip(classes, quota, strict=True)
-    ]
-    return np.sort(np.concatenate(picked)).astype(np.int64)
-
-
-_DATASETS: dict[tuple[str, str | None, str | None], Any] = {}
-
-
-def _load_dataset(job: Job) -> Any:
-    """The job's full data set, decoded once per process."""
-    from fedquant.fl.data import load_dataset
-
-    cfg = job.config
-    key = (cfg.dataset, cfg.data_root, cfg.cache_dir)
-    if key not in _DATASETS:
-        _DATASETS[key] = load_dataset(cfg.dataset, cfg.data_root, cfg.cache_dir)
-    return _DATASETS[key]
-
-
-def _subset(job: Job, full: Any) -> Any:
-    """The job's training subset and per-round test subset of ``full``."""
-    from fedquant.fl.data import Dataset
-
-    n_train = job.samples_per_client * job.config.num_clients
-    tr = stratified_subset(full.train_y, n_train, job.subset_seed)
-    te = stratified_subset(full.test_y, job.test_samples, job.subset_seed + 1)
-    if tr.size == full.train_y.size and te.size == full.test_y.size:
-        return full
-    return Dataset(
-        name=full.name,
-        train_x=full.train_x[tr],
-        train_y=full.train_y[tr],
-        test_x=full.test_x[te],
-        test_y=full.test_y[te],
-        classes=full.classes,
-    )
 
 
 # --------------------------------------------------------------------------- locks and status
@@ -278,13 +262,13 @@ def _release(d: Path) -> None:
         (d / LOCK).unlink()
 
 
-def run_source(job: Job, raw_root: Path) -> str | None:
+def run_source(job: GridJob, raw_root: Path) -> str | None:
     """The source fingerprint a finished run recorded (``None``: unfinished or unrecorded)."""
     summary = _read_json(job.directory(raw_root) / "summary.json")
     return summary.get("source_sha256") if isinstance(summary, dict) else None
 
 
-def job_status(job: Job, raw_root: Path, source: str | None = None) -> str:
+def job_status(job: GridJob, raw_root: Path, source: str | None = None) -> str:
     """``"alias"``, ``"done"``, ``"outdated"``, ``"stale"``, ``"running"``, ``"partial"``, ``"missing"``.
 
     ``"stale"``: the grid's settings changed since the run; ``"outdated"`` (only
@@ -326,31 +310,25 @@ def _clear_debris(d: Path) -> None:
 # --------------------------------------------------------------------------- one job
 
 
-def _cell_record(job: Job) -> dict[str, Any]:
-    return {
-        "scale": job.scale,
-        "dataset": job.dataset,
-        "cell": job.cell,
-        "seed": job.seed,
-        "fingerprint": job.fingerprint,
-        "settings": dict(job.settings),
-        "samples_per_client": job.samples_per_client,
-        "test_samples": job.test_samples,
-        "subset_seed": job.subset_seed,
-    }
-
-
 def run_job(
-    job: Job, raw_root: str | os.PathLike[str], *, rerun_outdated: bool = False
+    job: GridJob,
+    raw_root: str | os.PathLike[str],
+    execute: Execute,
+    *,
+    rerun_outdated: bool = False,
 ) -> JobResult:
     """Run (or resume, or skip) one job; never raises for a failure inside the run.
 
     Parameters
     ----------
-    job : Job
+    job : GridJob
         Not an alias.
     raw_root : path
-        The raw-results folder of the scale.
+        The grid's raw-results folder.
+    execute : callable
+        ``execute(job, directory) -> Outcome``: runs the job in its directory
+        (resuming from what it left there, if it can). A module-level function,
+        so that worker processes can import it.
     rerun_outdated : bool, default False
         Rerun a finished job whose recorded source fingerprint is not
         :func:`source_fingerprint` (else it is skipped).
@@ -358,6 +336,10 @@ def run_job(
     Returns
     -------
     JobResult
+        For a run done now, ``summary`` is ``execute``'s plus ``wall_seconds``,
+        ``cpu_seconds`` (this process, all threads), ``resumed_from_round``,
+        the 1-minute load average at start and end, ``threads``, ``device``,
+        ``source_sha256`` and ``finished`` (a timestamp).
     """
     d = job.directory(Path(raw_root))
     d.mkdir(parents=True, exist_ok=True)
@@ -373,16 +355,16 @@ def run_job(
                 and summary.get("source_sha256") != source_fingerprint()
             )
             if summary is not None and not outdated:
-                return JobResult(job.key, "skipped", final_accuracy=summary.get("final_accuracy"))
+                return JobResult(job.key, "skipped", summary=summary)
             if outdated:
                 _clear(d)
-                write_json(d / "cell.json", _cell_record(job))
+                write_json(d / "cell.json", job.record())
         else:
             _clear(d)  # stale or half-created: start afresh
-            write_json(d / "cell.json", _cell_record(job))
+            write_json(d / "cell.json", job.record())
         _clear_debris(d)
         try:
-            return _run(job, d)
+            return _execute(job, d, execute)
         except Exception as e:
             with atomic_write(d / "error.txt", "w") as f:
                 f.write(traceback.format_exc())
@@ -392,210 +374,27 @@ def run_job(
         _release(d)
 
 
-def _provenance(
-    cfg: Any, t_start: float, cpu_start: float, load_start: float, resumed_from: int
-) -> dict[str, Any]:
-    """The summary entries every job records: time, load, where it ran, which code."""
-    return {
+def _execute(job: GridJob, d: Path, execute: Execute) -> JobResult:
+    t_start, cpu_start, load_start = time.perf_counter(), time.process_time(), os.getloadavg()[0]
+    out = execute(job, d)
+    summary = {
+        **out.summary,
         "wall_seconds": time.perf_counter() - t_start,
         # CPU time of this process (all its threads): what the run costs on an idle machine
         "cpu_seconds": time.process_time() - cpu_start,
-        "resumed_from_round": resumed_from,
+        "resumed_from_round": out.resumed_from,
         "load_avg_1min_start": load_start,
         "load_avg_1min_end": os.getloadavg()[0],
-        "threads": cfg.threads,
-        "device": cfg.device,
+        "threads": job.config.threads,
+        "device": job.config.device,
         "source_sha256": source_fingerprint(),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-
-
-def _finish(job: Job, d: Path, rd: ResultsDir, summary: dict[str, Any]) -> JobResult:
-    rd.write_summary(summary)
-    for leftover in ("checkpoint.npz", "error.txt"):  # keep the committed folder small
+    write_json(d / "summary.json", summary)
+    for leftover in ("checkpoint.npz", "error.txt"):  # keep a committed folder small
         with contextlib.suppress(FileNotFoundError):
             (d / leftover).unlink()
-    acc = summary.get("final_accuracy")
-    return JobResult(
-        job.key,
-        "done",
-        final_accuracy=None if acc is None else float(acc),
-        seconds=summary["wall_seconds"],
-        resumed_from=summary["resumed_from_round"],
-        load_avg=summary["load_avg_1min_end"],
-    )
-
-
-#: bit widths of :func:`tensor_vnmse`
-VNMSE_BITS = (2, 4, 8)
-
-
-def tensor_vnmse(
-    state: Mapping[str, np.ndarray], bits: Sequence[int] = VNMSE_BITS
-) -> dict[str, dict[str, float]]:
-    """Per floating tensor, ``||w - Q(w)||^2 / ||w||^2`` at each width (OCTAV, nearest rounding).
-
-    Returns ``{"<bits>": {tensor name: vNMSE}}``: which tensors of a trained
-    model lose the most to quantization, one-dimensional ones (LayerNorm,
-    biases) included even though uploads keep them in float32 by default.
-    A tensor of zeros has vNMSE 0.
-    """
-    from fedquant.quant.quantizer import fake_quantize
-
-    out: dict[str, dict[str, float]] = {}
-    for b in bits:
-        row = {}
-        for name, w in state.items():
-            if w.dtype.kind != "f" or w.size == 0:
-                continue
-            x = w.astype(np.float64)
-            power = float(np.sum(x * x))
-            err = fake_quantize(w, b, method="octav", rounding="nearest") - x
-            row[name] = float(np.sum(err * err)) / power if power > 0 else 0.0
-        out[str(b)] = row
-    return out
-
-
-def _run_workload(job: Job, d: Path) -> JobResult:
-    """A job on a registered non-image workload (:data:`fedquant.fl.simulation.WORKLOADS`).
-
-    The workload's own data and test set are used whole (a scale's
-    ``samples_per_client`` and ``test_samples`` must be 0); the summary holds
-    :func:`~fedquant.fl.simulation.run_summary`'s figures (``final_<metric>``,
-    ``best_<metric>``) and the final value of every test metric.
-    """
-    from fedquant.fl.simulation import Simulation, resume_state, run_summary
-
-    t_start, cpu_start, load_start = time.perf_counter(), time.process_time(), os.getloadavg()[0]
-    if job.samples_per_client or job.test_samples:
-        raise ConfigError(
-            "samples_per_client",
-            f"{job.dataset} is a workload with its own data; expected samples_per_client = 0 "
-            "and test_samples = 0 in the scale",
-        )
-    cfg = job.config
-    sim = Simulation(cfg)
-    rd = ResultsDir(d)
-    state = resume_state(sim, rd)
-    resumed_from = state.round  # a new run's start files are written by resume_state
-
-    def on_round(st: Any, row: dict[str, Any]) -> None:
-        rd.write_round(
-            st.round, st.global_state, st.metrics, residuals=st.residuals, server_opt=st.server_opt
-        )
-
-    state = sim.run(state, on_round=on_round)
-    m = state.metrics
-    last_eval: dict[str, Any] = next(
-        (r for r in reversed(m) if any(k.startswith("test_") for k in r)), {}
-    )
-    summary = {
-        **run_summary(m, sim.task, wall_seconds=0.0, results_dir=str(d)),
-        **{f"final_{k[5:]}": v for k, v in last_eval.items() if k.startswith("test_")},
-        "metric": sim.task.metric,
-        "higher_is_better": sim.task.higher_is_better,
-        "final_model_vnmse": tensor_vnmse(state.global_state),
-        **_provenance(cfg, t_start, cpu_start, load_start, resumed_from),
-    }
-    return _finish(job, d, rd, summary)
-
-
-def _run(job: Job, d: Path) -> JobResult:
-    from fedquant.fl.client import evaluate, load_numpy_state
-    from fedquant.fl.data import Dataset, to_tensors
-    from fedquant.fl.simulation import (
-        TIMING_KEYS,
-        WORKLOADS,
-        RunState,
-        Simulation,
-        final_accuracy,
-    )
-
-    if job.config.dataset in WORKLOADS:
-        return _run_workload(job, d)
-    t_start = time.perf_counter()
-    cpu_start = time.process_time()
-    load_start = os.getloadavg()[0]
-    cfg = job.config
-    full = _load_dataset(job)
-    data = _subset(job, full)
-    sim = Simulation(cfg, dataset=data)
-    rd = ResultsDir(d)
-    ck = rd.read_checkpoint()
-    if ck is not None:
-        state = RunState(round=ck[0], global_state=ck[1], metrics=ck[2])
-        resumed_from = state.round
-    else:
-        state, resumed_from = sim.new_state(), 0
-        rd.write_start(
-            cfg,
-            {
-                "dataset": {
-                    "name": full.name,
-                    "train_full": int(full.train_y.size),
-                    "test_full": int(full.test_y.size),
-                    "train_used": int(data.train_y.size),
-                    "test_per_round": int(data.test_y.size),
-                    "classes": list(full.classes),
-                },
-                "float32_model_bytes": sim.reference.float32_nbytes,
-                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            },
-        )
-        write_json(
-            d / "clients.json",
-            {"label_counts": sim.label_counts.tolist(), "sizes": [int(p.size) for p in sim.parts]},
-        )
-
-    def on_round(st: RunState, row: dict[str, Any]) -> None:
-        rd.write_round(st.round, st.global_state, st.metrics)
-
-    state = sim.run(state, on_round=on_round)
-    m = state.metrics
-
-    # the final accuracy on the whole test split (rounds may use a subset)
-    subset_acc = final_accuracy(m)
-    final_loss: float | None
-    if data.test_y.size != full.test_y.size and not job.final_on_subset:
-        t0 = time.perf_counter()
-        whole = to_tensors(
-            Dataset(full.name, data.train_x, data.train_y, full.test_x, full.test_y, full.classes)
-        )  # normalized with the same (training-subset) statistics as the run
-        load_numpy_state(sim.model, state.global_state)
-        final_loss, final_acc = evaluate(sim.model, whole.test_x, whole.test_y)
-        final_eval_s = time.perf_counter() - t0
-    else:
-        final_acc = subset_acc
-        final_loss = next((r["test_loss"] for r in reversed(m) if "test_loss" in r), None)
-        final_eval_s = 0.0
-
-    up = [r for r in m if r["uplink_bytes"]]
-    last_up = up[-1] if up else m[-1]
-    n_up = max(1, last_up["clients_aggregated"])
-    evaluated = [r["test_accuracy"] for r in m if r.get("test_accuracy") is not None]
-    timing = {k: float(sum(r.get(k, 0.0) for r in m)) for k in TIMING_KEYS}
-    summary = {
-        "final_accuracy": final_acc,
-        "final_loss": final_loss,
-        "final_accuracy_test_samples": int(
-            data.test_y.size if job.final_on_subset else full.test_y.size
-        ),
-        "last_round_accuracy_subset": subset_acc,
-        "best_round_accuracy_subset": max(evaluated) if evaluated else None,
-        "test_samples_per_round": int(data.test_y.size),
-        "train_samples": int(data.train_y.size),
-        "rounds": state.round,
-        "uplink_bytes_per_client_round": last_up["uplink_bytes"] / n_up,
-        "uplink_float32_bytes_per_client_round": last_up["uplink_float32_bytes"] / n_up,
-        "uplink_ratio_vs_float32": last_up["uplink_ratio"],
-        "total_uplink_bytes": m[-1]["cum_uplink_bytes"],
-        "total_downlink_bytes": m[-1]["cum_downlink_bytes"],
-        "compute_seconds": timing["seconds_round"] + final_eval_s,
-        "seconds_final_eval": final_eval_s,
-        **timing,
-        **_provenance(cfg, t_start, cpu_start, load_start, resumed_from),
-    }
-    return _finish(job, d, rd, summary)
+    return JobResult(job.key, "done", summary=summary)
 
 
 # --------------------------------------------------------------------------- many jobs
@@ -633,6 +432,7 @@ class LoadSampler:
         self.samples.append(os.getloadavg()[0])
 
     def stats(self) -> dict[str, float | int]:
+        """``load_min``, ``load_mean``, ``load_max`` and ``load_samples`` so far."""
         s = list(self.samples) or [os.getloadavg()[0]]
         return {
             "load_min": min(s),
@@ -682,7 +482,8 @@ class RunLog:
     source_sha256: str
     #: the git commit of the source tree (``+dirty`` if it had uncommitted changes), if known
     source_commit: str | None = None
-    pythonpath: str | None = None
+    #: versions and CPU (:func:`fedquant.tools.report.environment`)
+    environment: Row = field(default_factory=dict)
     status: str = "running"
     #: CPU seconds of this process and its finished worker processes (getrusage)
     cpu_seconds: float = 0.0
@@ -707,8 +508,9 @@ def read_invocations(raw: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 
 def run_jobs(
-    jobs: Sequence[Job],
+    jobs: Sequence[GridJob],
     raw_root: str | os.PathLike[str],
+    execute: Execute,
     *,
     n_jobs: int = 1,
     in_process: bool = False,
@@ -717,13 +519,15 @@ def run_jobs(
     sample_interval: float = 30.0,
     rerun_outdated: bool = True,
 ) -> list[JobResult]:
-    """Run every unfinished, non-alias job of ``jobs``.
+    """Run every unfinished, non-alias job of ``jobs`` with :func:`run_job`.
 
     Parameters
     ----------
-    jobs : sequence of Job
+    jobs : sequence of GridJob
     raw_root : path
-        The scale's raw-results folder.
+        The grid's raw-results folder.
+    execute : callable
+        What runs one job (see :func:`run_job`).
     n_jobs : int, default 1
         Worker processes (``spawn``ed; each imports torch once and runs jobs
         one after another). Give each job ``threads = cores / n_jobs``.
@@ -745,8 +549,6 @@ def run_jobs(
     list of JobResult
         One per job that was pending when the call started, in completion order.
     """
-    import fedquant
-
     raw = Path(raw_root)
     raw.mkdir(parents=True, exist_ok=True)
     ignore = raw / ".gitignore"
@@ -755,6 +557,7 @@ def run_jobs(
     current = source_fingerprint() if rerun_outdated else None
     pending = [j for j in jobs if j.alias_of is None and job_status(j, raw, current) != "done"]
     threads = max((j.config.threads for j in jobs), default=0)
+    env = environment()
     record = RunLog(
         argv=list(argv),
         started=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -765,8 +568,8 @@ def run_jobs(
         pid=os.getpid(),
         pending=len(pending),
         source_sha256=source_fingerprint(),
-        source_commit=source_commit(Path(fedquant.__file__).resolve().parent),
-        pythonpath=os.environ.get("PYTHONPATH"),
+        source_commit=env.pop("commit"),
+        environment=env,
     )
     results: list[JobResult] = []
     t0 = time.perf_counter()
@@ -786,19 +589,24 @@ def run_jobs(
                 record.results[r.status] = record.results.get(r.status, 0) + 1
             write_json(record_path, asdict(record))
 
-    def done(r: JobResult) -> None:
+    def done(job: GridJob, r: JobResult | BaseException) -> None:
+        if isinstance(r, BrokenProcessPool):
+            r = JobResult(job.key, "failed", error=f"worker process died: {r}")
+        elif isinstance(r, BaseException):  # pragma: no cover - run_job catches its own errors
+            r = JobResult(job.key, "failed", error=f"{type(r).__name__}: {r}")
         results.append(r)
         if on_result is not None:
             on_result(r, len(results), len(pending))
 
+    one = functools.partial(run_job, raw_root=raw, execute=execute, rerun_outdated=rerun_outdated)
     sampler = LoadSampler(sample_interval, on_sample=save)
     try:
         with _sigterm_as_interrupt(), sampler:
             if in_process or not pending:
                 for j in pending:
-                    done(run_job(j, raw, rerun_outdated=rerun_outdated))
+                    done(j, one(j))
             else:
-                _run_pool(pending, raw, n_jobs, threads, done, rerun_outdated)
+                run_in_processes(one, pending, workers=n_jobs, threads=threads, on_done=done)
         record.status = "finished"
     except BaseException:
         record.status = "interrupted"
@@ -834,35 +642,53 @@ def _terminate_workers(ex: ProcessPoolExecutor) -> None:
             p.join(timeout=10)
 
 
-def _run_pool(
-    pending: Sequence[Job],
-    raw: Path,
-    n_jobs: int,
-    threads: int,
-    done: Callable[[JobResult], None],
-    rerun_outdated: bool,
+def run_in_processes(
+    fn: Callable[[T], R],
+    items: Sequence[T],
+    *,
+    workers: int,
+    threads: int = 0,
+    on_done: Callable[[T, R | BaseException], None],
 ) -> None:
+    """``fn(item)`` for every item in ``workers`` ``spawn``ed processes, as they finish.
+
+    Parameters
+    ----------
+    fn : callable
+        A module-level function (workers import it); its items and results
+        must pickle.
+    items : sequence
+    workers : int
+        Worker processes (at least 1); each runs items one after another.
+    threads : int, default 0
+        Threads per worker (``OMP_NUM_THREADS``, ``NUMBA_NUM_THREADS``, unless
+        set); 0 leaves the libraries' defaults.
+    on_done : callable
+        ``on_done(item, result)`` in this process, in completion order;
+        ``result`` is the exception ``fn`` raised, if it did.
+
+    Notes
+    -----
+    Workers ignore Ctrl-C; an interrupt (or any exception of ``on_done``)
+    terminates them before it propagates.
+    """
     ex = ProcessPoolExecutor(
-        max_workers=max(1, n_jobs),
+        max_workers=max(1, workers),
         mp_context=multiprocessing.get_context("spawn"),
         initializer=_ignore_sigint,
     )
     with _child_env(threads):  # workers are spawned on demand, by submit()
-        futures: dict[Future[JobResult], Job] = {
-            ex.submit(run_job, j, raw, rerun_outdated=rerun_outdated): j for j in pending
-        }
+        futures: dict[Future[R], T] = {ex.submit(fn, item): item for item in items}
     try:
         remaining = set(futures)
         while remaining:
             finished, remaining = wait(remaining, return_when=FIRST_COMPLETED)
             for f in finished:
-                job = futures[f]
                 try:
-                    done(f.result())
-                except BrokenProcessPool as e:
-                    done(JobResult(job.key, "failed", error=f"worker process died: {e}"))
-                except Exception as e:  # pragma: no cover - run_job catches its own errors
-                    done(JobResult(job.key, "failed", error=f"{type(e).__name__}: {e}"))
+                    result: R | BaseException = f.result()
+                except Exception as e:
+                    result = e
+                on_done(futures[f], result)
     except BaseException:
         _terminate_workers(ex)  # before shutdown(), which forgets the worker processes
         ex.shutdown(wait=False, cancel_futures=True)
@@ -885,3 +711,46 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+# --------------------------------------------------------------------------- one call, fresh
+
+
+def call_in_fresh_process(
+    target: str, kwargs: Mapping[str, Any], *, timeout_s: float, failed: str
+) -> tuple[Any, str]:
+    """``module.function(**kwargs)`` in a new Python process: (its JSON result, its stderr).
+
+    Parameters
+    ----------
+    target : str
+        ``"package.module:function"``; the function returns something JSON can
+        encode and may print progress to stderr.
+    kwargs : mapping
+        JSON-encodable keyword arguments.
+    timeout_s : float
+        Seconds before the child is killed (:class:`subprocess.TimeoutExpired`).
+    failed : str
+        Start of the error message if the child fails.
+
+    Raises
+    ------
+    FedquantError
+        The child exited with an error: ``failed`` followed by the end of its stderr.
+    """
+    module, function = target.split(":")
+    code = (
+        "import importlib, json, sys\n"
+        f"fn = getattr(importlib.import_module({module!r}), {function!r})\n"
+        "print(json.dumps(fn(**json.loads(sys.argv[1]))))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(dict(kwargs))],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise FedquantError(f"{failed}: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr

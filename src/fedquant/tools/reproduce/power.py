@@ -27,8 +27,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedquant.reproduce.grid import Grid, Job, expand
-from fedquant.reproduce.stats import half_width
+from fedquant.tools.reproduce.grid import Grid, Job, expand
+from fedquant.tools.reproduce.stats import half_width
 
 __all__ = ["CostModel", "fit_cost", "plan_text", "run_cost"]
 
@@ -46,7 +46,8 @@ class CostModel:
 
 def fit_cost(collected: object) -> dict[str, CostModel]:
     """Per data set :class:`CostModel` from a reference's finished runs of the claim cells."""
-    from fedquant.reproduce.report import CLAIM_CELLS, Collected
+    from fedquant.tools.reproduce.claims import CLAIM_CELLS
+    from fedquant.tools.reproduce.results import Collected
 
     assert isinstance(collected, Collected)
     out: dict[str, CostModel] = {}
@@ -120,7 +121,8 @@ def plan_text(
     data_dir: str | None = None,
 ) -> str:
     """Markdown: the claim grid's estimated cost at ``scale`` and the half-widths it buys."""
-    from fedquant.reproduce.report import CLAIM_CELLS, collect, evaluate_claims
+    from fedquant.tools.reproduce.claims import CLAIM_CELLS, evaluate_claims
+    from fedquant.tools.reproduce.results import collect
 
     ref = collect(grid, reference, raw, data_dir=data_dir)
     models = fit_cost(ref)
@@ -191,8 +193,8 @@ def plan_text(
 
 
 def _distance(t: object) -> float:
-    from fedquant.reproduce.stats import Tested
-    from fedquant.reproduce.stats import _distance as dist
+    from fedquant.tools.reproduce.stats import Tested
+    from fedquant.tools.reproduce.stats import _distance as dist
 
     assert isinstance(t, Tested)
     return dist(t.mean, t.hypothesis)

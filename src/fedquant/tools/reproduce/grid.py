@@ -36,7 +36,7 @@ from typing import Any
 from fedquant.errors import ConfigError
 from fedquant.fl.config import FIELDS, RunConfig
 from fedquant.fl.results import read_toml
-from fedquant.reproduce.stats import Hypothesis
+from fedquant.tools.reproduce.stats import Hypothesis
 
 __all__ = [
     "ENV_FIELDS",
@@ -145,7 +145,7 @@ class ClaimTests:
     alpha : float
         Family-wise error rate (Holm over every hypothesis of the claims).
     tests : mapping
-        Claim key (``"a"``, ...) -> its :class:`~fedquant.reproduce.stats.Hypothesis`.
+        Claim key (``"a"``, ...) -> its :class:`~fedquant.tools.reproduce.stats.Hypothesis`.
     extras : mapping
         Claim key -> its other numbers (``min_ratio``, ``claimed_gain``).
     """
@@ -261,7 +261,22 @@ class Job:
         return f"{self.dataset}/{self.cell}/seed{self.seed}"
 
     def directory(self, raw_root: Path) -> Path:
+        """``raw_root/<dataset>/<cell>/seed<k>``."""
         return Path(raw_root) / self.dataset / self.cell / f"seed{self.seed}"
+
+    def record(self) -> dict[str, Any]:
+        """What the run's ``cell.json`` records: the job, its fingerprint and settings."""
+        return {
+            "scale": self.scale,
+            "dataset": self.dataset,
+            "cell": self.cell,
+            "seed": self.seed,
+            "fingerprint": self.fingerprint,
+            "settings": dict(self.settings),
+            "samples_per_client": self.samples_per_client,
+            "test_samples": self.test_samples,
+            "subset_seed": self.subset_seed,
+        }
 
 
 def default_grid_path(grid_file: Path = GRID_FILE) -> Path:
@@ -270,7 +285,7 @@ def default_grid_path(grid_file: Path = GRID_FILE) -> Path:
     here = Path.cwd() / grid_file
     if here.is_file():
         return here
-    tree = Path(__file__).resolve().parents[3] / grid_file  # src/fedquant/reproduce/grid.py
+    tree = Path(__file__).resolve().parents[4] / grid_file  # src/fedquant/tools/reproduce/grid.py
     return tree if tree.is_file() else here
 
 

@@ -3,21 +3,20 @@
 Reads what ``fedquant reproduce --grid experiments/text-task.toml`` wrote (the
 runs' ``summary.json``; nothing is recomputed) and prints Markdown::
 
-    python -m fedquant.reproduce.text_report --scale small
+    python -m fedquant.tools.reproduce.text_report --scale small
 
 1. per cell: the task's headline metric (bits per character), next-character
    accuracy and uplink bytes, mean ± sample sd over seeds, and the paired
    difference to a reference cell (FP32, or the cell it changes one factor of)
-   with its 95 % t-interval (:func:`fedquant.reproduce.report.paired_diff`);
+   with its 95 % t-interval (:func:`fedquant.tools.reproduce.results.paired_diff`);
 2. per tensor group (embeddings, attention, MLP, LayerNorm, biases): the
    relative quantization error ``||w - Q(w)||^2 / ||w||^2`` of the final FP32
    models' tensors at 2, 4 and 8 bits (``final_model_vnmse`` of the summaries,
-   :func:`fedquant.reproduce.runner.tensor_vnmse`).
+   :func:`fedquant.tools.reproduce.runner.tensor_vnmse`).
 """
 
 from __future__ import annotations
 
-import argparse
 import fnmatch
 import math
 import sys
@@ -25,9 +24,11 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from fedquant.reproduce.command import scale_dir
-from fedquant.reproduce.grid import load_grid
-from fedquant.reproduce.report import CellResults, Collected, collect, paired_diff, stat
+from fedquant.argparsing import Parser
+from fedquant.tools.report import table
+from fedquant.tools.reproduce.command import scale_dir
+from fedquant.tools.reproduce.grid import load_grid
+from fedquant.tools.reproduce.results import CellResults, Collected, collect, paired_diff, stat
 
 #: tensor group -> name patterns (first match wins), for the char transformer's state dict
 TENSOR_GROUPS: dict[str, tuple[str, ...]] = {
@@ -75,12 +76,6 @@ def _values(cr: CellResults, key: str) -> dict[int, float]:
     return out
 
 
-def _md(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def cell_table(c: Collected, dataset: str, metric: str = "bits_per_char") -> str:
     """Markdown: one row per cell with its metric, accuracy, uplink and paired difference."""
     key = f"final_{metric}"
@@ -122,7 +117,7 @@ def cell_table(c: Collected, dataset: str, metric: str = "bits_per_char") -> str
                 str(len(vals)),
             ]
         )
-    return _md(
+    return table(
         [
             "cell",
             metric.replace("_", " ") + " (mean ± sd)",
@@ -158,7 +153,7 @@ def vnmse_table(c: Collected, dataset: str, cell: str = "fp32") -> str:
     widths = sorted({b for v in groups.values() for b in v}, key=int)
     order = [g for g in (*TENSOR_GROUPS, "other") if g in groups]
     rows = [[g, *(f"{groups[g].get(b, math.nan):.2e}" for b in widths)] for g in order]
-    return _md(["tensor group", *(f"vNMSE at {b} bits" for b in widths)], rows)
+    return table(["tensor group", *(f"vNMSE at {b} bits" for b in widths)], rows)
 
 
 def allocated_bits(c: Collected, dataset: str, cell: str = "auto2") -> str:
@@ -173,7 +168,7 @@ def allocated_bits(c: Collected, dataset: str, cell: str = "auto2") -> str:
                 acc.setdefault(tensor_group(name), []).append(float(bits))
     order = [g for g in (*TENSOR_GROUPS, "other") if g in acc]
     rows = [[g, f"{np.mean(acc[g]):.2f}", f"{min(acc[g]):.2f}–{max(acc[g]):.2f}"] for g in order]
-    return _md(["tensor group", "mean bits", "range (per round, mean over clients)"], rows)
+    return table(["tensor group", "mean bits", "range (per round, mean over clients)"], rows)
 
 
 def _settings(c: Collected) -> str:
@@ -190,10 +185,12 @@ def _settings(c: Collected) -> str:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(
+    argv: Sequence[str] | None = None, prog: str = "python -m fedquant.tools.reproduce.text_report"
+) -> int:
     """Print the Markdown tables of a workload grid's scale."""
-    p = argparse.ArgumentParser(
-        prog="python -m fedquant.reproduce.text_report",
+    p = Parser(
+        prog=prog,
         description="Tables of the text-task grid (experiments/text-task.toml) from its raw results.",
     )
     p.add_argument("--grid", default="experiments/text-task.toml", help="the grid file")

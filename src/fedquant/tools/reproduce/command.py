@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedquant.argparsing import Parser
 from fedquant.errors import ConfigError
 
 DEFAULT_OUT = Path("docs") / "results"
@@ -38,7 +39,7 @@ DEFAULT_DATA_DIR = Path("..") / "shared" / "data"
 
 
 def _claims_report(grid: Any, scale: str, out: Path, data_dir: str) -> Path:
-    from fedquant.reproduce.report import write_report
+    from fedquant.tools.reproduce.report import write_report
 
     return write_report(grid, scale, out, data_dir=data_dir)
 
@@ -62,9 +63,8 @@ CLAIMS = Experiment(
     description="Run the named grid of experiments/paper-claims.toml at one scale "
     "(resumable; finished runs are skipped) and write a Markdown + PNG report of which "
     "claims of arXiv 2405.13365 hold.",
-    scale_help="a [scales.*] table of the grid: small (<= 60 min on 2 cores with --jobs 2), "
-    "medium (30 clients, 40 rounds, 5 seeds; see --plan), paper (the paper's settings; "
-    "days on a CPU), tiny (a smoke test) (default: small)",
+    scale_help="a [scales.*] table of the grid: small, medium, paper (the paper's settings) "
+    "or tiny (a smoke test); --plan estimates what a scale costs (default: small)",
     report=_claims_report,
 )
 
@@ -100,10 +100,9 @@ def _positive(value: str) -> int:
     return n
 
 
-def build_parser(experiment: Experiment = CLAIMS) -> argparse.ArgumentParser:
-    from fedquant.cli import _Parser
-
-    p = _Parser(prog=f"fedquant {experiment.command}", description=experiment.description)
+def build_parser(experiment: Experiment = CLAIMS, prog: str | None = None) -> Parser:
+    """The options of ``fedquant reproduce`` (or of another ``experiment``'s command)."""
+    p = Parser(prog=prog or f"fedquant {experiment.command}", description=experiment.description)
     p.add_argument("--scale", default="small", help=experiment.scale_help)
     p.add_argument(
         "--grid", metavar="FILE", help=f"the grid file (default: {experiment.grid_file})"
@@ -208,7 +207,7 @@ def _check_data(jobs: Sequence[Any], data_dir: str) -> None:
 
 
 def _print_list(jobs: Sequence[Any], raw: Path) -> None:
-    from fedquant.reproduce.runner import job_status, source_fingerprint
+    from fedquant.tools.runner import job_status, source_fingerprint
 
     counts: dict[str, int] = {}
     current = source_fingerprint()
@@ -220,12 +219,18 @@ def _print_list(jobs: Sequence[Any], raw: Path) -> None:
     print("total: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
 
 
-def main(argv: Sequence[str] | None = None, *, experiment: Experiment = CLAIMS) -> int:
+def main(
+    argv: Sequence[str] | None = None,
+    prog: str | None = None,
+    *,
+    experiment: Experiment = CLAIMS,
+) -> int:
     """Entry point of ``fedquant reproduce`` (or of another ``experiment``); returns the exit
-    status."""
-    from fedquant.reproduce.grid import default_grid_path, expand, load_grid
+    status. ``prog`` names the command in messages (default: ``fedquant <command>``)."""
+    from fedquant.tools.reproduce.grid import default_grid_path, expand, load_grid
 
-    args = build_parser(experiment).parse_args(list(sys.argv[1:] if argv is None else argv))
+    prog = prog or f"fedquant {experiment.command}"
+    args = build_parser(experiment, prog).parse_args(list(sys.argv[1:] if argv is None else argv))
     grid = load_grid(args.grid if args.grid else default_grid_path(experiment.grid_file))
     overrides: dict[str, Any] = {}
     if args.threads is not None:
@@ -251,7 +256,7 @@ def main(argv: Sequence[str] | None = None, *, experiment: Experiment = CLAIMS) 
         _print_list(jobs, raw)
         return 0
     if args.plan:
-        from fedquant.reproduce.power import plan_text
+        from fedquant.tools.reproduce.power import plan_text
 
         ref_raw = scale_dir(args.out, args.plan_from, experiment.prefix) / "raw"
         print(
@@ -268,7 +273,8 @@ def main(argv: Sequence[str] | None = None, *, experiment: Experiment = CLAIMS) 
 
     status = 0
     if not args.report_only:
-        from fedquant.reproduce.runner import JobResult, run_jobs
+        from fedquant.tools.reproduce.runner import run_jobs
+        from fedquant.tools.runner import JobResult
 
         _check_data(jobs, args.data_dir)
         t0 = time.perf_counter()
@@ -303,14 +309,14 @@ def main(argv: Sequence[str] | None = None, *, experiment: Experiment = CLAIMS) 
             )
         except KeyboardInterrupt:
             print(
-                f"fedquant {experiment.command}: interrupted; rerun the same command to resume "
+                f"{prog}: interrupted; rerun the same command to resume "
                 f"({_command_line(args, experiment)})",
                 file=sys.stderr,
             )
             return 130
         failed = [r for r in results if r.status == "failed"]
         for r in failed:
-            print(f"fedquant {experiment.command}: {r.key} failed: {r.error}", file=sys.stderr)
+            print(f"{prog}: {r.key} failed: {r.error}", file=sys.stderr)
         if failed:
             status = 1
     if not args.no_report:
