@@ -526,10 +526,11 @@ def test_markdown_and_json_writers(tmp_path: Path) -> None:
     assert report.fmt(0.0001234567) == "0.0001235"
     assert report.fmt(3) == "3"
     assert report.table(["a", "b"], [[1, 2]]) == "| a | b |\n|---|---|\n| 1 | 2 |"
-    with pytest.raises(ValueError):
-        report.write_json({"x": float("nan")}, tmp_path / "r.json")
-    p = report.write_json({"x": np.float32(1.5), "y": np.arange(2)}, tmp_path / "r.json")
-    assert json.loads(p.read_text()) == {"x": 1.5, "y": [0, 1]}
+    res = {"x": np.float32(1.5), "y": np.arange(2), "z": float("nan"), "w": 1 / 3}
+    js, md = report.save(res, tmp_path / "out")
+    # NaN is not JSON: written as null; floats keep 7 significant digits
+    assert json.loads(js.read_text()) == {"x": 1.5, "y": [0, 1], "z": None, "w": 0.3333333}
+    assert md == tmp_path / "out" / "bench.md" and md.read_text().startswith("# fedquant")
 
 
 def test_quick_command_writes_json_and_markdown(

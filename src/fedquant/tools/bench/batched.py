@@ -45,10 +45,9 @@ from fedquant.fl.config import RunConfig
 from fedquant.fl.data import Dataset
 from fedquant.fl.seeding import Purpose
 from fedquant.fl.simulation import Simulation
+from fedquant.tools.report import Row
 
 __all__ = ["batched_speedup", "main"]
-
-Row = dict[str, Any]
 
 
 def _timed(fn: Callable[[], dict[int, dict[str, np.ndarray]]]) -> tuple[float, float, Any]:

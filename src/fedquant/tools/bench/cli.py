@@ -520,18 +520,7 @@ def _beyond_section(
         n=n_speed, bits=(2, 4) if quick else (2, 4, 8), reps=reps, seed=seed
     )
     out["load_after"] = _load()
-    return _finite(out)
-
-
-def _finite(o: Any) -> Any:
-    """``o`` with NaN and infinities replaced by None (JSON has neither)."""
-    if isinstance(o, float):
-        return o if np.isfinite(o) else None
-    if isinstance(o, dict):
-        return {k: _finite(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_finite(v) for v in o]
-    return o
+    return out
 
 
 def _load() -> str:
@@ -572,17 +561,14 @@ def main(argv: Sequence[str] | None = None, prog: str = "fedquant bench") -> int
     except FedquantError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
-    out = Path(args.out)
-    report.write_json(results, out / "bench.json")
-    # the report is rendered from the JSON as written (floats rounded there), so
-    # regenerating it from bench.json gives the same text, digit for digit
-    results = json.loads((out / "bench.json").read_text())
-    md = report.write_markdown(results, args.markdown or out / "bench.md")
+    js, md = report.save(results, args.out, args.markdown)
+    # the report is rendered from the JSON as written (floats rounded there)
+    results = json.loads(js.read_text())
     for figure, value in report.headline(results):
         print(f"{figure}: {value}")
     for row in report.peer_wins(results):
         print("lower NMSE than OCTAV: " + " ".join(row))
     for row in report.peer_speed_wins(results):
         print("faster than fedquant: " + " ".join(row))
-    print(f"wrote {out / 'bench.json'} and {md}")
+    print(f"wrote {js} and {md}")
     return 0

@@ -35,8 +35,7 @@ from fedquant.quant.quantizer import dequantize, quantize
 from fedquant.quant.spec import QuantSpec
 from fedquant.tools.bench.sources import get_density
 from fedquant.tools.bench.speed import measure
-
-Row = dict[str, Any]
+from fedquant.tools.report import Row
 
 BITS: tuple[int, ...] = (2, 3, 4, 5, 8)
 SOURCES: tuple[str, ...] = ("gaussian", "laplace", "student-t3")

@@ -38,6 +38,7 @@ from fedquant.quant.grid import Rounding
 from fedquant.quant.quantizer import Granularity, dequantize, quantize
 from fedquant.tools.bench import limits, peers
 from fedquant.tools.bench.sources import DENSITIES, get_density
+from fedquant.tools.report import Row
 
 BITS: tuple[int, ...] = (1, 2, 3, 4, 8)
 METHODS: tuple[str, ...] = tuple(m.value for m in ThresholdMethod)
@@ -45,8 +46,6 @@ ROUNDINGS: tuple[str, ...] = tuple(r.value for r in Rounding)
 GRANULARITIES: tuple[str, ...] = tuple(g.value for g in Granularity)
 #: peers of the error tables (``torch-qint8`` is 8-bit min-max nearest; it is in the speed table)
 PEER_NAMES: tuple[str, ...] = tuple(p for p in peers.PEERS if p != "torch-qint8")
-
-Row = dict[str, Any]
 
 
 def nmse(x: np.ndarray, x_hat: np.ndarray) -> float:

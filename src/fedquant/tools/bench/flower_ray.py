@@ -49,7 +49,8 @@ import numpy as np
 
 from fedquant.errors import ConfigError, FedquantError
 from fedquant.fl.config import RunConfig
-from fedquant.tools.bench.federated import Log, Row, flower_missing, load_average, small_dataset
+from fedquant.tools.bench.federated import Log, flower_missing, load_average, small_dataset
+from fedquant.tools.report import Row
 
 #: the train ConfigRecord key that carries the run (JSON of RunConfig and the data subset)
 RUN_KEY = "bench.run"

@@ -1,5 +1,6 @@
 """The benchmark report: ``bench.json`` (every row) and ``bench.md`` (its tables).
 
+The JSON, the tables and the environment line come from :mod:`fedquant.tools.report`.
 ``bench.md`` is rendered from the JSON alone (:func:`markdown`), so a stored
 ``bench.json`` re-renders without running anything. The report holds tables
 and numbers only; what each table measures, and how to read it, is written
@@ -14,8 +15,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from fedquant.tools.report import Row, environment_line, table, write_json
+
 SCHEMA = 1
-Row = Mapping[str, Any]
 
 
 def fmt(v: Any, digits: int = 4) -> str:
@@ -31,69 +33,25 @@ def fmt(v: Any, digits: int = 4) -> str:
     return str(v)
 
 
-def table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    """A GitHub Markdown table."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 #: significant digits kept in the JSON (measurements are not more precise than this)
 JSON_DIGITS = 7
 
 
-def _rounded(o: Any) -> Any:
-    if isinstance(o, float) and math.isfinite(o) and o != 0.0:
-        return float(f"{o:.{JSON_DIGITS}g}")
-    if isinstance(o, Mapping):
-        return {k: _rounded(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_rounded(v) for v in o]
-    return o
+def save(
+    results: Mapping[str, Any], out: str | Path, markdown_path: str | Path | None = None
+) -> tuple[Path, Path]:
+    """Write ``OUT/bench.json`` (floats to :data:`JSON_DIGITS` significant digits, NaN and
+    infinities as null, one table row per line) and the Markdown rendered from that file as
+    written (default ``OUT/bench.md``), so re-rendering the JSON gives the same text.
 
-
-def write_json(results: Mapping[str, Any], path: str | Path) -> Path:
-    """Write ``results`` as JSON, one table row per line, floats to 7 significant digits
-    (NaN/Inf refused: they are not JSON)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(_dumps(_rounded(_plain(results)), 0) + "\n")
-    return p
-
-
-def _plain(o: Any) -> Any:
-    """Numpy scalars and arrays to Python values (recursively)."""
-    if isinstance(o, Mapping):
-        return {str(k): _plain(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_plain(v) for v in o]
-    if not isinstance(o, (str, int, float, bool, type(None))):
-        return _default(o)
-    return o
-
-
-def _dumps(o: Any, depth: int) -> str:
-    """Indented JSON down to the rows; each row (a dict of scalars) on one line."""
-    flat = json.dumps(o, allow_nan=False, separators=(", ", ": "))
-    scalar = (str, int, float, bool, type(None))
-    if not isinstance(o, (dict, list)) or (
-        isinstance(o, dict) and all(isinstance(v, scalar) for v in o.values())
-    ):
-        return flat
-    pad, inner = " " * depth, " " * (depth + 1)
-    if isinstance(o, dict):
-        items = [f"{inner}{json.dumps(k)}: {_dumps(v, depth + 1)}" for k, v in o.items()]
-        return "{\n" + ",\n".join(items) + "\n" + pad + "}" if items else "{}"
-    if all(isinstance(v, scalar) for v in o):
-        return flat
-    items = [inner + _dumps(v, depth + 1) for v in o]
-    return "[\n" + ",\n".join(items) + "\n" + pad + "]" if items else "[]"
-
-
-def _default(o: Any) -> Any:
-    if hasattr(o, "tolist"):  # numpy arrays and scalars
-        return o.tolist()
-    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+    Returns
+    -------
+    (pathlib.Path, pathlib.Path)
+        The JSON and the Markdown file.
+    """
+    js = write_json(Path(out) / "bench.json", results, digits=JSON_DIGITS, rows=True)
+    md = write_markdown(json.loads(js.read_text()), markdown_path or Path(out) / "bench.md")
+    return js, md
 
 
 # --------------------------------------------------------------------------- helpers
@@ -553,7 +511,7 @@ def peer_speed_wins(results: Mapping[str, Any]) -> list[list[str]]:
 
 def markdown(results: Mapping[str, Any]) -> str:
     """The whole report as Markdown, generated from the results dictionary."""
-    env = results.get("environment", {})
+    env = results.get("environment") or {}
     out = [
         "# fedquant benchmarks",
         "",
@@ -561,9 +519,10 @@ def markdown(results: Mapping[str, Any]) -> str:
         results.get("command", ""),
         "```",
         "",
+        environment_line(env),
+        "",
         *_settings(
-            [("created", results.get("created")), *env.items(),
-             ("quick (tiny sizes)", _yes(results.get("quick")))]
+            [("created", results.get("created")), ("quick (tiny sizes)", _yes(results.get("quick")))]
         ),
     ]  # fmt: skip
     out += _titled("## Headline", ["figure", "value"], headline(results))

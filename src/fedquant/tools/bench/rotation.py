@@ -35,8 +35,7 @@ from fedquant.tools.bench import limits
 from fedquant.tools.bench.error import nmse
 from fedquant.tools.bench.sources import get_density
 from fedquant.tools.bench.speed import _Threads, max_threads, measure
-
-Row = dict[str, Any]
+from fedquant.tools.report import Row
 
 #: bit widths of the rotation tables
 BITS: tuple[int, ...] = (2, 3, 4, 8)
