@@ -94,15 +94,20 @@ def _uniforms_into(key, lo, m, u):  # pragma: no cover - compiled
         u[4 * g + 3] = (np.float32(np.uint32(z >> np.uint64(48))) + _HALF16) * _U16
 
 
+def _mix64_np(key: int, g: np.ndarray) -> np.ndarray:
+    """NumPy twin of :func:`_mix64` for an array of group numbers ``g`` (uint64)."""
+    with np.errstate(over="ignore"):
+        z = np.uint64(key) + (g + np.uint64(1)) * _GAMMA
+        z = (z ^ (z >> np.uint64(30))) * _M1
+        z = (z ^ (z >> np.uint64(27))) * _M2
+        return z ^ (z >> np.uint64(31))
+
+
 def uniform_reference(key: int, index: np.ndarray) -> np.ndarray:
     """NumPy twin of the kernels' random stream (for tests and non-numba callers):
     the float32 uniform in ``(0, 1)`` that element ``index`` is rounded with."""
     idx = np.asarray(index).astype(np.uint64)
-    with np.errstate(over="ignore"):
-        z = np.uint64(key) + ((idx >> np.uint64(2)) + np.uint64(1)) * _GAMMA
-        z = (z ^ (z >> np.uint64(30))) * _M1
-        z = (z ^ (z >> np.uint64(27))) * _M2
-        z = z ^ (z >> np.uint64(31))
+    z = _mix64_np(key, idx >> np.uint64(2))
     u = (z >> ((idx & np.uint64(3)) * np.uint64(16))) & _LO16
     return (u.astype(np.float32) + _HALF16) * _U16
 
@@ -150,6 +155,40 @@ def _abs_stats_impl(x):  # pragma: no cover - compiled
     return m, t1, t2, tb
 
 
+@njit(inline="always")
+def _hist_add(acc, bits, x, lo, hi):  # pragma: no cover - compiled
+    """Add ``x[lo:hi]`` to the rows ``(count, sum |x|)`` of ``acc``, keyed by the |x| pattern.
+
+    Each bin's count and sum sit side by side in one row (the count as a
+    float64, exact below 2**53), so an element updates one cache line. The sums
+    are exact too, whatever the order of the additions: the values of one bin
+    share an octave, so they are multiples of one power of two spanning 24 bits,
+    and float64 holds the sum of up to 2**29 of them exactly. Counts and sums
+    therefore do not depend on how the elements are split between threads.
+    """
+    shift = np.uint32(23 - HIST_MANTISSA)
+    mask = np.uint32(0x7FFFFFFF)
+    for i in range(lo, hi):
+        k = (bits[i] & mask) >> shift
+        acc[k, 0] += 1.0
+        acc[k, 1] += abs(np.float64(x[i]))  # Inf/NaN only reach the bins past HIST_BINS
+
+
+@njit(inline="always")
+def _hist_reduce(acc):  # pragma: no cover - compiled
+    """Per-group histograms ``acc`` to ``(count, sum |x|, number of non-finite values)``."""
+    tc = np.zeros(HIST_BINS, dtype=np.int64)
+    t1 = np.zeros(HIST_BINS)
+    bad = 0
+    for g in range(acc.shape[0]):
+        for k in range(HIST_BINS):
+            tc[k] += np.int64(acc[g, k, 0])
+            t1[k] += acc[g, k, 1]
+        for k in range(HIST_BINS, _HIST_ALL):
+            bad += np.int64(acc[g, k, 0])
+    return tc, t1, bad
+
+
 def _abs_histogram_impl(x):  # pragma: no cover - compiled
     """Log-linear histogram of |x| keyed by the top bits of the float32 pattern.
 
@@ -158,36 +197,84 @@ def _abs_histogram_impl(x):  # pragma: no cover - compiled
     octave, each of relative width <= 2**-HIST_MANTISSA, for every exponent from
     denormals to the largest float. Returns per-bin (count, sum |x|) and the
     number of non-finite values (exponent 255, which lands past the last
-    finite bin).
-
-    Each bin's count and sum sit side by side in one row of ``acc`` (the count
-    as a float64, exact below 2**53), so an element updates one cache line,
-    without a branch; the summation order is the element order within a group.
+    finite bin). Counts and sums are exact (see :func:`_hist_add`).
     """
     n = x.size
     groups = min(HIST_GROUPS, max(1, (n + CHUNK - 1) // CHUNK))
     per = (n + groups - 1) // groups
     acc = np.zeros((groups, _HIST_ALL, 2))
     bits = x.view(np.uint32)
-    shift = np.uint32(23 - HIST_MANTISSA)
-    mask = np.uint32(0x7FFFFFFF)
     for g in prange(groups):
         lo = g * per
-        hi = min(n, lo + per)
-        for i in range(lo, hi):
-            k = (bits[i] & mask) >> shift
-            acc[g, k, 0] += 1.0
-            acc[g, k, 1] += abs(np.float64(x[i]))  # Inf/NaN only reach the bins past HIST_BINS
-    tc = np.zeros(HIST_BINS, dtype=np.int64)
-    t1 = np.zeros(HIST_BINS)
-    bad = 0
-    for g in range(groups):
-        for k in range(HIST_BINS):
-            tc[k] += np.int64(acc[g, k, 0])
-            t1[k] += acc[g, k, 1]
-        for k in range(HIST_BINS, _HIST_ALL):
-            bad += np.int64(acc[g, k, 0])
-    return tc, t1, bad
+        _hist_add(acc[g], bits, x, lo, min(n, lo + per))
+    return _hist_reduce(acc)
+
+
+def _abs_histogram_blocks_impl(x, starts, block):  # pragma: no cover - compiled
+    """:func:`abs_histogram` of the blocks ``x[starts[b] : starts[b] + block]`` only."""
+    nb = starts.size
+    groups = min(HIST_GROUPS, max(1, nb))
+    per = (nb + groups - 1) // groups
+    acc = np.zeros((groups, _HIST_ALL, 2))
+    bits = x.view(np.uint32)
+    for g in prange(groups):
+        for b in range(g * per, min(nb, (g + 1) * per)):
+            _hist_add(acc[g], bits, x, starts[b], starts[b] + block)
+    return _hist_reduce(acc)
+
+
+@njit(inline="always")
+def _tail_add(acc, bits, x, lo, hi, cut):  # pragma: no cover - compiled
+    """:func:`_hist_add` of the elements of ``x[lo:hi]`` whose |x| pattern is ``>= cut``."""
+    shift = np.uint32(23 - HIST_MANTISSA)
+    mask = np.uint32(0x7FFFFFFF)
+    for i in range(lo, hi):
+        v = bits[i] & mask
+        if v >= cut:
+            k = v >> shift
+            acc[k, 0] += 1.0
+            acc[k, 1] += abs(np.float64(x[i]))
+
+
+def _abs_histogram_gaps_impl(x, starts, block, cut):  # pragma: no cover - compiled
+    """:func:`abs_histogram` of the elements outside the blocks of :func:`abs_histogram_blocks`
+    (so that the two add up to the histogram of ``x``), of all of them for ``cut == 0``,
+    else of those whose ``|x|`` bit pattern is ``>= cut`` (the tail; Inf/NaN, past every
+    finite pattern, included): a thin tail costs little more than reading ``x``."""
+    n = x.size
+    nb = starts.size
+    gaps = nb + 1  # gap b ends where block b starts; the last one ends at n
+    groups = min(HIST_GROUPS, gaps)
+    per = (gaps + groups - 1) // groups
+    acc = np.zeros((groups, _HIST_ALL, 2))
+    bits = x.view(np.uint32)
+    for g in prange(groups):
+        for b in range(g * per, min(gaps, (g + 1) * per)):
+            lo = 0 if b == 0 else starts[b - 1] + block
+            hi = n if b == nb else starts[b]
+            if cut == 0:
+                _hist_add(acc[g], bits, x, lo, hi)
+            else:
+                _tail_add(acc[g], bits, x, lo, hi, cut)
+    return _hist_reduce(acc)
+
+
+def sample_starts(n: int, blocks: int, block: int) -> np.ndarray:
+    """Starts of ``blocks`` blocks of ``block`` elements spread over ``n`` (int64, sorted).
+
+    Stratified: block ``b`` lies inside ``[b n / blocks, (b + 1) n / blocks)`` at an offset
+    drawn from a counter-based hash of ``(n, b)`` and aligned to 16 elements (a cache
+    line). The layout is a function of ``n`` alone -- no seed -- so a threshold read off
+    it is as deterministic as one read off every element. Needs ``n >= blocks * (block + 16)``.
+    """
+    if block <= 0 or blocks <= 0 or n < blocks * (block + 16):
+        raise ValueError(f"sample_starts: {blocks} blocks of {block} do not fit in {n} elements")
+    b = np.arange(blocks, dtype=np.int64)
+    lo = (b * n // blocks + 15) & ~np.int64(15)
+    room = ((b + 1) * n // blocks - lo - block) // 16  # >= 0: each stratum holds a block
+    z = _mix64_np(n ^ 0x5EED5A3B1E0F5C2D, b.astype(np.uint64))
+    off = (z % (room.astype(np.uint64) + np.uint64(1))).astype(np.int64)
+    return lo + 16 * off
 
 
 def histogram_edges() -> np.ndarray:
@@ -620,6 +707,8 @@ def _dispatcher(impl: Callable[..., Any], size_arg: int, *, fastmath: bool = Fal
 
 abs_stats = _dispatcher(_abs_stats_impl, 0)
 abs_histogram = _dispatcher(_abs_histogram_impl, 0)
+abs_histogram_blocks = _dispatcher(_abs_histogram_blocks_impl, 0)
+abs_histogram_gaps = _dispatcher(_abs_histogram_gaps_impl, 0)
 quantize_pack = _dispatcher(_quantize_pack_impl, 0, fastmath=True)
 pack = _dispatcher(_pack_impl, 0)
 count_nonfinite = _dispatcher(_count_nonfinite_impl, 0)
