@@ -34,7 +34,10 @@ TOOLS = {
         "fedquant.tools.compare",
         "overlay and tabulate the metrics of several results directories",
     ),
-    "bench": ("fedquant.bench.cli", "benchmarks: quantization error, speed, federated traffic"),
+    "bench": (
+        "fedquant.tools.bench.cli",
+        "benchmarks: quantization error, speed, federated traffic",
+    ),
     "fuzz": ("fedquant.fuzz", "fuzz the payload decoder and the server's ingest path"),
     "reproduce": ("fedquant.tools.reproduce", "run the paper-claims grid and write the report"),
     "robustness": (
