@@ -46,7 +46,7 @@ for large tensors), eight passes over the tensor for the clipping error and
 eight over the subsample. Measured on the paper's CNN (81,848 weights): an
 ``auto`` encode takes ~20 ms against ~1.5 ms at fixed widths (13x), about
 1 % of a client's local epoch on the embedded MNIST subset
-(:func:`fedquant.bench.allocation.codec_comparison`).
+(:func:`fedquant.tools.bench.allocation.codec_comparison`).
 
 The optimal integer allocation (:func:`allocate_bits`)
 ------------------------------------------------------
