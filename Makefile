@@ -8,7 +8,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: run test test-fast lint lint-docstrings bench install
+.PHONY: run test test-fast lint bench install
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,10 +31,6 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests examples
 	$(BIN)/ruff format --check src tests examples
 	$(BIN)/mypy
-
-# docstring rules (numpy convention) on the modules behind fedquant's public names
-lint-docstrings: $(STAMP)
-	$(BIN)/ruff check --extend-select D src
 
 bench: $(STAMP)
 	$(BIN)/fedquant bench $(ARGS)

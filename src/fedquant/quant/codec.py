@@ -206,7 +206,7 @@ _MADV_HUGEPAGE = 14  # Linux
 
 
 def _madvise() -> Any:
-    """libc's ``madvise``, where there is one (Linux); else ``None``."""
+    """Libc's ``madvise``, where there is one (Linux); else ``None``."""
     try:
         fn = ctypes.CDLL(None, use_errno=True).madvise
     except (AttributeError, OSError):
@@ -262,10 +262,12 @@ class TensorInfo:
 
     @property
     def quantized(self) -> bool:
+        """Whether the tensor travels quantized (a floating tensor at 1..8 bits)."""
         return self.bits <= 8 and self.dtype in ("float32", "float16", "bfloat16", "float64")
 
     @property
     def numel(self) -> int:
+        """Number of elements of the tensor."""
         return math.prod(self.shape)
 
 
@@ -279,6 +281,7 @@ class EncodeResult:
 
     @property
     def nbytes(self) -> int:
+        """Size of the payload in bytes: what travels."""
         return len(self.payload)
 
     @property
@@ -288,6 +291,7 @@ class EncodeResult:
 
     @property
     def mse(self) -> dict[str, float]:
+        """Quantization MSE of each tensor, by name (0 for tensors sent exactly)."""
         return {n: i.mse for n, i in self.tensors.items()}
 
 
@@ -308,6 +312,7 @@ class DecodedUpdate:
 
     @property
     def mse(self) -> dict[str, float]:
+        """Quantization MSE each tensor's record reports, by name."""
         return {n: i.mse for n, i in self.info.items()}
 
     def to_torch(self) -> dict[str, Any]:
@@ -351,9 +356,11 @@ def _float32_size(info: TensorInfo) -> int:
 
 
 class _OnDevice:
-    """A floating torch tensor left on its device (a GPU) until its record is made:
-    quantized there when the plan allows (:mod:`fedquant.quant.device`), else copied
-    to the host. Looks like a float32 array where the encoder inspects it."""
+    """A floating torch tensor left on its device (a GPU) until its record is made.
+
+    It is quantized there when the plan allows (:mod:`fedquant.quant.device`), else
+    copied to the host. It looks like a float32 array where the encoder inspects it.
+    """
 
     dtype = np.dtype(np.float32)
 
@@ -610,8 +617,11 @@ def encode(
 
 
 class _Record(NamedTuple):
-    """A record before it is written: its bytes up to the MSE, the size of its data,
-    and what writes the data into its place in the payload (returning the MSE)."""
+    """A record before it is written.
+
+    Its bytes up to the MSE, the size of its data, and what writes the data into its
+    place in the payload (returning the MSE).
+    """
 
     head: bytes
     data_len: int
@@ -621,8 +631,10 @@ class _Record(NamedTuple):
 
 
 def _assemble(records: list[_Record], meta_raw: bytes) -> tuple[bytes, dict[str, TensorInfo]]:
-    """Write the header, metadata and records into one preallocated payload, then the
-    checksum: no record is copied more than once."""
+    """Write the header, metadata, records and checksum into one preallocated payload.
+
+    No record is copied more than once.
+    """
     total = (
         HEADER.size
         + len(meta_raw)
@@ -780,8 +792,11 @@ def _scales_bytes(scales: np.ndarray) -> bytes:
 
 
 def device_plan(plan: TensorPlan) -> bool:
-    """Whether a tensor on a GPU is quantized there under ``plan`` (else it is copied to
-    the host first): quantized, OCTAV threshold, no rotation, no entropy coding."""
+    """Whether a tensor on a GPU is quantized there under ``plan``.
+
+    It is when the plan quantizes with the OCTAV threshold, no rotation and no entropy
+    coding; otherwise it is copied to the host first.
+    """
     return (
         plan.quantized
         and not plan.rotation
@@ -821,16 +836,20 @@ def _encode_on_device(
 
 
 def _copy_checked(flat: np.ndarray, out: np.ndarray) -> int:
-    """Copy float32 ``flat`` into the bytes ``out`` (any alignment); returns the number
-    of NaN/Inf values (counted on the bit patterns, a read-only pass)."""
+    """Copy float32 ``flat`` into the bytes ``out`` (any alignment).
+
+    Returns the number of NaN/Inf values, counted on the bit patterns in a read-only pass.
+    """
     bad = int(kernels.count_nonfinite(flat.view(np.uint32))) if flat.size else 0
     out[:] = flat.view(np.uint8)
     return bad
 
 
 def _encode_raw_float(name: str, arr: np.ndarray, dtype: str) -> _Record:
-    """The record of a floating tensor that travels raw as float32 (biases, BatchNorm):
-    copied into the payload and checked for NaN/Inf in one pass."""
+    """The record of a floating tensor that travels raw as float32 (biases, BatchNorm).
+
+    It is copied into the payload and checked for NaN/Inf in one pass.
+    """
     flat = np.ascontiguousarray(arr, dtype="<f4").reshape(-1)
     shape = tuple(int(d) for d in arr.shape)
 
@@ -1078,8 +1097,11 @@ def _decode_meta(raw: memoryview | None, meta_len: int) -> dict[str, Any]:
 
 
 class _Checks:
-    """The decoder's checks of each field of a record, made as the walker reads it
-    (:class:`fedquant.quant.wire.RecordCheck`); what they derive is kept for the record."""
+    """The decoder's checks of each field of a record, made as the walker reads it.
+
+    See :class:`fedquant.quant.wire.RecordCheck`; what the checks derive is kept for
+    the record.
+    """
 
     __slots__ = ("dtype", "gran", "numel", "raw_dtype", "scale_values", "tensor")
 
@@ -1261,8 +1283,10 @@ class _Extended(NamedTuple):
 def _decode_extended(
     data: memoryview, info: TensorInfo, values: bool, shared_key: int | None
 ) -> _Extended:
-    """The data of a quantized record with ``transform`` or ``coding`` set (layout: module
-    doc); ``info``'s ``block`` and ``codes`` are not read."""
+    """The data of a quantized record with ``transform`` or ``coding`` set.
+
+    The layout is in the module docstring; ``info``'s ``block`` and ``codes`` are not read.
+    """
     where, name, shape, bits = f"tensor {info.name!r}", info.name, info.shape, info.bits
     gran, scales, transform, coding = info.granularity, info.scales, info.transform, info.coding
     numel = math.prod(shape)

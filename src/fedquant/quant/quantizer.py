@@ -101,6 +101,7 @@ class QuantizedTensor:
 
     @property
     def numel(self) -> int:
+        """Number of elements."""
         return int(np.prod(self.shape, dtype=np.int64))
 
     @property
@@ -150,8 +151,10 @@ def row_view(arr: np.ndarray, granularity: Granularity) -> RowView:
 def row_thresholds(
     rows: np.ndarray, bits: int, rounding: Rounding, method: ThresholdMethod, percentile: float
 ) -> np.ndarray:
-    """One clipping threshold per row of the 2-D ``rows`` (float32), by the resolved
-    ``method`` and ``rounding`` (enums: nothing is parsed here)."""
+    """One clipping threshold per row of the 2-D float32 ``rows``.
+
+    ``method`` and ``rounding`` are resolved enums: nothing is parsed here.
+    """
     return np.array(
         [
             _threshold_flat(rows[r], bits, rounding, method, percentile)
@@ -361,8 +364,10 @@ def dequantize_packed(
 
 
 def byte_table(levels: np.ndarray, bits: int) -> np.ndarray:
-    """``(256, 8 // bits)`` float32: the levels of the codes packed in each byte value
-    (``bits`` divides 8; code ``t`` of a byte sits in bits ``[t*bits, (t+1)*bits)``)."""
+    """``(256, 8 // bits)`` float32: the levels of the codes packed in each byte value.
+
+    ``bits`` divides 8; code ``t`` of a byte sits in bits ``[t*bits, (t+1)*bits)``.
+    """
     per = 8 // bits
     b = np.arange(256, dtype=np.uint8)[:, None]
     codes = (b >> (np.arange(per, dtype=np.uint8) * bits)) & ((1 << bits) - 1)

@@ -51,8 +51,9 @@ SPEC_VERSION = 1
 
 @dataclass(frozen=True)
 class QuantOptions:
-    """How quantized tensors are treated, resolved to enums once (the options a
-    :class:`QuantSpec` and each :class:`TensorPlan` share).
+    """How quantized tensors are treated, resolved to enums once.
+
+    These are the options a :class:`QuantSpec` and each :class:`TensorPlan` share.
 
     Names are accepted for the enums (``rounding="nearest"``) and normalized
     when the object is made; a bad value raises :class:`ConfigError` naming the
@@ -90,13 +91,17 @@ class QuantOptions:
 
 @dataclass(frozen=True)
 class TensorPlan(QuantOptions):
-    """How one tensor travels: ``bits`` 1..8 (quantized) or 32 (float32, unchanged),
-    with the :class:`QuantOptions` of its spec (enums, resolved once)."""
+    """How one tensor travels.
+
+    ``bits`` is 1..8 (quantized) or 32 (float32, unchanged); the :class:`QuantOptions`
+    are its spec's (enums, resolved once).
+    """
 
     bits: int = field(kw_only=True)
 
     @property
     def quantized(self) -> bool:
+        """Whether the tensor travels quantized (1..8 bits) rather than as float32."""
         return self.bits != FLOAT_BITS
 
 
@@ -394,6 +399,7 @@ class QuantSpec(QuantOptions):
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> QuantSpec:
+        """Build a spec from :meth:`to_dict`'s form; unknown keys are a ConfigError."""
         known = set(SPEC_KEYS)
         unknown = set(d) - known
         if unknown:
