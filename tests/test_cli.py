@@ -119,6 +119,7 @@ def test_help_documents_every_option(capsys: pytest.CaptureFixture[str]) -> None
         assert "--" + name.replace("_", "-") in out
 
 
+@pytest.mark.slow
 def test_short_run_writes_results(tmp_path: Path) -> None:
     cfg = tmp_path / "c.toml"
     cfg.write_text('[quant]\nbits = "2"\nrounding = "nearest"\n')

@@ -1,4 +1,4 @@
-"""Fuzzing of the wire format and the server's ingest path (issue 7, part 1).
+"""Fuzzing of the wire format and the server's ingest path.
 
 * the corpus in ``tests/fuzz_corpus`` replays clean through decode/inspect/aggregate;
 * a CI-sized run of 100k generated inputs finds nothing;
@@ -23,22 +23,22 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedquant import fuzz
 from fedquant.errors import DecodeError
-from fedquant.fuzz import (
+from fedquant.quant import codec
+from fedquant.quant.codec import decode, describe_payload, encode
+from fedquant.quant.quantizer import Granularity, dequantize_packed
+from fedquant.quant.spec import QuantSpec
+from fedquant.quant.wire import reseal
+from fedquant.tools import fuzz
+from fedquant.tools.fuzz import (
     DECODE_MEM_FACTOR,
     MAX_CORPUS_BYTES,
     MEM_SLACK,
     check_input,
     field_offsets,
-    fix_length_and_crc,
     run_fuzz,
     seed_payloads,
 )
-from fedquant.quant import codec
-from fedquant.quant.codec import decode, encode, inspect
-from fedquant.quant.quantizer import Granularity, dequantize_packed
-from fedquant.quant.spec import QuantSpec
 
 CORPUS_DIR = Path(__file__).parent / "fuzz_corpus"
 CORPUS = sorted(CORPUS_DIR.glob("*.bin"))
@@ -112,7 +112,7 @@ def test_any_value_in_any_field_is_handled(
         buf[f.offset : f.offset + f.size] = raw
     else:
         buf[f.offset : f.offset + f.size] = (value % (1 << (8 * f.size))).to_bytes(f.size, "little")
-    data = fix_length_and_crc(buf) if f.name != "total_len" else bytes(buf)
+    data = reseal(buf) if f.name != "total_len" else bytes(buf)
     assert check_input(data, memory=False) == [], f.name
 
 
@@ -132,7 +132,7 @@ def test_valid_payloads_pass_every_check(
         spec = QuantSpec(default_bits=bits, rules=(("*", bits),))
     p = encode({"x": x}, spec, seed=seed)
     assert check_input(p) == []
-    info = inspect(p).info["x"]
+    info = describe_payload(p).info["x"]
     raw = np.frombuffer(p, np.uint8)[len(p) - 4 - (math.prod(shape) * bits + 7) // 8 : -4]
     reference = dequantize_packed(raw, tuple(shape), bits, info.scales)
     assert np.array_equal(decode(p).tensors["x"], reference)
@@ -144,7 +144,7 @@ def test_every_truncation_is_refused(index: int) -> None:
     # must be noticed: nothing silently decodes to fewer tensors
     p = SEEDS[index]
     for cut in range(24, len(p) - 4):
-        data = fix_length_and_crc(p[:cut] + b"\0\0\0\0")
+        data = reseal(p[:cut] + b"\0\0\0\0")
         with pytest.raises(DecodeError):
             decode(data)
 
@@ -153,7 +153,7 @@ def test_every_truncation_is_refused(index: int) -> None:
 @given(st.binary(max_size=300))
 def test_random_bytes_raise_decode_error_only(data: bytes) -> None:
     assert check_input(data, memory=False) == []
-    assert check_input(fix_length_and_crc(b"FQNT\x01\x00\x00\x00" + data), memory=False) == []
+    assert check_input(reseal(b"FQNT\x01\x00\x00\x00" + data), memory=False) == []
 
 
 def test_seed_payloads_parse_and_rebuild_exactly() -> None:
@@ -202,7 +202,7 @@ def with_shape(payload: bytes, shape: tuple[int, ...], n_scales: int | None = No
         rec.n_scales = n_scales
         rec.scales = b"\0\0\x80\x3f" * n_scales
     rec.data_len, rec.data = 0, b""
-    return fix_length_and_crc(model.to_bytes())
+    return reseal(model.to_bytes())
 
 
 #: corpus files of the bugs the fuzzer found in codec.py: what decode must say now
@@ -225,7 +225,7 @@ def test_regressions_are_kept_in_the_corpus(name: str) -> None:
     if expected is None:
         decode(data)
         return
-    for fn in (decode, inspect):
+    for fn in (decode, describe_payload):
         with pytest.raises(DecodeError, match=expected):
             fn(data)
 
@@ -234,7 +234,7 @@ def test_regressions_are_kept_in_the_corpus(name: str) -> None:
 def test_zero_size_tensor_with_huge_dims_is_an_absurd_shape(shape: tuple[int, ...]) -> None:
     # was: inspect accepted it and decode raised numpy's ValueError "array is too big"
     data = with_shape(one_tensor((0, 3)), shape)
-    for fn in (decode, inspect):
+    for fn in (decode, describe_payload):
         with pytest.raises(DecodeError, match=r"absurd shape \(0, |absurd shape \(16777216, 0"):
             fn(data)
 
@@ -259,7 +259,7 @@ def test_meta_number_overflowing_to_inf_is_refused() -> None:
     with pytest.raises(
         DecodeError, match="metadata is not valid UTF-8 JSON: non-finite number 1e999"
     ):
-        decode(fix_length_and_crc(plain[:20] + struct.pack("<I", len(meta)) + meta + plain[24:]))
+        decode(reseal(plain[:20] + struct.pack("<I", len(meta)) + meta + plain[24:]))
 
 
 def test_non_contiguous_and_released_memoryviews() -> None:
@@ -291,7 +291,7 @@ def test_per_channel_short_rows_decode_in_bounded_memory(bits: int) -> None:
         tracemalloc.stop()
     assert peak <= DECODE_MEM_FACTOR * len(p) + MEM_SLACK, (peak, len(p))
     # same values as the level-table path, bit for bit
-    info = inspect(p).info["w"]
+    info = describe_payload(p).info["w"]
     raw = np.frombuffer(p, np.uint8)[len(p) - 4 - (4096 * bits + 7) // 8 : -4]
     assert np.array_equal(got, dequantize_packed(raw, (4096, 1), bits, info.scales))
 
@@ -381,4 +381,4 @@ def test_aggregate_of_huge_mse_claims_has_finite_weights() -> None:
     p = bytearray(SEEDS[0])
     mse = next(f for f in field_offsets(bytes(p)) if f.name == "tensor[0].mse")
     struct.pack_into("<d", p, mse.offset, 1.7e308)  # finite, so decode accepts it
-    assert check_input(fix_length_and_crc(p), strict=True) == []
+    assert check_input(reseal(p), strict=True) == []

@@ -5,6 +5,10 @@ Clipped Uniform Quantization" (arXiv 2405.13365): MSE-optimal (OCTAV) clipping,
 B-bit uniform quantization with stochastic or nearest rounding, a bit-packed
 wire format, and inverse-MSE aggregation.
 
+The names below need only NumPy and numba (``pip install fedquant``); the
+simulator (``fedquant run``) needs the ``sim`` extra, the Flower adapter
+``fedquant.flower`` the ``flower`` extra, and ``to_torch()`` needs torch.
+
 A round trip in a few lines (``model`` any ``torch.nn.Module``)::
 
     import fedquant

@@ -26,6 +26,7 @@ from typing import Any
 
 from fedquant.argparsing import EXIT_USER_ERROR, Parser
 from fedquant.errors import ConfigError, FedquantError
+from fedquant.optional import install_hint
 
 #: subcommand -> (module, help); each module's ``main(argv, prog) -> int`` runs it
 TOOLS = {
@@ -33,8 +34,11 @@ TOOLS = {
         "fedquant.tools.compare",
         "overlay and tabulate the metrics of several results directories",
     ),
-    "bench": ("fedquant.bench.cli", "benchmarks: quantization error, speed, federated traffic"),
-    "fuzz": ("fedquant.fuzz", "fuzz the payload decoder and the server's ingest path"),
+    "bench": (
+        "fedquant.tools.bench.cli",
+        "benchmarks: quantization error, speed, federated traffic",
+    ),
+    "fuzz": ("fedquant.tools.fuzz", "fuzz the payload decoder and the server's ingest path"),
     "reproduce": ("fedquant.tools.reproduce", "run the paper-claims grid and write the report"),
     "robustness": (
         "fedquant.tools.reproduce.robustness",
@@ -293,8 +297,20 @@ def _delegate(module: str, argv: Sequence[str], prog: str) -> int:
     try:
         mod = importlib.import_module(module)
     except ImportError as e:
+        if isinstance(e, ModuleNotFoundError) and install_hint(e) is not None:
+            raise  # main names the extra to install
         raise ConfigError("command", f"this installation lacks {module} ({e})") from None
     return int(mod.main(list(argv), prog))
+
+
+def _missing_extra(cmd: str, e: ModuleNotFoundError) -> int:
+    """One line naming the extra that provides a missing optional module (exit 2); re-raise
+    any other missing module."""
+    hint = install_hint(e)
+    if hint is None:
+        raise e
+    print(f"fedquant {cmd}: error: {hint}", file=sys.stderr)
+    return EXIT_USER_ERROR
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -328,6 +344,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except FedquantError as e:
             print(f"fedquant {argv[0]}: error: {e}", file=sys.stderr)
             return EXIT_USER_ERROR
+        except ModuleNotFoundError as e:
+            return _missing_extra(argv[0], e)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="fedquant: %(levelname)s: %(message)s")
     try:
@@ -335,6 +353,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FedquantError as e:
         print(f"fedquant {args.cmd}: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except ModuleNotFoundError as e:
+        return _missing_extra(args.cmd, e)
     except KeyboardInterrupt:
         print("fedquant: interrupted", file=sys.stderr)
         return 130

@@ -1,13 +1,18 @@
-"""The issue-8 measurements (fedquant.bench.allocation) at the smallest scale."""
+"""The issue-8 measurements (fedquant.tools.bench.allocation) at the smallest scale."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from fedquant.bench.allocation import VARIANTS, codec_comparison, federated_comparison, markdown
 from fedquant.fl.client import state_numpy
 from fedquant.fl.models import PaperCNN
+from fedquant.tools.bench.allocation import (
+    VARIANTS,
+    codec_comparison,
+    federated_comparison,
+    markdown,
+)
 
 
 def test_codec_comparison_pairs_each_fixed_setting_with_auto_at_its_budget() -> None:
@@ -47,8 +52,8 @@ def test_federated_comparison_runs_the_variants() -> None:
     assert set(states) == set(labels)
 
 
-def test_allocation_markdown_states_where_auto_loses() -> None:
-    from fedquant.bench import report
+def test_allocation_table_and_headline_show_where_auto_loses() -> None:
+    from fedquant.tools.bench import report
 
     rows = [
         {"spec": "4-2-2-4", "budget_of": "4-2-2-4", "bits": {"a": 4, "b": 2},
@@ -60,7 +65,8 @@ def test_allocation_markdown_states_where_auto_loses() -> None:
     ]  # fmt: skip
     sec = {"n": 0, "allocation": {"models": {"toy": rows}}}
     text = "\n".join(report.beyond_markdown(sec))
-    assert "### 5.3 Adaptive bit allocation" in text
-    assert "`auto` chose 3-2 instead of `4-2-2-4`, **1.2x the squared error: worse**" in text
-    head = report.beyond_headline({"sections": {"beyond": sec}})
-    assert len(head) == 1 and "(**worse**)" in head[0]
+    assert "### Adaptive bit allocation" in text
+    # columns: spec, budget, one per layer, bits/weight, bytes, sq error, ratio, ms, ratio
+    assert "| `auto:2.0` | `4-2-2-4` | 3 | 2 | 2.0000 | 99 | 1.2 | 1.2 | 5 | 5 |" in text
+    ((figure, value),) = report.beyond_headline({"sections": {"beyond": sec}})
+    assert "toy" in figure and value == "3-2, 2.000, 1.2"

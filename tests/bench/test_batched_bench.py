@@ -7,10 +7,10 @@ import math
 import numpy as np
 import pytest
 
-from fedquant.bench.batched import batched_speedup, format_table, main
 from fedquant.errors import ConfigError
 from fedquant.fl.config import RunConfig
 from fedquant.fl.data import Dataset
+from fedquant.tools.bench.batched import batched_speedup, format_table, main
 
 
 def tiny() -> Dataset:

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedquant.bench import cli, error, grid, limits, peers, report, speed, weights
-from fedquant.bench.sources import DENSITIES, Gaussian, Laplace, StudentT3, get_density
 from fedquant.errors import DataError, InvalidInputError
 from fedquant.quant.grid import noise_coefficient, paper_coefficient
 from fedquant.quant.quantizer import dequantize, quantize
+from fedquant.tools.bench import cli, error, grid, limits, peers, report, speed, weights
+from fedquant.tools.bench.sources import DENSITIES, Gaussian, Laplace, StudentT3, get_density
 
 BITS = (1, 2, 3, 4, 8)
 
@@ -252,6 +252,11 @@ def test_unbiased_peers_are_unbiased() -> None:
     assert not peers.get_peer("terngrad-clip").unbiased
     heavy = StudentT3().sample(512, seed=0)
     assert _bias_ratio("terngrad-clip", heavy, 2, 1000) > 3
+
+
+def test_unknown_peer_is_a_clear_error() -> None:
+    with pytest.raises(InvalidInputError, match="peer 'nope' is unknown; expected one of: .*qsgd"):
+        peers.get_peer("nope")
 
 
 def test_qsgd_bits_are_counted() -> None:
@@ -521,10 +526,11 @@ def test_markdown_and_json_writers(tmp_path: Path) -> None:
     assert report.fmt(0.0001234567) == "0.0001235"
     assert report.fmt(3) == "3"
     assert report.table(["a", "b"], [[1, 2]]) == "| a | b |\n|---|---|\n| 1 | 2 |"
-    with pytest.raises(ValueError):
-        report.write_json({"x": float("nan")}, tmp_path / "r.json")
-    p = report.write_json({"x": np.float32(1.5), "y": np.arange(2)}, tmp_path / "r.json")
-    assert json.loads(p.read_text()) == {"x": 1.5, "y": [0, 1]}
+    res = {"x": np.float32(1.5), "y": np.arange(2), "z": float("nan"), "w": 1 / 3}
+    js, md = report.save(res, tmp_path / "out")
+    # NaN is not JSON: written as null; floats keep 7 significant digits
+    assert json.loads(js.read_text()) == {"x": 1.5, "y": [0, 1], "z": None, "w": 0.3333333}
+    assert md == tmp_path / "out" / "bench.md" and md.read_text().startswith("# fedquant")
 
 
 def test_quick_command_writes_json_and_markdown(
@@ -543,7 +549,13 @@ def test_quick_command_writes_json_and_markdown(
     assert not (out / "bench.md").exists()  # --markdown moves the report
     text = md.read_text()
     assert text == report.markdown(res)
-    for heading in ("## 1.", "## 2.", "## 3.", "## 4.", "## 5."):
+    for heading in (
+        "## Level grid",
+        "## Quantization error",
+        "## Speed",
+        "## Federated",
+        "## Beyond the paper",
+    ):
         assert heading in text
     assert "wrote" in capsys.readouterr().out
 
@@ -602,18 +614,17 @@ def test_beyond_section_quick(
     text = (tmp_path / "bench.md").read_text()
     assert text == report.markdown(res)
     for heading in (
-        "## 5. Beyond the paper",
-        "### 5.1 Random rotation",
-        "### 5.2 Entropy coding (rANS",
-        "### 5.3 Adaptive bit allocation",
+        "## Beyond the paper",
+        "### Random rotation",
+        "### Entropy coding",
+        "### Adaptive bit allocation",
     ):
         assert heading in text
-    # nothing stale: the rotation is an option now, and no "preview" section remains
-    assert "not yet a fedquant option" not in text and "## Preview" not in text
     printed = capsys.readouterr().out
-    assert "Student-t(3), 4 bits" in printed and "rANS on 2-bit" in printed
-    # the untrained (uniform) weights are light-tailed: the report says the rotation loses
-    assert "**mnist: the rotation is worse than plain OCTAV**" in text
+    assert "rotation, Student-t(3), B=4" in printed and "rANS, 2-bit OCTAV codes" in printed
+    # the untrained (uniform) weights are light-tailed: the rotation loses on them
+    tot = report.rotation_totals(be["rotation"]["models"]["mnist"])
+    assert all(t["gain"] < 1 for t in tot if t["granularity"] == "tensor")
 
 
 @pytest.mark.parametrize(

@@ -10,11 +10,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fedquant.bench import cli, federated, report
 from fedquant.errors import ConfigError, FedquantError
 from fedquant.fl import simulation
 from fedquant.fl.config import RunConfig
 from fedquant.fl.data import Dataset, load_dataset
+from fedquant.tools.bench import cli, federated, report
 
 #: two clients of 100 images each, 100 test images: every run here takes seconds
 BASE = RunConfig(num_clients=2)
@@ -218,7 +218,7 @@ def test_overhead_in_a_fresh_process(tmp_path: Path) -> None:
     assert all(r["results"] > 0 and r["samples"] == 200 for r in ov["rounds"])
     assert ov["train_examples"] == 200 and ov["test_examples"] == 100
     assert len(lines) == 2 and lines[0].startswith("  round 1:")
-    assert any("fresh Python process" in line for line in report._overhead_md(ov))
+    assert "| fresh process | yes |" in "\n".join(report._overhead_md(ov))
     # a run the child cannot start is an error naming the cause, not a hang or a crash
     missing = BASE.with_(dataset="mnist", data_root=str(tmp_path / "nowhere"), rounds=1)
     with pytest.raises(FedquantError, match="measuring process failed"):
@@ -261,7 +261,7 @@ def test_memory_vs_clients_in_a_fresh_process() -> None:
 
 
 def _flower_sim() -> Any:
-    return pytest.importorskip("fedquant.flower.simulation", reason="needs fedquant[flower]")
+    return pytest.importorskip("fedquant.tools.bench.flower_ray", reason="needs fedquant[flower]")
 
 
 def test_flower_comparison_is_skipped_without_ray(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -313,18 +313,18 @@ def test_simulator_vs_flower_smoke() -> None:
 def test_markdown_renders_the_measured_section(
     bytes_result: dict[str, Any], overhead_result: dict[str, Any]
 ) -> None:
-    fed = {"command": "python -m fedquant.bench --only federated", "quick": True}
+    fed = {"command": "python -m fedquant.tools.bench --only federated", "quick": True}
     fed |= {"bytes_to_target": bytes_result, "overhead": overhead_result}
     text = "\n".join(report.federated_markdown(fed))
     for heading in (
-        "## 4. Federated",
-        "### 4.1",
-        "### 4.2",
+        "## Federated",
+        "### Uplink bytes to the target accuracy",
+        "### The simulator's overhead and memory",
         "`octav-stochastic-2`",
         "**overhead**",
     ):
         assert heading in text
-    assert "## 4. Federated" in "\n".join(report.federated_markdown(None))
+    assert "Not in this run" in "\n".join(report.federated_markdown(None))
 
 
 def test_command_writes_the_federated_section(tmp_path: Path) -> None:
@@ -335,7 +335,7 @@ def test_command_writes_the_federated_section(tmp_path: Path) -> None:
     fed = res["sections"]["federated"]
     assert fed["parts"] == ["bytes"] and fed["quick"] is True
     assert [m["method"] for m in fed["bytes_to_target"]["methods"]] == ["fp32"]
-    assert "### 4.1" in (tmp_path / "bench.md").read_text()
+    assert "### Uplink bytes to the target accuracy" in (tmp_path / "bench.md").read_text()
 
 
 def test_merge_federated_keeps_every_part_and_command() -> None:

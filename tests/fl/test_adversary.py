@@ -10,7 +10,7 @@ from fedquant.fl.aggregation import aggregate_payloads, plausible_mse, relative_
 from fedquant.fl.config import RunConfig
 from fedquant.fl.ingest import Reference, admit
 from fedquant.fl.simulation import Simulation, final_accuracy
-from fedquant.quant.codec import encode, inspect
+from fedquant.quant.codec import describe_payload, encode
 from fedquant.quant.spec import QuantSpec
 
 STATE = {
@@ -54,7 +54,7 @@ def test_malformed_replies_are_rejected_with_a_reason(mode: str) -> None:
 def test_lying_about_mse_is_bounded_even_without_admission(mode: str) -> None:
     good = [honest(s) for s in range(1, 5)]
     liar = corrupt(honest(0), mode)
-    assert inspect(liar).info["w"].mse <= 1e-30
+    assert describe_payload(liar).info["w"].mse <= 1e-30
     m = 5
     res = aggregate_payloads([liar, *good], "inverse-mse", max_weight=relative_cap(3.0, m))
     w = res.weights["w"]
@@ -63,12 +63,12 @@ def test_lying_about_mse_is_bounded_even_without_admission(mode: str) -> None:
     assert w[0] <= 3 / m + 1e-12
     assert w[0] > w[1]  # it still gets more than an honest client: neutralized, not punished
     assert all(np.isfinite(v).all() for v in res.tensors.values())
-    assert plausible_mse(inspect(liar).info["w"]) > 0
+    assert plausible_mse(describe_payload(liar).info["w"]) > 0
 
 
 def test_huge_example_claims_are_capped_in_fedavg() -> None:
     payloads = [corrupt(honest(0), "huge-examples"), *[honest(s) for s in range(1, 5)]]
-    n = [int(inspect(p).meta["num_examples"]) for p in payloads]
+    n = [int(describe_payload(p).meta["num_examples"]) for p in payloads]
     assert n[0] == 10**12
     res = aggregate_payloads(payloads, "fedavg", num_examples=n, max_weight=relative_cap(3.0, 5))
     assert res.weights["w"][0] == pytest.approx(0.6)

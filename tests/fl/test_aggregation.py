@@ -14,7 +14,7 @@ from fedquant.fl.aggregation import (
     parse_rule,
     weighted_average,
 )
-from fedquant.quant.codec import decode, encode, inspect
+from fedquant.quant.codec import decode, describe_payload, encode
 from fedquant.quant.spec import QuantSpec
 
 
@@ -182,4 +182,4 @@ def test_inverse_mse_names_the_tensor_with_a_bad_claim() -> None:
     ups = updates(2)
     payloads = [encode(u, QuantSpec(), seed=1) for u in ups]
     with pytest.raises(InvalidInputError, match="1 inspected updates for 2 payloads"):
-        aggregate_payloads(payloads, "mean", inspected=[inspect(payloads[0])])
+        aggregate_payloads(payloads, "mean", inspected=[describe_payload(payloads[0])])

@@ -15,7 +15,7 @@ from fedquant.fl.aggregation import aggregate_payloads
 from fedquant.fl.config import RunConfig
 from fedquant.fl.ingest import Reference, admit
 from fedquant.fl.simulation import Simulation, final_accuracy
-from fedquant.quant.codec import decode, inspect
+from fedquant.quant.codec import decode, describe_payload
 from fedquant.quant.entropy import EntropyCoding
 from fedquant.quant.spec import QuantSpec
 
@@ -85,7 +85,7 @@ def test_a_rotated_entropy_coded_run_learns(rotated_run) -> None:  # type: ignor
     assert final_accuracy(state.metrics) > 0.5
     assert all(r["clients_aggregated"] == 2 for r in state.metrics)
     assert state.metrics[0]["uplink_bytes"] == sum(len(p) for p in seen[:2])
-    info = inspect(seen[0]).info
+    info = describe_payload(seen[0]).info
     assert [i.transform for i in info.values() if i.bits <= 8] == [1, 1, 1, 1]
     assert any(i.coding == 1 for i in info.values())  # fc1's 78,400 codes compress
 

@@ -40,7 +40,7 @@ from fedquant.fl.task import (
     federate,
     image_classification_task,
 )
-from fedquant.quant.codec import inspect
+from fedquant.quant.codec import describe_payload
 
 
 @pytest.fixture(scope="module")
@@ -262,7 +262,7 @@ def test_client_bits_assignment_and_payloads(small: ImageDataset) -> None:
     start = sim.new_state().global_state
     for c in (0, 1, 2):
         payload = sim.client_payload(c, start, 1).payload
-        bits = {i.bits for i in inspect(payload).info.values() if i.quantized}
+        bits = {i.bits for i in describe_payload(payload).info.values() if i.quantized}
         assert bits == {widths[c]}
     state = sim.new_state()
     record = sim.run_round(state)

@@ -82,8 +82,8 @@ def test_update_function_errors() -> None:
         make_delta(start, start, ["nope"])
     with pytest.raises(InvalidInputError, match="apply_delta: the aggregate's tensors"):
         apply_delta(start, {"conv.weight": start["conv.weight"]}, ["conv.weight"])
-    a = codec.inspect(codec.encode(start, SPEC, seed=0)).info
-    b = codec.inspect(
+    a = codec.describe_payload(codec.encode(start, SPEC, seed=0)).info
+    b = codec.describe_payload(
         codec.encode(start, QuantSpec.from_strings(bits="2", rules="fc.*=32"), seed=0)
     ).info
     with pytest.raises(InvalidInputError, match="payload #1 quantizes"):

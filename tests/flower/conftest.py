@@ -61,7 +61,7 @@ def payload_metrics(payload: bytes, **metrics: float) -> MetricRecord:
     (none for a payload that does not decode)."""
     out = MetricRecord(dict(metrics))
     try:
-        info_of = codec.inspect(payload).info
+        info_of = codec.describe_payload(payload).info
     except DecodeError:
         return out
     for name, info in info_of.items():

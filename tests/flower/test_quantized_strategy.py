@@ -542,7 +542,7 @@ def test_a_node_sets_its_own_bits_and_the_server_aggregates_mixed_widths(in_run:
             ctxt.node_config[NODE_BITS_KEY] = widths[node]
         replies.append(app(m, ctxt))
     payloads = [payload_from_record(r.content["arrays"]) for r in replies]
-    bits = [codec.inspect(p).info["fc.weight"].bits for p in payloads]
+    bits = [codec.describe_payload(p).info["fc.weight"].bits for p in payloads]
     assert sorted(bits) == [2, 4, 8]
     arrays, metrics = strategy.aggregate_train(1, replies)
     assert arrays is not None and metrics is not None and metrics["fedquant.clients"] == 3

@@ -42,7 +42,7 @@ def test_a_rotated_round_equals_the_simulators_round(in_run: None) -> None:
     replies = [app(m, context(order[m.metadata.dst_node_id])) for m in msgs]
     assert not any(rep.has_error() for rep in replies)
     sent = payload_from_record(replies[0].content["arrays"])
-    assert codec.inspect(sent).info["fc.weight"].transform == 1
+    assert codec.describe_payload(sent).info["fc.weight"].transform == 1
     with pytest.raises(DecodeError, match="without the shared key"):
         codec.decode(sent)
     arrays, _ = strategy.aggregate_train(r, replies)

@@ -15,7 +15,7 @@ from hypothesis.extra import numpy as hnp
 
 import fedquant
 from fedquant.errors import ConfigError, FedquantError, InvalidInputError
-from fedquant.quant.codec import DTYPES, decode, encode, encode_with_stats, inspect
+from fedquant.quant.codec import DTYPES, decode, describe_payload, encode, encode_with_stats
 from fedquant.quant.plan import UpdatePlan
 from fedquant.quant.spec import QuantSpec, parse_layer_bits
 from tests.quant.test_codec import small_update
@@ -419,8 +419,10 @@ def test_bad_aggregate_arguments() -> None:
         InvalidInputError, match=r"num_examples weights clients under rule='fedavg' only"
     ):
         fedquant.aggregate(payloads, num_examples=[1, 2])
-    with pytest.raises(InvalidInputError, match=r"came from inspect\(\)\); use decode\(\)"):
-        inspect(payloads[0]).to_torch()
+    with pytest.raises(
+        InvalidInputError, match=r"came from describe_payload\(\)\); use decode\(\)"
+    ):
+        describe_payload(payloads[0]).to_torch()
     assert issubclass(InvalidInputError, FedquantError)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -14,9 +15,9 @@ from fedquant.quant.codec import (
     MAGIC,
     decode,
     decode_inspected,
+    describe_payload,
     encode,
     encode_with_stats,
-    inspect,
     reseal,
 )
 from fedquant.quant.quantizer import dequantize, quantize
@@ -382,13 +383,15 @@ def test_decode_inspected_equals_decode(spec: QuantSpec) -> None:
     upd["count"] = np.array(7, dtype=np.int64)
     payload = encode(upd, spec, seed=3, meta={"round": 2}, shared_key=99)
     full = decode(payload, shared_key=99)
-    seen = inspect(bytearray(payload))  # without the key: the key check waits for the values
+    seen = describe_payload(
+        bytearray(payload)
+    )  # without the key: the key check waits for the values
     assert seen.tensors == {}
     got = decode_inspected(seen, shared_key=99)
     assert got.info is seen.info and list(got.info) == list(full.info)
     for name, info in full.info.items():
         mine = got.info[name]
-        assert mine._replace(scales=None) == info._replace(scales=None)
+        assert replace(mine, scales=None) == replace(info, scales=None)
         np.testing.assert_array_equal(mine.scales, info.scales)
     assert got.meta == full.meta and got.nbytes == full.nbytes
     assert list(got.tensors) == list(full.tensors)
@@ -402,14 +405,14 @@ def test_decode_inspected_refuses_what_decode_refuses() -> None:
         small_update(), QuantSpec.from_strings("2", rotation=True), seed=1, shared_key=5
     )
     with pytest.raises(DecodeError, match="without the shared key"):
-        decode_inspected(inspect(payload))
+        decode_inspected(describe_payload(payload))
     with pytest.raises(DecodeError, match="another shared key"):
-        decode_inspected(inspect(payload), shared_key=6)
-    with pytest.raises(InvalidInputError, match="not made by codec.inspect"):
+        decode_inspected(describe_payload(payload), shared_key=6)
+    with pytest.raises(InvalidInputError, match="not made by codec.describe_payload"):
         decode_inspected(decode(payload, shared_key=5))
     # the buffer changed after it was inspected (a server reusing it): refused, not misread
     buf = bytearray(payload)
-    seen = inspect(buf)
+    seen = describe_payload(buf)
     buf[-10] ^= 0xFF
     with pytest.raises(DecodeError, match="changed after it was inspected"):
         decode_inspected(seen, shared_key=5)

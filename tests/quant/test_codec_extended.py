@@ -16,9 +16,9 @@ from fedquant.quant.codec import (
     TRANSFORM_HADAMARD,
     VERSION,
     decode,
+    describe_payload,
     encode,
     encode_with_stats,
-    inspect,
     reseal,
 )
 from fedquant.quant.quantizer import dequantize, quantize
@@ -107,7 +107,7 @@ def test_rotated_round_trip_equals_the_pipeline_by_hand(
         true = float(np.mean((dec.tensors[name].astype(np.float64) - x) ** 2)) if x.size else 0.0
         assert info.mse == pytest.approx(true, rel=1e-4, abs=1e-12), name
         assert enc.tensors[name].mse == info.mse
-    assert inspect(enc.payload).info.keys() == dec.info.keys()
+    assert describe_payload(enc.payload).info.keys() == dec.info.keys()
 
 
 @pytest.mark.parametrize("granularity", ["tensor", "channel"])
@@ -186,8 +186,8 @@ def test_the_key_is_needed_and_checked_but_never_sent() -> None:
     with pytest.raises(DecodeError, match="tensor 'w': was rotated with another shared key"):
         decode(p, shared_key=KEY + 1)
     with pytest.raises(DecodeError, match="another shared key"):
-        inspect(p, shared_key=KEY + 1)
-    assert inspect(p).info["w"].transform == TRANSFORM_HADAMARD  # reading needs no key
+        describe_payload(p, shared_key=KEY + 1)
+    assert describe_payload(p).info["w"].transform == TRANSFORM_HADAMARD  # reading needs no key
     with pytest.raises(InvalidInputError, match="shared_key"):
         decode(p, shared_key=1 << 64)
     # payloads without rotation ignore the key
@@ -207,7 +207,7 @@ def test_rotated_record_layout() -> None:
     b_log2, m_log2, check = struct.unpack_from("<BBI", p, data_len_at + 8)
     assert (1 << b_log2, 1 << m_log2) == (rotation.DEFAULT_BLOCK, rotation.DEFAULT_MIN_BLOCK)
     assert check == rotation.tensor_key(KEY, "w").check
-    assert inspect(p).info["w"].codes == 32
+    assert describe_payload(p).info["w"].codes == 32
 
 
 # --------------------------------------------------------------------------- bad payloads
@@ -224,7 +224,7 @@ def rotated_payload(
 def coded_payload() -> bytes:
     upd = {"w": np.random.default_rng(3).standard_t(2, (50, 40)).astype(np.float32)}
     p = encode(upd, QuantSpec(default_bits=4, entropy="rans", rounding="nearest"))
-    assert inspect(p).info["w"].coding == CODING_RANS
+    assert describe_payload(p).info["w"].coding == CODING_RANS
     return p
 
 
@@ -235,7 +235,7 @@ DATA = DATALEN + 8
 
 def expect(buf: bytearray | bytes, message: str) -> None:
     data = fix_checksum(bytearray(buf))
-    for fn in (decode, inspect):
+    for fn in (decode, describe_payload):
         with pytest.raises(DecodeError, match=message):
             fn(data, shared_key=KEY)
 
@@ -321,7 +321,7 @@ def test_entropy_coded_data_is_checked() -> None:
 
 def test_rotated_and_coded_bad_stream() -> None:
     p = rotated_payload("rans", bits=3, shape=(40, 64))
-    info = inspect(p).info["w"]
+    info = describe_payload(p).info["w"]
     assert info.coding == CODING_RANS and info.transform == TRANSFORM_HADAMARD
     buf = bytearray(p)
     buf[-8] ^= 0x40
@@ -353,4 +353,6 @@ def test_the_largest_accepted_scale_decodes_finite_values(n: int) -> None:
     data = fix_checksum(p)
     got = decode(data, shared_key=KEY).tensors["w"]
     assert np.isfinite(got).all()
-    assert inspect(data, shared_key=KEY).info["w"].scales[0] == rotation.scale_limit(padded)
+    assert describe_payload(data, shared_key=KEY).info["w"].scales[0] == rotation.scale_limit(
+        padded
+    )

@@ -21,9 +21,9 @@ from fedquant.quant.codec import (
     checksum,
     decode,
     decode_inspected,
+    describe_payload,
     encode,
     encode_with_stats,
-    inspect,
     reseal,
 )
 from fedquant.quant.spec import QuantSpec
@@ -71,7 +71,7 @@ def test_version_1_payloads_decode_to_the_same_values(
     for k, v in want.items():
         assert dec.tensors[k].dtype == v.dtype and np.array_equal(dec.tensors[k], v), k
     # inspect, then decode the inspected update: the version-1 checksum is verified again
-    ins = inspect(p, shared_key=KEY)
+    ins = describe_payload(p, shared_key=KEY)
     again = decode_inspected(ins, shared_key=KEY)
     for k, v in want.items():
         assert np.array_equal(again.tensors[k], v), k

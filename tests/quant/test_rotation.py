@@ -214,7 +214,7 @@ def test_rotation_makes_octav_gaussian_on_student_t() -> None:
     energies make a scale mixture); the tolerances are 3 % / 3 % / 4 % / 8 %.
 
     Gain over per-tensor OCTAV: the exact population ratios (OCTAV on the
-    Student-t(3) density against the Gaussian, ``fedquant.bench.limits``) are
+    Student-t(3) density against the Gaussian, ``fedquant.tools.bench.limits``) are
     2.8 / 5.3 / 10.5 / 210. A sample's per-tensor error depends on its largest
     values: over 6 seeds the ratios ranged 2.8-3.0 / 5.0-5.9 / 9.7-12.6 /
     121-370, so the bounds asserted are below the smallest: 2.5 / 4.5 / 8.5 /

@@ -52,13 +52,13 @@ the attack.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from statistics import NormalDist
 
 import numpy as np
 
 from fedquant.errors import ConfigError
-from fedquant.quant import codec
+from fedquant.quant import codec, wire
 from fedquant.quant.grid import Rounding
 from fedquant.quant.spec import QuantSpec
 
@@ -166,38 +166,6 @@ def attack(
     return out
 
 
-def _records(payload: bytes) -> Iterator[dict[str, int]]:
-    """Offsets of each record's fields in a valid payload (scale, mse, data)."""
-    meta_len = struct.unpack_from("<I", payload, 20)[0]
-    pos = 24 + meta_len
-    count = struct.unpack_from("<I", payload, 16)[0]
-    for _ in range(count):
-        (name_len,) = struct.unpack_from("<H", payload, pos)
-        fixed = pos + 2 + name_len
-        kind, ndim = payload[fixed + 1], payload[fixed + 6]
-        dims = fixed + 8
-        nsc = dims + 8 * ndim
-        (n_scales,) = struct.unpack_from("<I", payload, nsc)
-        scales = nsc + 4
-        mse = scales + 4 * n_scales
-        data_len_at = mse + 8
-        (data_len,) = struct.unpack_from("<Q", payload, data_len_at)
-        data = data_len_at + 8
-        yield {
-            "kind": kind,
-            "scales": scales,
-            "n_scales": n_scales,
-            "mse": mse,
-            "data": data,
-            "data_len": data_len,
-        }
-        pos = data + data_len
-
-
-def _fix(buf: bytearray) -> bytes:
-    return codec.reseal(buf)
-
-
 def _reencode(payload: bytes, edit: str, shared_key: int | None = None) -> bytes:
     dec = codec.decode(payload, shared_key=shared_key)
     t = dict(dec.tensors)
@@ -225,24 +193,25 @@ def corrupt(payload: bytes, mode: str, *, shared_key: int | None = None) -> byte
             "hostile_mode", f"{mode!r} is unknown; expected one of: {', '.join(MODES)}"
         )
     buf = bytearray(payload)
-    recs = list(_records(payload))
+    layout = wire.walk(payload)
+    recs = layout.records if layout is not None else ()
     if mode == "nan-scale":
-        r = next((r for r in recs if r["n_scales"]), None)
+        r = next((r for r in recs if r.n_scales), None)
         if r is not None:
-            struct.pack_into("<f", buf, r["scales"], float("nan"))
-        return _fix(buf)
+            struct.pack_into("<f", buf, r.scales_at, float("nan"))
+        return wire.reseal(buf)
     if mode == "nan-values":
-        r = next((r for r in recs if r["kind"] == codec.KIND_FLOAT and r["data_len"] >= 4), None)
+        r = next((r for r in recs if r.kind == wire.KIND_FLOAT and r.data_len >= 4), None)
         if r is not None:
-            struct.pack_into("<f", buf, r["data"], float("inf"))
-        return _fix(buf)
+            struct.pack_into("<f", buf, r.data_at, float("inf"))
+        return wire.reseal(buf)
     if mode in ("zero-mse", "tiny-mse", "negative-mse", "nan-mse"):
         value = {"zero-mse": 0.0, "tiny-mse": 1e-30, "negative-mse": -1.0, "nan-mse": float("nan")}[
             mode
         ]
         for r in recs:
-            struct.pack_into("<d", buf, r["mse"], value)
-        return _fix(buf)
+            struct.pack_into("<d", buf, r.mse_at, value)
+        return wire.reseal(buf)
     if mode == "huge-examples":
         dec = codec.decode(payload, shared_key=shared_key)
         meta = {**dec.meta, "num_examples": 10**12}

@@ -436,14 +436,14 @@ def aggregate_payloads(
 ) -> AggregateResult:
     """Decode client payloads and aggregate them with ``rule``.
 
-    Two passes: :func:`~fedquant.quant.codec.inspect` reads every payload's
+    Two passes: :func:`~fedquant.quant.codec.describe_payload` reads every payload's
     per-tensor MSE (validating it fully), then payloads are dequantized and
     accumulated one at a time, so memory does not grow with the number of
     clients (the rules of :data:`ROBUST_RULES` hold every client's tensors at
     once instead). Raises :class:`~fedquant.errors.DecodeError` for a malformed
     payload and :class:`~fedquant.errors.InvalidInputError` for payloads that
     disagree on tensor names or shapes. ``inspected`` may pass the
-    :func:`~fedquant.quant.codec.inspect` results of ``payloads`` (in order)
+    :func:`~fedquant.quant.codec.describe_payload` results of ``payloads`` (in order)
     the caller already has, e.g. from admission
     (:func:`fedquant.fl.ingest.admit`): they are then decoded with
     :func:`~fedquant.quant.codec.decode_inspected`, without a second parse.
@@ -478,7 +478,7 @@ def aggregate_payloads(
         raise InvalidInputError("aggregate: no client payloads to aggregate")
     r = parse_rule(rule)
     if inspected is None:
-        inspected = [codec.inspect(p, shared_key=shared_key) for p in payloads]
+        inspected = [codec.describe_payload(p, shared_key=shared_key) for p in payloads]
     elif len(inspected) != len(payloads):
         raise InvalidInputError(
             f"aggregate: {len(inspected)} inspected updates for {len(payloads)} payloads"
@@ -761,7 +761,7 @@ def aggregate(
         num_examples = [int(n) for n in counts]
     if not payloads:
         raise InvalidInputError("aggregate: no client payloads to aggregate")
-    inspected = [codec.inspect(p, shared_key=shared_key) for p in payloads]
+    inspected = [codec.describe_payload(p, shared_key=shared_key) for p in payloads]
     if r is AggregationRule.FEDAVG and num_examples is None:
         num_examples = []
         for j, u in enumerate(inspected):

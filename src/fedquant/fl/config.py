@@ -614,9 +614,9 @@ FIELDS: dict[str, Field] = {
     "batched_clients": Field(
         "train up to K clients at once as one stacked model (torch.func.vmap; same batches, "
         "results equal to the loop's up to float round-off); 0 = one after another. Models "
-        "or options vmap cannot batch (--qat) fall back to the loop with a warning. Measured on "
-        "a 2-core CPU: slower than the loop (0.60x at K=10, 0.72x at K=5; "
-        "python -m fedquant.bench.batched), so it is off by default",
+        "or options vmap cannot batch (--qat) fall back to the loop with a warning. Off by "
+        "default: on a CPU it can be slower than the loop (python -m "
+        "fedquant.tools.bench.batched measures it; docs/benchmarks.md)",
         int,
         lo=0,
     ),

@@ -108,7 +108,7 @@ def admit(
     if len(payload) > limit:
         return reject(f"payload of {len(payload)} bytes exceeds the limit of {limit}")
     try:
-        upd = codec.inspect(payload, shared_key=shared_key)
+        upd = codec.describe_payload(payload, shared_key=shared_key)
     except DecodeError as e:
         return reject(str(e))
     got = upd.meta.get(KIND_KEY, WEIGHTS)

@@ -619,7 +619,7 @@ class Simulation:
         uplink spec as an honest client would (metadata from its honest payload)."""
         cfg = self.cfg
         client, start, round_, shared_key = up.client, cast.start, cast.round, cast.shared_key
-        dec = codec.inspect(up.payload, shared_key=shared_key)
+        dec = codec.describe_payload(up.payload, shared_key=shared_key)
         attackers = sum(self.hostile.get(u.client) == mode for u in sent)
         deltas = (
             frozenset(payload_delta_names([dec.info]))

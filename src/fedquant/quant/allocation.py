@@ -46,7 +46,7 @@ for large tensors), eight passes over the tensor for the clipping error and
 eight over the subsample. Measured on the paper's CNN (81,848 weights): an
 ``auto`` encode takes ~20 ms against ~1.5 ms at fixed widths (13x), about
 1 % of a client's local epoch on the embedded MNIST subset
-(:func:`fedquant.bench.allocation.codec_comparison`).
+(:func:`fedquant.tools.bench.allocation.codec_comparison`).
 
 The optimal integer allocation (:func:`allocate_bits`)
 ------------------------------------------------------
@@ -84,14 +84,8 @@ from typing import Any
 import numpy as np
 
 from fedquant.errors import InvalidInputError
-from fedquant.quant.clipping import _threshold_flat, parse_method
 from fedquant.quant.grid import QUANT_BITS, Rounding, num_steps, parse_rounding
-from fedquant.quant.quantizer import (
-    _row_view,
-    as_float32_array,
-    check_finite,
-    parse_granularity,
-)
+from fedquant.quant.quantizer import as_float32_array, check_finite, row_thresholds, row_view
 from fedquant.quant.spec import QuantSpec, TensorPlan
 
 __all__ = [
@@ -191,8 +185,8 @@ def mse_curve(
     check_finite(arr, "mse_curve")
     if max_samples < 1:
         raise InvalidInputError(f"mse_curve: max_samples={max_samples!r}; expected >= 1")
-    method, rounding = parse_method(plan.method), parse_rounding(plan.rounding)
-    rows, _ = _row_view(arr, parse_granularity(plan.granularity))
+    rounding = plan.rounding  # a plan carries resolved enums
+    rows = row_view(arr, plan.granularity).rows
     n = rows.size
     out = np.zeros(len(bits), dtype=np.float64)
     if n == 0:
@@ -203,13 +197,7 @@ def mse_curve(
     mag = np.abs(rows)
     excess = np.empty_like(mag)
     for i, b in enumerate(bits):
-        scales = np.array(
-            [
-                _threshold_flat(rows[r], b, rounding, method, plan.percentile)
-                for r in range(rows.shape[0])
-            ],
-            dtype=np.float32,
-        )
+        scales = row_thresholds(rows, b, rounding, plan.method, plan.percentile)
         np.subtract(mag, scales[:, None], out=excess)
         np.maximum(excess, 0.0, out=excess)
         clip = float(np.square(excess, out=excess).sum(dtype=np.float64)) / n

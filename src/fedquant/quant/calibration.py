@@ -440,10 +440,8 @@ def kl_threshold(a: npt.ArrayLike, bits: int, *, num_bins: int = 2048) -> float:
 
     Parameters
     ----------
-    a : array_like of float32
-        1-D array of finite values (already validated and flattened).
-    bits : int
-        Bit width ``B``, 1..8.
+    a, bits
+        As for :func:`aciq_threshold`.
     num_bins : int, default 2048
         Histogram bins, ``2**(B-1)`` to 65536. The search costs about
         ``num_bins**2 / 2`` additions (a few ms at 2048).

@@ -151,8 +151,11 @@ def _nonfinite(where: str, bad: int) -> NonFiniteError:
 
 
 def _octav(x: np.ndarray, c: float, iterations: int | None, where: str) -> float:
-    """OCTAV from ``mean |x|``: exact for small inputs, else on the log-linear histogram
-    (large inputs iterated to convergence: on the sampled histogram, :func:`_octav_sampled`)."""
+    """OCTAV from ``mean |x|``: exact for small inputs, else on a histogram.
+
+    Larger inputs use the log-linear histogram; large ones are iterated to convergence
+    on the sampled histogram (:func:`_octav_sampled`).
+    """
     if x.size == 0:
         return 0.0
     if x.size > EXACT_LIMIT:

@@ -55,6 +55,10 @@ decoder that predates these features refuses any nonzero ``transform`` or
 checksum from zlib's CRC-32 to CRC-32C, which CPUs compute
 with dedicated instructions at about memory speed; version-1 payloads still decode.
 
+Where each field lies is known to one walker, :mod:`fedquant.quant.wire`
+(also used by the fuzzer and the hostile-client modes); this module says what
+each field may hold.
+
 Decoding validates the header, the total length and the checksum first, then
 every field against the bytes actually present before allocating anything, so
 a hostile payload costs at most ``O(len(payload))`` memory (a quantized tensor
@@ -70,36 +74,77 @@ import json
 import math
 import struct
 import sys
-import zlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
-import crc32c
 import numpy as np
 
 from fedquant.errors import DecodeError, InvalidInputError, NonFiniteError
 from fedquant.quant import allocation, device, entropy, interop, kernels, rotation
-from fedquant.quant.clipping import _threshold_flat
 from fedquant.quant.entropy import EntropyCoding
 from fedquant.quant.grid import FLOAT_BITS, Rounding, num_steps
 from fedquant.quant.packing import packed_size, unpack
 from fedquant.quant.quantizer import (
     Granularity,
     SeedLike,
-    _quantize_rows,
-    _row_view,
-    check_finite,
     dequantize_packed,
+    quantize_rows,
     rng_key,
+    row_thresholds,
+    row_view,
 )
 from fedquant.quant.spec import QuantSpec, TensorPlan
+from fedquant.quant.wire import (
+    CRC,
+    HEADER,
+    KIND_FLOAT,
+    KIND_INT,
+    KIND_QUANT,
+    MAGIC,
+    MSE_LEN,
+    READ_VERSIONS,
+    RECORD_FIXED,
+    U16,
+    U32,
+    VERSION,
+    Cursor,
+    Header,
+    Record,
+    checksum,
+    data_size,
+    pack_head,
+    read_header,
+    read_record,
+    reseal,
+)
 
-MAGIC = b"FQNT"
-#: the version encode writes
-VERSION = 2
-#: the versions decode reads (1: the same layout with a zlib CRC-32)
-READ_VERSIONS = (1, 2)
+__all__ = [
+    "CODING_PACKED",
+    "CODING_RANS",
+    "DTYPES",
+    "KIND_FLOAT",
+    "KIND_INT",
+    "KIND_QUANT",
+    "MAGIC",
+    "READ_VERSIONS",
+    "TRANSFORM_HADAMARD",
+    "TRANSFORM_NONE",
+    "VERSION",
+    "DecodedUpdate",
+    "EncodeResult",
+    "TensorInfo",
+    "checksum",
+    "decode",
+    "decode_inspected",
+    "describe_payload",
+    "device_plan",
+    "encode",
+    "encode_with_stats",
+    "peek_header",
+    "reseal",
+]
+
 MAX_NAME = 1024
 MAX_NDIM = 16
 MAX_META = 1 << 20
@@ -108,18 +153,10 @@ MAX_DIM = 1 << 48
 #: what ``encode(..., seed=)`` takes: also a tuple of ints such as ``(round, client)``
 EncodeSeed = SeedLike | tuple[int, ...]
 
-_HEADER = struct.Struct("<4sHHQII")
-_REC_FIXED = struct.Struct("<BBBBBBBB")
-_U16 = struct.Struct("<H")
-_U32 = struct.Struct("<I")
-_U64 = struct.Struct("<Q")
-_MSE_LEN = struct.Struct("<dQ")  # a record's mse and data_len
-_CRC = struct.Struct("<I")
 #: smallest possible record: a 1-byte name, no dims (0-d), no scales, mse and data_len,
 #: and one data byte (a 0-d int8/uint8/bool tensor; a 0-d float32 has 4)
-_MIN_RECORD = _U16.size + 1 + _REC_FIXED.size + _U32.size + _MSE_LEN.size + 1
+_MIN_RECORD = U16.size + 1 + RECORD_FIXED.size + U32.size + MSE_LEN.size + 1
 
-KIND_QUANT, KIND_FLOAT, KIND_INT = 0, 1, 2
 TRANSFORM_NONE, TRANSFORM_HADAMARD = 0, 1
 CODING_PACKED, CODING_RANS = 0, 1
 _ROT_HEADER = struct.Struct("<BBI")
@@ -143,36 +180,9 @@ _DTYPE_CODE = {name: code for code, (name, _) in DTYPES.items()}
 #: the scales of an unquantized record (none; read-only, shared), and their count's bytes
 _NO_SCALES = np.zeros(0, dtype=np.float32)
 _NO_SCALES.flags.writeable = False
-_NO_SCALES_COUNT = _U32.pack(0)
+_NO_SCALES_COUNT = U32.pack(0)
 #: ``str(dtype)`` of the native dtypes (``str`` of a dtype is slow: ~10 us per tensor)
 _NAMES = {np.dtype(n): n for n in _DTYPE_CODE if n != "bfloat16"}
-
-
-def checksum(data: bytes | bytearray | memoryview, version: int = VERSION) -> int:
-    """The payload checksum of ``data`` for a format version.
-
-    Version 2 uses CRC-32C (Castagnoli), computed with the CPU's CRC instructions
-    by the ``crc32c`` package (about memory speed); version 1 used zlib's CRC-32
-    (several times slower). Any other version gets the current one's.
-    """
-    if version == 1:
-        return zlib.crc32(data)
-    return int(crc32c.crc32c(data))
-
-
-def reseal(data: bytes | bytearray | memoryview) -> bytes:
-    """``data`` with the header's total length and the trailing checksum rewritten to
-    match it (for tests and fuzzers that edit fields behind the checksum).
-
-    The checksum follows the version field of the header; inputs shorter than a
-    header plus checksum come back unchanged.
-    """
-    buf = bytearray(data)
-    if len(buf) >= _HEADER.size + _CRC.size:
-        struct.pack_into("<Q", buf, 8, len(buf))
-        version = _U16.unpack_from(buf, 4)[0]
-        _CRC.pack_into(buf, len(buf) - _CRC.size, checksum(memoryview(buf)[: -_CRC.size], version))
-    return bytes(buf)
 
 
 def _bytes_api() -> tuple[Any, Any] | None:
@@ -196,7 +206,7 @@ _MADV_HUGEPAGE = 14  # Linux
 
 
 def _madvise() -> Any:
-    """libc's ``madvise``, where there is one (Linux); else ``None``."""
+    """Libc's ``madvise``, where there is one (Linux); else ``None``."""
     try:
         fn = ctypes.CDLL(None, use_errno=True).madvise
     except (AttributeError, OSError):
@@ -233,8 +243,9 @@ def _new_payload(n: int) -> tuple[bytes | bytearray, np.ndarray]:
     return arr, np.frombuffer(arr, dtype=np.uint8)
 
 
-class TensorInfo(NamedTuple):
-    """What the payload says about one tensor (immutable; a named tuple, cheap to make)."""
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TensorInfo:
+    """What the payload says about one tensor (immutable; built by keyword only)."""
 
     name: str
     shape: tuple[int, ...]
@@ -251,10 +262,12 @@ class TensorInfo(NamedTuple):
 
     @property
     def quantized(self) -> bool:
+        """Whether the tensor travels quantized (a floating tensor at 1..8 bits)."""
         return self.bits <= 8 and self.dtype in ("float32", "float16", "bfloat16", "float64")
 
     @property
     def numel(self) -> int:
+        """Number of elements of the tensor."""
         return math.prod(self.shape)
 
 
@@ -268,6 +281,7 @@ class EncodeResult:
 
     @property
     def nbytes(self) -> int:
+        """Size of the payload in bytes: what travels."""
         return len(self.payload)
 
     @property
@@ -277,6 +291,7 @@ class EncodeResult:
 
     @property
     def mse(self) -> dict[str, float]:
+        """Quantization MSE of each tensor, by name (0 for tensors sent exactly)."""
         return {n: i.mse for n, i in self.tensors.items()}
 
 
@@ -284,7 +299,7 @@ class EncodeResult:
 class DecodedUpdate:
     """A decoded update: values (float32 for floating tensors), per-tensor info, metadata.
 
-    An update from :func:`inspect` has no values but remembers where each
+    An update from :func:`describe_payload` has no values but remembers where each
     tensor's data lies in the payload, so :func:`decode_inspected` can produce
     them later without parsing the payload again.
     """
@@ -297,6 +312,7 @@ class DecodedUpdate:
 
     @property
     def mse(self) -> dict[str, float]:
+        """Quantization MSE each tensor's record reports, by name."""
         return {n: i.mse for n, i in self.info.items()}
 
     def to_torch(self) -> dict[str, Any]:
@@ -307,7 +323,7 @@ class DecodedUpdate:
         """
         if self.info and not self.tensors:
             raise InvalidInputError(
-                "to_torch: this update has no values (it came from inspect()); use decode()"
+                "to_torch: this update has no values (it came from describe_payload()); use decode()"
             )
         return interop.to_torch(self.tensors, {n: i.dtype for n, i in self.info.items()})
 
@@ -340,9 +356,11 @@ def _float32_size(info: TensorInfo) -> int:
 
 
 class _OnDevice:
-    """A floating torch tensor left on its device (a GPU) until its record is made:
-    quantized there when the plan allows (:mod:`fedquant.quant.device`), else copied
-    to the host. Looks like a float32 array where the encoder inspects it."""
+    """A floating torch tensor left on its device (a GPU) until its record is made.
+
+    It is quantized there when the plan allows (:mod:`fedquant.quant.device`), else
+    copied to the host. It looks like a float32 array where the encoder inspects it.
+    """
 
     dtype = np.dtype(np.float32)
 
@@ -599,41 +617,47 @@ def encode(
 
 
 class _Record(NamedTuple):
-    """A record before it is written: its bytes up to the MSE, the size of its data,
-    and what writes the data into its place in the payload (returning the MSE)."""
+    """A record before it is written.
+
+    Its bytes up to the MSE, the size of its data, and what writes the data into its
+    place in the payload (returning the MSE).
+    """
 
     head: bytes
     data_len: int
     write: Callable[[np.ndarray], float]
-    info: TensorInfo  # nbytes and mse are filled in once written
+    name: str
+    info: Callable[..., TensorInfo]  # TensorInfo with all but ``mse`` and ``nbytes`` given
 
 
 def _assemble(records: list[_Record], meta_raw: bytes) -> tuple[bytes, dict[str, TensorInfo]]:
-    """Write the header, metadata and records into one preallocated payload, then the
-    checksum: no record is copied more than once."""
+    """Write the header, metadata, records and checksum into one preallocated payload.
+
+    No record is copied more than once.
+    """
     total = (
-        _HEADER.size
+        HEADER.size
         + len(meta_raw)
-        + sum(len(r.head) + _MSE_LEN.size + r.data_len for r in records)
-        + _CRC.size
+        + sum(len(r.head) + MSE_LEN.size + r.data_len for r in records)
+        + CRC.size
     )
     payload, buf = _new_payload(total)
     raw = buf.data  # the same storage, as a memoryview for struct
-    _HEADER.pack_into(raw, 0, MAGIC, VERSION, 0, total, len(records), len(meta_raw))
-    pos = _HEADER.size
+    HEADER.pack_into(raw, 0, MAGIC, VERSION, 0, total, len(records), len(meta_raw))
+    pos = HEADER.size
     buf[pos : pos + len(meta_raw)] = np.frombuffer(meta_raw, np.uint8)
     pos += len(meta_raw)
     infos: dict[str, TensorInfo] = {}
     for r in records:
         buf[pos : pos + len(r.head)] = np.frombuffer(r.head, np.uint8)
         mse_at = pos + len(r.head)
-        data_at = mse_at + _MSE_LEN.size
+        data_at = mse_at + MSE_LEN.size
         mse = r.write(buf[data_at : data_at + r.data_len])
-        _MSE_LEN.pack_into(raw, mse_at, mse, r.data_len)
+        MSE_LEN.pack_into(raw, mse_at, mse, r.data_len)
         end = data_at + r.data_len
-        infos[r.info.name] = r.info._replace(mse=mse, nbytes=end - pos)
+        infos[r.name] = r.info(mse=mse, nbytes=end - pos)
         pos = end
-    _CRC.pack_into(raw, pos, checksum(raw[:pos], VERSION))
+    CRC.pack_into(raw, pos, checksum(raw[:pos], VERSION))
     del buf, raw  # the views must not outlive this function (see _new_payload)
     return payload if isinstance(payload, bytes) else bytes(payload), infos
 
@@ -670,12 +694,12 @@ def _encode_tensor(
         bits = 8 * raw_dtype.itemsize
         values = np.ascontiguousarray(np.ascontiguousarray(arr).astype(raw_dtype).reshape(-1))
         head = _record_head(name, _DTYPE_CODE[dtype], KIND_INT, bits, 0, 0, 0, shape)
-        info = TensorInfo(name, shape, dtype, bits, Granularity.TENSOR, _NO_SCALES, 0.0, 0)
-        return _Record(head + _NO_SCALES_COUNT, values.nbytes, _writer(values), info)
+        info = _raw_info(name, shape, dtype, bits)
+        return _Record(head + _NO_SCALES_COUNT, values.nbytes, _writer(values), name, info)
     if arr.dtype.kind != "f":
         raise InvalidInputError(f"encode: tensor {name!r} has unsupported dtype {arr.dtype}")
     flat32 = np.ascontiguousarray(arr, dtype=np.float32)
-    rows, gran = _row_view(flat32, plan.granularity)
+    rows, gran = row_view(flat32, plan.granularity)
     transform, coding, block, min_block = TRANSFORM_NONE, CODING_PACKED, 0, 0
     sub = b""
     qrows = rows
@@ -683,71 +707,96 @@ def _encode_tensor(
         assert shared_key is not None  # checked by encode_with_stats
         tk = rotation.tensor_key(shared_key, name)
         block, min_block = rotation.DEFAULT_BLOCK, rotation.DEFAULT_MIN_BLOCK
-        try:
-            qrows = rotation.rotate(rows, tk.key, block=block, min_block=min_block)
-        except InvalidInputError as e:
-            raise type(e)(f"encode: tensor {name!r}: {str(e).split(': ', 1)[-1]}") from e
+        qrows = rotation.rotate(
+            rows, tk.key, block=block, min_block=min_block, where=f"encode: tensor {name!r}"
+        )
         transform = TRANSFORM_HADAMARD
         sub = _ROT_HEADER.pack(block.bit_length() - 1, min_block.bit_length() - 1, tk.check)
-    scales = np.array(
-        [
-            _threshold_flat(qrows[r], plan.bits, plan.rounding, plan.method, plan.percentile)
-            for r in range(qrows.shape[0])
-        ],
-        dtype=np.float32,
-    )
+    scales = row_thresholds(qrows, plan.bits, plan.rounding, plan.method, plan.percentile)
     if transform:  # decoders refuse thresholds that could overflow once rotated back
         limit = rotation.scale_limit(qrows.shape[1], block)
         scales = np.minimum(scales, np.float32(limit))
     bits = plan.bits
 
-    def quantize_into(out: np.ndarray | None) -> tuple[np.ndarray, float]:
-        """Quantize into ``out`` (or a new buffer); returns the codes and the MSE."""
-        packed, sq = _quantize_rows(qrows, scales, bits, plan.rounding, key, out=out)
-        if not math.isfinite(sq):
-            check_finite(flat32, f"encode: tensor {name!r}")
-            packed, sq = _quantize_rows(qrows, scales, bits, plan.rounding, key, wide=True, out=out)
+    def quantize_into(out: np.ndarray | None) -> _Quantized:
+        """Quantize into ``out`` (or a new buffer): the codes and the tensor's MSE."""
+        q = quantize_rows(
+            qrows,
+            scales,
+            bits,
+            plan.rounding,
+            key,
+            values=flat32,
+            where=f"encode: tensor {name!r}",
+            out=out,
+        )
+        sq = q.sq_err
         if transform:  # the error on the padding is not the tensor's
             sq = max(
                 0.0,
                 sq
                 - rotation.padding_error(
-                    qrows, packed, bits, scales, rows.shape[1], block=block, min_block=min_block
+                    qrows, q.packed, bits, scales, rows.shape[1], block=block, min_block=min_block
                 ),
             )
-        return packed, sq / rows.size if rows.size else 0.0
+        return _Quantized(q.packed, sq / rows.size if rows.size else 0.0)
 
     ncodes = qrows.size
     data_len = len(sub) + packed_size(ncodes, bits)
     write: Callable[[np.ndarray], float]
     if plan.entropy is EntropyCoding.RANS:
-        packed, mse = quantize_into(None)
-        coded = entropy.encode_codes_if_smaller(unpack(packed, bits, ncodes), bits)
+        q = quantize_into(None)
+        coded = entropy.encode_codes_if_smaller(unpack(q.packed, bits, ncodes), bits)
         if coded is not None:
             coding = CODING_RANS
             data_len = len(sub) + len(coded)
-            write = _writer(sub + coded, mse)
+            write = _writer(sub + coded, q.mse)
         else:
-            write = _writer(sub + packed.tobytes(), mse)
+            write = _writer(sub + q.packed.tobytes(), q.mse)
     else:
 
         def write(out: np.ndarray) -> float:
             out[: len(sub)] = np.frombuffer(sub, np.uint8)
-            return quantize_into(out[len(sub) :])[1]
+            return quantize_into(out[len(sub) :]).mse
 
     head = _record_head(
         name, _DTYPE_CODE[dtype], KIND_QUANT, bits, _GRAN[gran], transform, coding, shape
     )
-    head += _U32.pack(scales.size) + np.ascontiguousarray(scales, dtype="<f4").tobytes()
-    info = TensorInfo(
-        name, shape, dtype, bits, gran, scales, 0.0, 0, transform, coding, block, ncodes
+    head += _scales_bytes(scales)
+    info = functools.partial(
+        TensorInfo,
+        name=name,
+        shape=shape,
+        dtype=dtype,
+        bits=bits,
+        granularity=gran,
+        scales=scales,
+        transform=transform,
+        coding=coding,
+        block=block,
+        codes=ncodes,
     )
-    return _Record(head, data_len, write, info)
+    return _Record(head, data_len, write, name, info)
+
+
+class _Quantized(NamedTuple):
+    """A quantized tensor's packed codes and its MSE."""
+
+    packed: np.ndarray
+    mse: float
+
+
+def _scales_bytes(scales: np.ndarray) -> bytes:
+    """A quantized record's scale count and scales."""
+    return U32.pack(scales.size) + np.ascontiguousarray(scales, dtype="<f4").tobytes()
 
 
 def device_plan(plan: TensorPlan) -> bool:
-    """Whether a tensor on a GPU is quantized there under ``plan`` (else it is copied to
-    the host first): quantized, OCTAV threshold, no rotation, no entropy coding."""
+    """Whether a tensor on a GPU is quantized there under ``plan``.
+
+    It is when the plan quantizes with the OCTAV threshold, no rotation and no entropy
+    coding; otherwise it is copied to the host first.
+    """
     return (
         plan.quantized
         and not plan.rotation
@@ -772,24 +821,35 @@ def _encode_on_device(
     head = _record_head(
         name, _DTYPE_CODE[dtype], KIND_QUANT, plan.bits, _GRAN[gran], 0, 0, arr.shape
     )
-    head += _U32.pack(scales.size) + np.ascontiguousarray(scales, dtype="<f4").tobytes()
-    info = TensorInfo(
-        name, arr.shape, dtype, plan.bits, gran, scales, 0.0, 0, codes=int(rows.numel())
+    head += _scales_bytes(scales)
+    info = functools.partial(
+        TensorInfo,
+        name=name,
+        shape=arr.shape,
+        dtype=dtype,
+        bits=plan.bits,
+        granularity=gran,
+        scales=scales,
+        codes=int(rows.numel()),
     )
-    return _Record(head, q.packed.size, _writer(q.packed, q.mse), info)
+    return _Record(head, q.packed.size, _writer(q.packed, q.mse), name, info)
 
 
 def _copy_checked(flat: np.ndarray, out: np.ndarray) -> int:
-    """Copy float32 ``flat`` into the bytes ``out`` (any alignment); returns the number
-    of NaN/Inf values (counted on the bit patterns, a read-only pass)."""
+    """Copy float32 ``flat`` into the bytes ``out`` (any alignment).
+
+    Returns the number of NaN/Inf values, counted on the bit patterns in a read-only pass.
+    """
     bad = int(kernels.count_nonfinite(flat.view(np.uint32))) if flat.size else 0
     out[:] = flat.view(np.uint8)
     return bad
 
 
 def _encode_raw_float(name: str, arr: np.ndarray, dtype: str) -> _Record:
-    """The record of a floating tensor that travels raw as float32 (biases, BatchNorm):
-    copied into the payload and checked for NaN/Inf in one pass."""
+    """The record of a floating tensor that travels raw as float32 (biases, BatchNorm).
+
+    It is copied into the payload and checked for NaN/Inf in one pass.
+    """
     flat = np.ascontiguousarray(arr, dtype="<f4").reshape(-1)
     shape = tuple(int(d) for d in arr.shape)
 
@@ -803,8 +863,23 @@ def _encode_raw_float(name: str, arr: np.ndarray, dtype: str) -> _Record:
         return 0.0
 
     head = _record_head(name, _DTYPE_CODE[dtype], KIND_FLOAT, FLOAT_BITS, 0, 0, 0, shape)
-    info = TensorInfo(name, shape, dtype, FLOAT_BITS, Granularity.TENSOR, _NO_SCALES, 0.0, 0)
-    return _Record(head + _NO_SCALES_COUNT, flat.nbytes, write, info)
+    info = _raw_info(name, shape, dtype, FLOAT_BITS)
+    return _Record(head + _NO_SCALES_COUNT, flat.nbytes, write, name, info)
+
+
+def _raw_info(
+    name: str, shape: tuple[int, ...], dtype: str, bits: int
+) -> Callable[..., TensorInfo]:
+    """The info of a tensor that travels raw, once its MSE and size are known."""
+    return functools.partial(
+        TensorInfo,
+        name=name,
+        shape=shape,
+        dtype=dtype,
+        bits=bits,
+        granularity=Granularity.TENSOR,
+        scales=_NO_SCALES,
+    )
 
 
 @functools.lru_cache(maxsize=4096)
@@ -820,90 +895,51 @@ def _record_head(
 ) -> bytes:
     """A record's bytes up to its scales (the same for a tensor every round: cached)."""
     name_b = name.encode()
-    return b"".join(
-        (
-            _U16.pack(len(name_b)),
-            name_b,
-            _REC_FIXED.pack(dcode, kind, bits, gcode, transform, coding, len(shape), 0),
-            b"".join(_U64.pack(d) for d in shape),
-        )
+    return pack_head(
+        len(name_b), name_b, (dcode, kind, bits, gcode, transform, coding, len(shape), 0), shape
     )
 
 
 # --------------------------------------------------------------------------- decode
 
 
-class _Reader:
-    """Bounds-checked cursor over the payload body.
-
-    What is being read is named by ``where`` and ``part``, joined only when
-    an error is raised (formatting a message per field cost more than the
-    reading itself).
-    """
-
-    def __init__(self, buf: memoryview, start: int, end: int) -> None:
-        self.buf, self.pos, self.end = buf, start, end
-
-    def take(self, n: int, where: str, part: str = "") -> memoryview:
-        pos = self.pos
-        if n < 0 or pos + n > self.end:
-            what = f"{where} {part}" if part else where
-            raise DecodeError(
-                f"decode: payload truncated in {what}: need {n} byte(s) at offset {pos}, "
-                f"{self.end - pos} left"
-            )
-        self.pos = pos + n
-        return self.buf[pos : pos + n]
-
-    def unpack(self, st: struct.Struct, where: str, part: str = "") -> tuple[Any, ...]:
-        pos = self.pos
-        if pos + st.size > self.end:
-            self.take(st.size, where, part)  # raises the truncation error
-        self.pos = pos + st.size
-        return st.unpack_from(self.buf, pos)
-
-
-@functools.lru_cache(maxsize=MAX_NDIM + 1)
-def _dims(ndim: int) -> struct.Struct:
-    """The ``ndim`` u64 dims of a record."""
-    return struct.Struct(f"<{ndim}Q")
-
-
-def peek_header(payload: bytes | bytearray | memoryview) -> tuple[int, int, int]:
-    """Validate the fixed header only; returns ``(version, total_len, n_tensors)``."""
+def peek_header(payload: bytes | bytearray | memoryview) -> Header:
+    """Validate the fixed header only; returns its fields (:class:`~fedquant.quant.wire.Header`)."""
     n = len(payload)
-    if n < _HEADER.size + _CRC.size:
+    if n < HEADER.size + CRC.size:
         raise DecodeError(
             f"decode: payload truncated: {n} byte(s), a fedquant payload has at least "
-            f"{_HEADER.size + _CRC.size}"
+            f"{HEADER.size + CRC.size}"
         )
-    magic, version, flags, total, count, _meta_len = _HEADER.unpack_from(payload, 0)
-    if magic != MAGIC:
+    header = read_header(payload)
+    if header.magic != MAGIC:
         raise DecodeError(
-            f"decode: wrong magic {bytes(magic)!r}; expected {MAGIC!r} (not a fedquant payload)"
+            f"decode: wrong magic {bytes(header.magic)!r}; expected {MAGIC!r} (not a fedquant "
+            "payload)"
         )
-    if version not in READ_VERSIONS:
+    if header.version not in READ_VERSIONS:
         raise DecodeError(
-            f"decode: unknown format version {version}; this fedquant reads versions "
+            f"decode: unknown format version {header.version}; this fedquant reads versions "
             f"{', '.join(map(str, READ_VERSIONS))}"
         )
-    if flags != 0:
-        raise DecodeError(f"decode: header flags {flags:#x} are not supported; expected 0")
-    if total != n:
+    if header.flags != 0:
+        raise DecodeError(f"decode: header flags {header.flags:#x} are not supported; expected 0")
+    if header.total_len != n:
         raise DecodeError(
-            f"decode: inconsistent length: header says {total} bytes, payload has {n} "
+            f"decode: inconsistent length: header says {header.total_len} bytes, payload has {n} "
             "(truncated or padded)"
         )
-    return version, total, count
+    return header
 
 
-def inspect(
+def describe_payload(
     payload: bytes | bytearray | memoryview, *, shared_key: int | None = None
 ) -> DecodedUpdate:
     """Validate a payload like :func:`decode` but skip dequantization.
 
     The result's ``tensors`` is empty; ``info`` and ``meta`` are filled. The
-    server uses it to read every client's per-tensor MSE before decoding.
+    server uses it to read every client's per-tensor MSE before decoding
+    (:func:`decode_inspected` then produces the values without a second parse).
     Rotated tensors need no key here; given ``shared_key``, their key check is
     verified as :func:`decode` does.
     """
@@ -959,16 +995,17 @@ def _decode(
         )
     except ValueError as e:  # a released memoryview
         raise DecodeError(f"decode: unusable memoryview: {e}") from None
-    version, total, count = peek_header(buf)
-    (stored_crc,) = _CRC.unpack_from(buf, total - _CRC.size)
-    if checksum(buf[: total - _CRC.size], version) != stored_crc:
+    header = peek_header(buf)
+    version, total, count = header.version, header.total_len, header.n_tensors
+    (stored_crc,) = CRC.unpack_from(buf, total - CRC.size)
+    if checksum(buf[: total - CRC.size], version) != stored_crc:
         raise DecodeError("decode: checksum mismatch: the payload is corrupted")
-    meta_len = _HEADER.unpack_from(buf, 0)[5]
-    reader = _Reader(buf, _HEADER.size, total - _CRC.size)
+    meta_len = header.meta_len
+    reader = Cursor(buf, HEADER.size, total - CRC.size)
     meta = _decode_meta(
         reader.take(meta_len, "metadata") if meta_len <= MAX_META else None, meta_len
     )
-    left = reader.end - reader.pos
+    left = reader.left
     if count > left // _MIN_RECORD:
         raise DecodeError(
             f"decode: header claims {count} tensors but only {left} bytes of records follow"
@@ -976,8 +1013,10 @@ def _decode(
     tensors: dict[str, np.ndarray] = {}
     infos: dict[str, TensorInfo] = {}
     records: list[_Data] = []
+    checks = _Checks()
     for i in range(count):
-        name, arr, info, rec = _decode_record(reader, i, values, shared_key)
+        arr, info, rec = _decode_record(reader, i, checks, values, shared_key)
+        name = info.name
         if name in infos:
             raise DecodeError(f"decode: tensor name {name!r} appears twice")
         if arr is not None:
@@ -994,7 +1033,7 @@ def _decode(
 
 
 def decode_inspected(update: DecodedUpdate, *, shared_key: int | None = None) -> DecodedUpdate:
-    """The values of an update :func:`inspect` returned, without parsing its payload again.
+    """The values of an update :func:`describe_payload` returned, without parsing its payload again.
 
     The result equals ``decode(payload, shared_key=shared_key)`` of the
     inspected payload. The server inspects every reply when it admits it; this
@@ -1006,7 +1045,7 @@ def decode_inspected(update: DecodedUpdate, *, shared_key: int | None = None) ->
     Raises
     ------
     InvalidInputError
-        ``update`` did not come from :func:`inspect`; ``shared_key`` is not an
+        ``update`` did not come from :func:`describe_payload`; ``shared_key`` is not an
         int in ``[0, 2**64)``.
     DecodeError
         The payload changed since it was inspected; a rotated tensor and no
@@ -1015,12 +1054,12 @@ def decode_inspected(update: DecodedUpdate, *, shared_key: int | None = None) ->
     src = update._source
     if src is None:
         raise InvalidInputError(
-            "decode_inspected: the update was not made by codec.inspect(); decode the payload "
+            "decode_inspected: the update was not made by codec.describe_payload(); decode the payload "
             "with codec.decode() instead"
         )
     if shared_key is not None:
         shared_key = rotation.check_shared_key(shared_key, "decode")
-    if checksum(src.buf[: len(src.buf) - _CRC.size], src.version) != src.crc:
+    if checksum(src.buf[: len(src.buf) - CRC.size], src.version) != src.crc:
         raise DecodeError("decode: checksum mismatch: the payload changed after it was inspected")
     tensors = {
         name: _record_values(info, rec, shared_key)
@@ -1057,173 +1096,169 @@ def _decode_meta(raw: memoryview | None, meta_len: int) -> dict[str, Any]:
     return meta
 
 
-def _decode_record(
-    r: _Reader, index: int, values: bool, shared_key: int | None = None
-) -> tuple[str, np.ndarray | None, TensorInfo, _Data]:
-    start = r.pos
-    where = f"tensor #{index}"
-    (name_len,) = r.unpack(_U16, where, "name length")
-    if not 1 <= name_len <= MAX_NAME:
-        raise DecodeError(f"decode: {where}: name length {name_len} is not in 1..{MAX_NAME}")
-    try:
-        name = bytes(r.take(name_len, where, "name")).decode("utf-8")
-    except UnicodeDecodeError:
-        raise DecodeError(f"decode: {where}: name is not valid UTF-8") from None
-    where = f"tensor {name!r}"
-    dcode, kind, bits, gcode, transform, coding, ndim, reserved = r.unpack(_REC_FIXED, where)
-    if dcode not in DTYPES:
-        raise DecodeError(
-            f"decode: {where}: unknown dtype code {dcode}; expected one of {sorted(DTYPES)}"
-        )
-    dtype, raw_dtype = DTYPES[dcode]
-    floating = raw_dtype is None
-    if kind not in (KIND_QUANT, KIND_FLOAT, KIND_INT) or (kind == KIND_INT) == floating:
-        raise DecodeError(f"decode: {where}: kind {kind} is not valid for dtype {dtype}")
-    if kind == KIND_QUANT and not 1 <= bits <= 8:
-        raise DecodeError(
-            f"decode: {where}: bits={bits} out of range; expected 1..8 for a quantized tensor"
-        )
-    if kind == KIND_FLOAT and bits != FLOAT_BITS:
-        raise DecodeError(f"decode: {where}: bits={bits}; expected 32 for a raw float32 tensor")
-    if kind == KIND_INT and raw_dtype is not None and bits != 8 * raw_dtype.itemsize:
-        raise DecodeError(
-            f"decode: {where}: bits={bits}; expected {8 * raw_dtype.itemsize} for {dtype}"
-        )
-    if gcode not in _GRAN_BACK or (kind != KIND_QUANT and gcode != 0):
-        raise DecodeError(f"decode: {where}: granularity code {gcode} is not valid")
-    if reserved != 0:
-        raise DecodeError(f"decode: {where}: reserved byte is {reserved}; expected 0")
-    if transform not in (TRANSFORM_NONE, TRANSFORM_HADAMARD):
-        raise DecodeError(
-            f"decode: {where}: transform={transform} is unknown; expected 0 (none) or "
-            "1 (randomized Hadamard)"
-        )
-    if coding not in (CODING_PACKED, CODING_RANS):
-        raise DecodeError(
-            f"decode: {where}: coding={coding} is unknown; expected 0 (packed) or 1 (rANS)"
-        )
-    if (transform or coding) and kind != KIND_QUANT:
-        raise DecodeError(
-            f"decode: {where}: transform={transform}, coding={coding}: only quantized tensors "
-            "are transformed or entropy-coded (expected 0)"
-        )
-    if ndim > MAX_NDIM:
-        raise DecodeError(f"decode: {where}: ndim={ndim}; at most {MAX_NDIM}")
-    shape: tuple[int, ...] = r.unpack(_dims(ndim), where, "shape")
-    # zero-size tensors carry no data to bound their other dims: bound the product
-    if math.prod(max(d, 1) for d in shape) > MAX_DIM:
-        raise DecodeError(f"decode: {where}: absurd shape {shape}")
-    numel = math.prod(shape)
-    gran = _GRAN_BACK[gcode]
-    (n_scales,) = r.unpack(_U32, where, "scale count")
-    if kind == KIND_QUANT:
-        if gran is Granularity.CHANNEL and (ndim < 2 or shape[0] == 0):
-            raise DecodeError(f"decode: {where}: per-channel scales need >= 2 dims, shape {shape}")
-        want = shape[0] if gran is Granularity.CHANNEL else 1
-    else:
-        want = 0
-    if n_scales != want:
-        raise DecodeError(f"decode: {where}: {n_scales} scale(s); expected {want}")
-    scales = _NO_SCALES
-    if n_scales:
-        raw_scales = np.frombuffer(r.take(4 * n_scales, where, "scales"), dtype="<f4")
-        scales = raw_scales.astype(np.float32)
-        if not np.isfinite(scales).all() or (scales < 0).any():
-            raise DecodeError(f"decode: {where}: scales must be finite and >= 0")
-    mse, data_len = r.unpack(_MSE_LEN, where, "mse and data length")
-    if not math.isfinite(mse) or mse < 0:
-        raise DecodeError(f"decode: {where}: mse={mse!r}; expected a finite value >= 0")
-    if transform or coding:
-        if data_len > r.end - r.pos:
+class _Checks:
+    """The decoder's checks of each field of a record, made as the walker reads it.
+
+    See :class:`fedquant.quant.wire.RecordCheck`; what the checks derive is kept for
+    the record.
+    """
+
+    __slots__ = ("dtype", "gran", "numel", "raw_dtype", "scale_values", "tensor")
+
+    def __init__(self) -> None:
+        self.tensor = ""
+        self.dtype = ""
+        self.raw_dtype: np.dtype | None = None
+        self.gran = Granularity.TENSOR
+        self.numel = 0
+        self.scale_values = _NO_SCALES
+
+    def name_len(self, rec: Record, where: str) -> None:
+        if not 1 <= rec.name_len <= MAX_NAME:
             raise DecodeError(
-                f"decode: {where}: data length {data_len} but only {r.end - r.pos} bytes remain"
+                f"decode: {where}: name length {rec.name_len} is not in 1..{MAX_NAME}"
             )
-        ext_data = r.take(data_len, where, "data")
-        ext = _decode_extended(
-            ext_data,
-            where,
-            name,
-            shape,
-            bits,
-            gran,
-            scales,
-            transform,
-            coding,
-            values,
-            shared_key,
-        )
-        info = TensorInfo(
-            name,
-            shape,
-            dtype,
-            bits,
-            gran,
-            scales,
-            float(mse),
-            r.pos - start,
-            transform,
-            coding,
-            ext.block,
-            ext.codes,
-        )
-        return name, ext.values, info, _Data(ext_data, kind, raw_dtype)
-    if kind == KIND_QUANT:
-        expected = packed_size(numel, bits)
-    elif kind == KIND_FLOAT:
-        expected = 4 * numel
-    else:
-        expected = (bits // 8) * numel
-    if data_len != expected:
-        raise DecodeError(
-            f"decode: {where}: data length {data_len} does not match shape {shape} at "
-            f"{bits} bits ({expected} bytes expected)"
-        )
-    if expected > r.end - r.pos:
-        raise DecodeError(
-            f"decode: {where}: shape {shape} needs {expected} data bytes but only "
-            f"{r.end - r.pos} remain"
-        )
-    data = r.take(expected, where, "data")
-    if kind == KIND_QUANT:
-        spare = 8 * expected - numel * bits
+
+    def name(self, rec: Record, where: str) -> str:
+        try:
+            self.tensor = bytes(rec.name).decode("utf-8")
+        except UnicodeDecodeError:
+            raise DecodeError(f"decode: {where}: name is not valid UTF-8") from None
+        return f"tensor {self.tensor!r}"
+
+    def fixed(self, rec: Record, where: str) -> None:
+        dcode, kind, bits, gcode, transform, coding, ndim, reserved = rec.fixed
+        if dcode not in DTYPES:
+            raise DecodeError(
+                f"decode: {where}: unknown dtype code {dcode}; expected one of {sorted(DTYPES)}"
+            )
+        dtype, raw_dtype = DTYPES[dcode]
+        floating = raw_dtype is None
+        if kind not in (KIND_QUANT, KIND_FLOAT, KIND_INT) or (kind == KIND_INT) == floating:
+            raise DecodeError(f"decode: {where}: kind {kind} is not valid for dtype {dtype}")
+        if kind == KIND_QUANT and not 1 <= bits <= 8:
+            raise DecodeError(
+                f"decode: {where}: bits={bits} out of range; expected 1..8 for a quantized tensor"
+            )
+        if kind == KIND_FLOAT and bits != FLOAT_BITS:
+            raise DecodeError(f"decode: {where}: bits={bits}; expected 32 for a raw float32 tensor")
+        if kind == KIND_INT and raw_dtype is not None and bits != 8 * raw_dtype.itemsize:
+            raise DecodeError(
+                f"decode: {where}: bits={bits}; expected {8 * raw_dtype.itemsize} for {dtype}"
+            )
+        if gcode not in _GRAN_BACK or (kind != KIND_QUANT and gcode != 0):
+            raise DecodeError(f"decode: {where}: granularity code {gcode} is not valid")
+        if reserved != 0:
+            raise DecodeError(f"decode: {where}: reserved byte is {reserved}; expected 0")
+        if transform not in (TRANSFORM_NONE, TRANSFORM_HADAMARD):
+            raise DecodeError(
+                f"decode: {where}: transform={transform} is unknown; expected 0 (none) or "
+                "1 (randomized Hadamard)"
+            )
+        if coding not in (CODING_PACKED, CODING_RANS):
+            raise DecodeError(
+                f"decode: {where}: coding={coding} is unknown; expected 0 (packed) or 1 (rANS)"
+            )
+        if (transform or coding) and kind != KIND_QUANT:
+            raise DecodeError(
+                f"decode: {where}: transform={transform}, coding={coding}: only quantized "
+                "tensors are transformed or entropy-coded (expected 0)"
+            )
+        if ndim > MAX_NDIM:
+            raise DecodeError(f"decode: {where}: ndim={ndim}; at most {MAX_NDIM}")
+        self.dtype, self.raw_dtype, self.gran = dtype, raw_dtype, _GRAN_BACK[gcode]
+
+    def dims(self, rec: Record, where: str) -> None:
+        # zero-size tensors carry no data to bound their other dims: bound the product
+        if math.prod(max(d, 1) for d in rec.dims) > MAX_DIM:
+            raise DecodeError(f"decode: {where}: absurd shape {rec.dims}")
+        self.numel = math.prod(rec.dims)
+
+    def n_scales(self, rec: Record, where: str) -> None:
+        shape = rec.dims
+        if rec.fixed[1] == KIND_QUANT:
+            if self.gran is Granularity.CHANNEL and (len(shape) < 2 or shape[0] == 0):
+                raise DecodeError(
+                    f"decode: {where}: per-channel scales need >= 2 dims, shape {shape}"
+                )
+            want = shape[0] if self.gran is Granularity.CHANNEL else 1
+        else:
+            want = 0
+        if rec.n_scales != want:
+            raise DecodeError(f"decode: {where}: {rec.n_scales} scale(s); expected {want}")
+
+    def scales(self, rec: Record, where: str) -> None:
+        self.scale_values = _NO_SCALES
+        if rec.n_scales:
+            scales = np.frombuffer(rec.scales, dtype="<f4").astype(np.float32)
+            if not np.isfinite(scales).all() or (scales < 0).any():
+                raise DecodeError(f"decode: {where}: scales must be finite and >= 0")
+            self.scale_values = scales
+
+    def data_len(self, rec: Record, where: str, left: int) -> None:
+        if not math.isfinite(rec.mse) or rec.mse < 0:
+            raise DecodeError(f"decode: {where}: mse={rec.mse!r}; expected a finite value >= 0")
+        kind, bits, transform, coding = rec.fixed[1], rec.fixed[2], rec.fixed[4], rec.fixed[5]
+        if transform or coding:
+            if rec.data_len > left:
+                raise DecodeError(
+                    f"decode: {where}: data length {rec.data_len} but only {left} bytes remain"
+                )
+            return
+        expected = data_size(kind, bits, self.numel)
+        if rec.data_len != expected:
+            raise DecodeError(
+                f"decode: {where}: data length {rec.data_len} does not match shape {rec.dims} "
+                f"at {bits} bits ({expected} bytes expected)"
+            )
+        if expected > left:
+            raise DecodeError(
+                f"decode: {where}: shape {rec.dims} needs {expected} data bytes but only "
+                f"{left} remain"
+            )
+
+
+def _decode_record(
+    cur: Cursor, index: int, checks: _Checks, values: bool, shared_key: int | None
+) -> tuple[np.ndarray | None, TensorInfo, _Data]:
+    """Read and check one record; its values (if asked for), info and data."""
+    rec = read_record(cur, f"tensor #{index}", checks)
+    where = f"tensor {checks.tensor!r}"
+    _, kind, bits, _, transform, coding, _, _ = rec.fixed
+    data = rec.data
+    if kind == KIND_QUANT and not (transform or coding):
+        spare = 8 * len(data) - checks.numel * bits
         if spare and data[-1] >> (8 - spare):
             raise DecodeError(f"decode: {where}: padding bits of the last byte are not zero")
     elif kind == KIND_FLOAT:
         if kernels.count_nonfinite(np.frombuffer(data, dtype="<u4")):
             raise DecodeError(f"decode: {where}: float32 data holds NaN/Inf")
-    elif dtype == "bool" and (np.frombuffer(data, dtype=np.uint8) > 1).any():
+    elif checks.dtype == "bool" and (np.frombuffer(data, dtype=np.uint8) > 1).any():
         raise DecodeError(f"decode: {where}: bool data holds values other than 0/1")
     info = TensorInfo(
-        name,
-        shape,
-        dtype,
-        bits,
-        gran,
-        scales,
-        float(mse),
-        r.pos - start,
-        codes=numel if kind == KIND_QUANT else 0,
+        name=checks.tensor,
+        shape=rec.dims,
+        dtype=checks.dtype,
+        bits=bits,
+        granularity=checks.gran,
+        scales=checks.scale_values,
+        mse=rec.mse,
+        nbytes=cur.pos - rec.start,
+        transform=transform,
+        coding=coding,
+        codes=checks.numel if kind == KIND_QUANT else 0,
     )
-    rec = _Data(data, kind, raw_dtype)
-    return name, _record_values(info, rec, shared_key) if values else None, info, rec
+    stored = _Data(data, kind, checks.raw_dtype)
+    if transform or coding:
+        ext = _decode_extended(data, info, values, shared_key)
+        return ext.values, replace(info, block=ext.block, codes=ext.codes), stored
+    return _record_values(info, stored, shared_key) if values else None, info, stored
 
 
 def _record_values(info: TensorInfo, rec: _Data, shared_key: int | None) -> np.ndarray:
     """The values of a validated record (float32 for floating tensors)."""
     if info.transform or info.coding:
-        ext = _decode_extended(
-            rec.data,
-            f"tensor {info.name!r}",
-            info.name,
-            info.shape,
-            info.bits,
-            info.granularity,
-            info.scales,
-            info.transform,
-            info.coding,
-            True,
-            shared_key,
-        )
+        ext = _decode_extended(rec.data, info, True, shared_key)
         assert ext.values is not None  # values=True: the values, or a DecodeError
         return ext.values
     if rec.kind == KIND_QUANT:
@@ -1246,19 +1281,14 @@ class _Extended(NamedTuple):
 
 
 def _decode_extended(
-    data: memoryview,
-    where: str,
-    name: str,
-    shape: tuple[int, ...],
-    bits: int,
-    gran: Granularity,
-    scales: np.ndarray,
-    transform: int,
-    coding: int,
-    values: bool,
-    shared_key: int | None,
+    data: memoryview, info: TensorInfo, values: bool, shared_key: int | None
 ) -> _Extended:
-    """The data of a quantized record with ``transform`` or ``coding`` set (layout: module doc)."""
+    """The data of a quantized record with ``transform`` or ``coding`` set.
+
+    The layout is in the module docstring; ``info``'s ``block`` and ``codes`` are not read.
+    """
+    where, name, shape, bits = f"tensor {info.name!r}", info.name, info.shape, info.bits
+    gran, scales, transform, coding = info.granularity, info.scales, info.transform, info.coding
     numel = math.prod(shape)
     rows = shape[0] if gran is Granularity.CHANNEL else 1
     row_len = numel // rows
@@ -1330,10 +1360,16 @@ def _decode_extended(
     if transform == TRANSFORM_HADAMARD:
         try:
             flat = rotation.unrotate_into(
-                flat.reshape(-1), sign_key, rows, row_len, block=block, min_block=min_block
+                flat.reshape(-1),
+                sign_key,
+                rows,
+                row_len,
+                block=block,
+                min_block=min_block,
+                where=f"decode: {where}",
             )
         except InvalidInputError as e:
-            raise DecodeError(f"decode: {where}: {str(e).split(': ', 1)[-1]}") from None
+            raise DecodeError(e.detail) from None
     return _Extended(flat.reshape(shape), block, codes)
 
 

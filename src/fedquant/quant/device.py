@@ -104,7 +104,14 @@ def uniforms(key: int, n: int, device: Any) -> Any:
     return (lanes.to(torch.float32) + 0.5) * (1.0 / 65536.0)
 
 
-def abs_histograms(rows: Any) -> tuple[np.ndarray, np.ndarray]:
+class AbsHistograms(NamedTuple):
+    """Per-row histograms of ``|x|``: counts (int64) and sums (float64), ``(rows, 2**13)``."""
+
+    counts: np.ndarray
+    sums: np.ndarray
+
+
+def abs_histograms(rows: Any) -> AbsHistograms:
     """Per-row log-linear histograms of ``|x|`` (the bins of
     :func:`fedquant.quant.kernels.abs_histogram`): counts (int64) and float64 sums,
     ``(rows, 2**13)`` each, Inf/NaN in the bins past ``HIST_BINS``."""
@@ -118,9 +125,8 @@ def abs_histograms(rows: Any) -> tuple[np.ndarray, np.ndarray]:
     a = rows.reshape(-1).abs().to(torch.float64)
     cnt = torch.bincount(idx, minlength=r * _BINS)
     sums = torch.bincount(idx, weights=a, minlength=r * _BINS)
-    return (
-        cnt.reshape(r, _BINS).cpu().numpy(),
-        sums.reshape(r, _BINS).cpu().numpy(),
+    return AbsHistograms(
+        counts=cnt.reshape(r, _BINS).cpu().numpy(), sums=sums.reshape(r, _BINS).cpu().numpy()
     )
 
 
@@ -142,7 +148,8 @@ def octav_thresholds(
         for r in range(n_rows):
             out[r] = _as_float32(_octav_exact(host[r], c, None if iterations < 0 else iterations))
         return out
-    cnt, s1 = abs_histograms(rows)
+    hist = abs_histograms(rows)
+    cnt, s1 = hist.counts, hist.sums
     bad = int(cnt[:, kernels.HIST_BINS :].sum())
     if bad:
         raise NonFiniteError(f"{where}: input holds {bad} NaN/Inf value(s); expected finite values")

@@ -7,7 +7,7 @@ quantizer are far from equiprobable: the inner levels are much more frequent
 than the outer ones. The order-0 entropy of the best 2-bit uniform quantizer
 of a Gaussian is about 1.90 bits, at 4 bits about 3.60 (``ANCHORS.md``).
 Measured with fedquant's grid and OCTAV on 2**20 Gaussian values
-(``fedquant.bench.entropy``), nearest rounding: 1.879 / 2.746 / 3.596 /
+(``fedquant.tools.bench.entropy``), nearest rounding: 1.879 / 2.746 / 3.596 /
 7.068 bits at B = 2 / 3 / 4 / 8, i.e. 6 / 8 / 10 / 12 % fewer bytes at the
 same error; stochastic rounding spreads the codes (1.961 / 2.850 / 3.695 /
 7.125 bits: 2 / 5 / 8 / 11 %). This coder is within 0.01 % of the entropy at
@@ -23,7 +23,7 @@ compressor does worse on this source: zstd's literals are Huffman-coded,
 whole bits per byte-symbol, so on unpacked 2-bit codes it cannot go below 2
 bits, and on packed bytes it only fits bit widths that divide 8 (measured on
 a Gaussian, 2**20 codes: 2.93 bits at B = 3 against an entropy of 2.75,
-``fedquant.bench.entropy``; at B = 2 with stochastic rounding zstd saves
+``fedquant.tools.bench.entropy``; at B = 2 with stochastic rounding zstd saves
 nothing). zstd decompresses faster (about memcpy speed against 0.15-0.2x
 here), but codecs run once per tensor per round, and rANS needs no
 dependency; its decoder is bounded by construction: it produces exactly the

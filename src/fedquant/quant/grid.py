@@ -35,7 +35,7 @@ one of the grid *and* rounding actually used:
   and of the reference code of arXiv 2405.13365, which however uses the grid
   above. With ``4**-B/3`` on this grid the threshold is too small: at B = 1 the
   error nearly doubles, at B = 2 it is 2-11 % higher. ``fedquant bench --grid``
-  (:func:`fedquant.bench.grid_table`) recomputes these figures.
+  (:func:`fedquant.tools.bench.grid_table`) recomputes these figures.
 
 :func:`noise_coefficient` returns the matched coefficient; ``paper_coefficient``
 returns the paper's, for comparisons.

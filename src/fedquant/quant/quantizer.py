@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -101,6 +101,7 @@ class QuantizedTensor:
 
     @property
     def numel(self) -> int:
+        """Number of elements."""
         return int(np.prod(self.shape, dtype=np.int64))
 
     @property
@@ -133,11 +134,34 @@ def as_float32_array(x: Any, *, where: str = "quantize") -> np.ndarray:
     return np.asarray(arr, dtype=np.float32, order="C")
 
 
-def _row_view(arr: np.ndarray, granularity: Granularity) -> tuple[np.ndarray, Granularity]:
-    """2-D (rows, row_len) view; per-channel on a tensor with ndim < 2 is per-tensor."""
+class RowView(NamedTuple):
+    """A tensor as ``(rows, row_len)`` and the granularity that view stands for."""
+
+    rows: np.ndarray
+    granularity: Granularity
+
+
+def row_view(arr: np.ndarray, granularity: Granularity) -> RowView:
+    """2-D ``(rows, row_len)`` view; per-channel on a tensor with ndim < 2 is per-tensor."""
     if granularity is Granularity.CHANNEL and arr.ndim >= 2 and arr.shape[0] > 0:
-        return arr.reshape(arr.shape[0], -1), Granularity.CHANNEL
-    return arr.reshape(1, -1), Granularity.TENSOR
+        return RowView(arr.reshape(arr.shape[0], -1), Granularity.CHANNEL)
+    return RowView(arr.reshape(1, -1), Granularity.TENSOR)
+
+
+def row_thresholds(
+    rows: np.ndarray, bits: int, rounding: Rounding, method: ThresholdMethod, percentile: float
+) -> np.ndarray:
+    """One clipping threshold per row of the 2-D float32 ``rows``.
+
+    ``method`` and ``rounding`` are resolved enums: nothing is parsed here.
+    """
+    return np.array(
+        [
+            _threshold_flat(rows[r], bits, rounding, method, percentile)
+            for r in range(rows.shape[0])
+        ],
+        dtype=np.float32,
+    )
 
 
 def _coefficients(scales: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
@@ -210,21 +234,12 @@ def quantize(
     meth = parse_method(method)
     arr = as_float32_array(x)
     shape = tuple(int(d) for d in arr.shape)
-    rows, gran = _row_view(arr, gran)
+    rows, gran = row_view(arr, gran)
     key = rng_key(seed) if rnd is Rounding.STOCHASTIC else np.uint64(0)
 
     scales: np.ndarray
     if scale is None:
-        if gran is Granularity.TENSOR:
-            scales = np.array([_threshold_flat(rows[0], bits, rnd, meth, percentile)], np.float32)
-        else:
-            scales = np.array(
-                [
-                    _threshold_flat(rows[r], bits, rnd, meth, percentile)
-                    for r in range(rows.shape[0])
-                ],
-                dtype=np.float32,
-            )
+        scales = row_thresholds(rows, bits, rnd, meth, percentile)
     else:
         scales = np.asarray(scale, dtype=np.float64).reshape(-1)
         if scales.size != rows.shape[0]:
@@ -238,47 +253,43 @@ def quantize(
         if not np.isfinite(scales).all():
             raise InvalidInputError(f"quantize: scale {scale!r} overflows float32")
 
-    packed, sq_err = _quantize_rows(rows, scales, bits, rnd, key)
-    if not np.isfinite(sq_err):
-        if not np.isfinite(arr).all():
-            bad = int(np.count_nonzero(~np.isfinite(arr)))
-            raise NonFiniteError(
-                f"quantize: input holds {bad} NaN/Inf value(s); expected finite values"
-            )
-        # finite but huge errors overflowed float32 accumulation: redo in float64
-        packed, sq_err = _quantize_rows(rows, scales, bits, rnd, key, wide=True)
+    q = quantize_rows(rows, scales, bits, rnd, key, values=arr, where="quantize")
     n = rows.size
     return QuantizedTensor(
-        packed=packed,
+        packed=q.packed,
         shape=shape,
         bits=bits,
         granularity=gran,
         scales=scales,
-        mse=float(sq_err / n) if n else 0.0,
+        mse=float(q.sq_err / n) if n else 0.0,
         rounding=rnd,
     )
 
 
-def _quantize_rows(
+class QuantizedRows(NamedTuple):
+    """Packed codes of some rows, and the sum of their squared quantization errors."""
+
+    packed: np.ndarray
+    sq_err: float
+
+
+def _pack_rows(
     rows: np.ndarray,
     scales: np.ndarray,
     bits: int,
     rnd: Rounding,
     key: np.uint64,
-    *,
-    wide: bool = False,
-    out: np.ndarray | None = None,
-) -> tuple[np.ndarray, float]:
-    """Packed codes of the C-contiguous 2-D ``rows`` (one scale per row) and the sum of
-    squared errors; the codes are written into ``out`` (uint8, exactly the packed size)
-    when given."""
+    wide: bool,
+    out: np.ndarray | None,
+) -> QuantizedRows:
+    """One fused quantize-and-pack pass, in float32 arithmetic or (``wide``) float64."""
     inv, step = _coefficients(scales, bits)
     if wide:
         inv, step = inv.astype(np.float64), step.astype(np.float64)
     step64 = 2.0 * scales.astype(np.float64).reshape(-1) / num_steps(bits)
     packed = np.empty(packed_size(rows.size, bits), dtype=np.uint8) if out is None else out
     if rows.size == 0:
-        return packed, 0.0
+        return QuantizedRows(packed, 0.0)
     err = kernels.quantize_pack(
         rows.reshape(-1),
         rows.shape[1],
@@ -290,7 +301,36 @@ def _quantize_rows(
         key,
         packed,
     )
-    return packed, float(err)
+    return QuantizedRows(packed, float(err))
+
+
+def quantize_rows(
+    rows: np.ndarray,
+    scales: np.ndarray,
+    bits: int,
+    rounding: Rounding,
+    key: np.uint64,
+    *,
+    values: np.ndarray | None = None,
+    where: str = "quantize",
+    out: np.ndarray | None = None,
+) -> QuantizedRows:
+    """Quantize the C-contiguous 2-D ``rows`` (one threshold per row) and pack the codes.
+
+    The primitive under :func:`quantize` and the encoder: ``rounding`` is a
+    resolved :class:`~fedquant.quant.grid.Rounding`, ``key`` the stream key of
+    stochastic rounding (:func:`rng_key`). The codes are written into ``out``
+    (uint8, exactly the packed size) when given. If the squared error is not
+    finite, ``values`` (the tensor the rows came from; default ``rows``) is
+    checked for NaN/Inf -- :class:`NonFiniteError` naming ``where`` -- and
+    finite but huge errors, which overflowed float32 accumulation, are
+    computed again in float64.
+    """
+    res = _pack_rows(rows, scales, bits, rounding, key, False, out)
+    if not np.isfinite(res.sq_err):
+        check_finite(rows if values is None else values, where)
+        res = _pack_rows(rows, scales, bits, rounding, key, True, out)
+    return res
 
 
 def level_table(scales: np.ndarray, bits: int) -> np.ndarray:
@@ -324,8 +364,10 @@ def dequantize_packed(
 
 
 def byte_table(levels: np.ndarray, bits: int) -> np.ndarray:
-    """``(256, 8 // bits)`` float32: the levels of the codes packed in each byte value
-    (``bits`` divides 8; code ``t`` of a byte sits in bits ``[t*bits, (t+1)*bits)``)."""
+    """``(256, 8 // bits)`` float32: the levels of the codes packed in each byte value.
+
+    ``bits`` divides 8; code ``t`` of a byte sits in bits ``[t*bits, (t+1)*bits)``.
+    """
     per = 8 // bits
     b = np.arange(256, dtype=np.uint8)[:, None]
     codes = (b >> (np.arange(per, dtype=np.uint8) * bits)) & ((1 << bits) - 1)

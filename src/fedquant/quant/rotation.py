@@ -128,11 +128,17 @@ def _check_pow2(value: int, what: str, lo: int, hi: int) -> int:
     return int(value)
 
 
-def check_blocks(block: int, min_block: int) -> tuple[int, int]:
+class Blocks(NamedTuple):
+    """A validated block layout: the largest block and the padding unit."""
+
+    block: int
+    min_block: int
+
+
+def check_blocks(block: int, min_block: int) -> Blocks:
     """Validate ``(block, min_block)``: powers of two, ``1 <= min_block <= block <= 2**24``."""
     block = _check_pow2(block, "block", 1, 1 << MAX_BLOCK_LOG2)
-    min_block = _check_pow2(min_block, "min_block", 1, block)
-    return block, min_block
+    return Blocks(block=block, min_block=_check_pow2(min_block, "min_block", 1, block))
 
 
 def check_shared_key(shared_key: int, where: str = "rotation") -> int:
@@ -173,7 +179,8 @@ def padded_length(n: int, block: int = DEFAULT_BLOCK, min_block: int = DEFAULT_M
     >>> [padded_length(n) for n in (0, 1, 3, 16, 17, 144, 1000, 78400)]
     [0, 1, 4, 16, 32, 144, 1008, 78400]
     """
-    block, min_block = check_blocks(block, min_block)
+    blocks = check_blocks(block, min_block)
+    block, min_block = blocks.block, blocks.min_block
     n = int(n)
     if n <= 0:
         return 0
@@ -393,6 +400,15 @@ def _count_overflow(y, base, size):  # pragma: no cover - compiled
     return bad
 
 
+@njit(inline="always")
+def _block_of(item, nb, padded, offsets, sizes):  # pragma: no cover - compiled
+    """Work item ``item`` of the ``rows * nb`` blocks: its row, block offset, size and start."""
+    r = item // nb
+    b = item - r * nb
+    off = offsets[b]
+    return r, off, sizes[b], r * padded + off
+
+
 def _rotate_impl(x, out, rows, n, padded, offsets, sizes, key):  # pragma: no cover - compiled
     """``out[r*padded:(r+1)*padded] = H_blocks D pad(x[r*n:(r+1)*n])`` for every row.
 
@@ -401,11 +417,7 @@ def _rotate_impl(x, out, rows, n, padded, offsets, sizes, key):  # pragma: no co
     nb = sizes.size
     bad = np.zeros(rows * nb, np.int64)
     for item in prange(rows * nb):
-        r = item // nb
-        b = item - r * nb
-        off = offsets[b]
-        size = sizes[b]
-        base = r * padded + off
+        r, off, size, base = _block_of(item, nb, padded, offsets, sizes)
         real = min(max(n - off, 0), size)
         _apply_signs(x, r * n + off, out, base, real, key, base)
         for j in range(base + real, base + size):
@@ -423,11 +435,7 @@ def _unrotate_impl(y, rows, n, padded, offsets, sizes, key):  # pragma: no cover
     nb = sizes.size
     bad = np.zeros(rows * nb, np.int64)
     for item in prange(rows * nb):
-        r = item // nb
-        b = item - r * nb
-        off = offsets[b]
-        size = sizes[b]
-        base = r * padded + off
+        _, off, size, base = _block_of(item, nb, padded, offsets, sizes)
         _fwht(y, base, size)
         _apply_signs(y, base, y, base, min(max(n - off, 0), size), key, base)
         bad[item] = _count_overflow(y, base, size)
@@ -494,6 +502,7 @@ def rotate(
     *,
     block: int = DEFAULT_BLOCK,
     min_block: int = DEFAULT_MIN_BLOCK,
+    where: str = "rotate",
 ) -> np.ndarray:
     """Randomized Hadamard rotation of a float32 vector, or of each row of a 2-D array.
 
@@ -505,6 +514,8 @@ def rotate(
         64-bit sign key (e.g. ``tensor_key(shared_key, name).key``).
     block, min_block : int
         The block layout (see the module docstring).
+    where : str, default "rotate"
+        What errors name as the caller (e.g. ``"encode: tensor 'w'"``).
 
     Returns
     -------
@@ -518,9 +529,10 @@ def rotate(
         Not float32, not 1-D/2-D, bad block sizes or key, or values whose
         rotation overflows float32.
     """
-    rows_arr = _rows_of(x, "rotate")
-    k = check_shared_key(key, "rotate")
-    block, min_block = check_blocks(block, min_block)
+    rows_arr = _rows_of(x, where)
+    k = check_shared_key(key, where)
+    blocks = check_blocks(block, min_block)
+    block, min_block = blocks.block, blocks.min_block
     rows, n = rows_arr.shape
     padded = padded_length(n, block, min_block)
     out = np.empty(rows * padded, dtype=np.float32)
@@ -530,10 +542,10 @@ def rotate(
             bad = int(np.count_nonzero(~np.isfinite(rows_arr)))
             if bad:
                 raise NonFiniteError(
-                    f"rotate: input holds {bad} NaN/Inf value(s); expected finite values"
+                    f"{where}: input holds {bad} NaN/Inf value(s); expected finite values"
                 )
             raise InvalidInputError(
-                f"rotate: values up to {float(np.abs(rows_arr).max()):.3g} overflow float32 "
+                f"{where}: values up to {float(np.abs(rows_arr).max()):.3g} overflow float32 "
                 f"once rotated (blocks of up to {sizes.max()} values sum into one)"
             )
     return out.reshape(padded) if np.asarray(x).ndim == 1 else out.reshape(rows, padded)
@@ -550,7 +562,8 @@ def unrotate(
     """Inverse of :func:`rotate`: the first ``n`` values of each row, float32 (a new array)."""
     rows_arr = _rows_of(y, "unrotate")
     k = check_shared_key(key, "unrotate")
-    block, min_block = check_blocks(block, min_block)
+    blocks = check_blocks(block, min_block)
+    block, min_block = blocks.block, blocks.min_block
     rows, padded = rows_arr.shape
     if padded != padded_length(n, block, min_block):
         raise InvalidInputError(
@@ -570,11 +583,12 @@ def unrotate_into(
     *,
     block: int = DEFAULT_BLOCK,
     min_block: int = DEFAULT_MIN_BLOCK,
+    where: str = "unrotate",
 ) -> np.ndarray:
     """In-place inverse on a flat float32 buffer of ``rows * padded`` values.
 
     Returns the view ``buf[:rows * n]`` holding the rows of ``n`` values. Used by
-    the decoder, which validated the sizes already.
+    the decoder, which validated the sizes already; errors name ``where``.
 
     Raises
     ------
@@ -585,14 +599,14 @@ def unrotate_into(
     padded = padded_length(n, block, min_block)
     if buf.size != rows * padded:
         raise InvalidInputError(
-            f"unrotate: buffer of {buf.size} values; expected {rows} rows of {padded}"
+            f"{where}: buffer of {buf.size} values; expected {rows} rows of {padded}"
         )
     if buf.size:
         offsets, sizes = _layout_arrays(padded, block)
         bad = _unrotate(buf, rows, n, padded, offsets, sizes, np.uint64(key))
         if bad:
             raise InvalidInputError(
-                f"unrotate: {bad} value(s) overflow float32 after the inverse rotation"
+                f"{where}: {bad} value(s) overflow float32 after the inverse rotation"
             )
     return buf[: rows * n]
 

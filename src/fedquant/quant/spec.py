@@ -50,10 +50,16 @@ SPEC_VERSION = 1
 
 
 @dataclass(frozen=True)
-class TensorPlan:
-    """How one tensor travels: ``bits`` 1..8 (quantized) or 32 (float32, unchanged)."""
+class QuantOptions:
+    """How quantized tensors are treated, resolved to enums once.
 
-    bits: int
+    These are the options a :class:`QuantSpec` and each :class:`TensorPlan` share.
+
+    Names are accepted for the enums (``rounding="nearest"``) and normalized
+    when the object is made; a bad value raises :class:`ConfigError` naming the
+    option.
+    """
+
     method: ThresholdMethod = ThresholdMethod.OCTAV
     rounding: Rounding = Rounding.STOCHASTIC
     granularity: Granularity = Granularity.TENSOR
@@ -61,8 +67,41 @@ class TensorPlan:
     rotation: bool = False
     entropy: EntropyCoding = EntropyCoding.NONE
 
+    def __post_init__(self) -> None:
+        for option, parse, value in (
+            ("method", parse_method, self.method),
+            ("rounding", parse_rounding, self.rounding),
+            ("granularity", parse_granularity, self.granularity),
+            ("entropy", parse_entropy, self.entropy),
+        ):
+            try:
+                object.__setattr__(self, option, parse(value))
+            except InvalidInputError as e:
+                raise ConfigError(option, e.detail) from e
+        pct: Any = self.percentile
+        if isinstance(pct, bool) or not isinstance(pct, (int, float)) or not 0.0 < pct <= 100.0:
+            raise ConfigError("percentile", f"{pct!r} is not a number in (0, 100]")
+        if not isinstance(self.rotation, bool):
+            raise ConfigError("rotation", f"{self.rotation!r} is not valid; expected true or false")
+
+    def options(self) -> dict[str, Any]:
+        """The :class:`QuantOptions` fields of this object, by name."""
+        return {f.name: getattr(self, f.name) for f in fields(QuantOptions)}
+
+
+@dataclass(frozen=True)
+class TensorPlan(QuantOptions):
+    """How one tensor travels.
+
+    ``bits`` is 1..8 (quantized) or 32 (float32, unchanged); the :class:`QuantOptions`
+    are its spec's (enums, resolved once).
+    """
+
+    bits: int = field(kw_only=True)
+
     @property
     def quantized(self) -> bool:
+        """Whether the tensor travels quantized (1..8 bits) rather than as float32."""
         return self.bits != FLOAT_BITS
 
 
@@ -179,7 +218,7 @@ def _rules(raw: Any) -> tuple[tuple[str, int], ...]:
 
 
 @dataclass(frozen=True)
-class QuantSpec:
+class QuantSpec(QuantOptions):
     """Quantization settings of a whole model update (see the module docstring).
 
     Attributes
@@ -211,33 +250,13 @@ class QuantSpec:
     rules: tuple[tuple[str, int], ...] = ()
     default_bits: int = 8
     bit_budget: float | None = None
-    method: ThresholdMethod = ThresholdMethod.OCTAV
-    rounding: Rounding = Rounding.STOCHASTIC
-    granularity: Granularity = Granularity.TENSOR
-    percentile: float = 99.99
-    rotation: bool = False
-    entropy: EntropyCoding = EntropyCoding.NONE
     version: int = field(default=SPEC_VERSION, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layer_bits", _layer_bits(self.layer_bits))
         object.__setattr__(self, "rules", _rules(self.rules))
         object.__setattr__(self, "default_bits", _bits(self.default_bits, "default_bits"))
-        for option, parse, value in (
-            ("method", parse_method, self.method),
-            ("rounding", parse_rounding, self.rounding),
-            ("granularity", parse_granularity, self.granularity),
-            ("entropy", parse_entropy, self.entropy),
-        ):
-            try:
-                object.__setattr__(self, option, parse(value))
-            except InvalidInputError as e:
-                raise ConfigError(option, str(e)) from e
-        pct: Any = self.percentile
-        if isinstance(pct, bool) or not isinstance(pct, (int, float)) or not 0.0 < pct <= 100.0:
-            raise ConfigError("percentile", f"{pct!r} is not a number in (0, 100]")
-        if not isinstance(self.rotation, bool):
-            raise ConfigError("rotation", f"{self.rotation!r} is not valid; expected true or false")
+        super().__post_init__()
         if self.bit_budget is not None:
             b = self.bit_budget
             if isinstance(b, bool) or not isinstance(b, (int, float)):
@@ -311,6 +330,7 @@ class QuantSpec:
             )
         self._check_rules([n for n, (_, fl) in tensors.items() if fl])
         positional = dict(zip(quantizable, self.layer_bits, strict=False))
+        options = self.options()
         plans: dict[str, TensorPlan] = {}
         for name, (_shape, floating) in tensors.items():
             bits = FLOAT_BITS
@@ -322,15 +342,7 @@ class QuantSpec:
                     bits = positional[name]
                 elif name in quantizable:
                     bits = self.default_bits
-            plans[name] = TensorPlan(
-                bits=bits,
-                method=self.method,
-                rounding=self.rounding,
-                granularity=self.granularity,
-                percentile=self.percentile,
-                rotation=self.rotation,
-                entropy=self.entropy,
-            )
+            plans[name] = TensorPlan(bits=bits, **options)
         return plans
 
     def _check_rules(self, floating: list[str]) -> None:
@@ -387,6 +399,7 @@ class QuantSpec:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> QuantSpec:
+        """Build a spec from :meth:`to_dict`'s form; unknown keys are a ConfigError."""
         known = set(SPEC_KEYS)
         unknown = set(d) - known
         if unknown:

@@ -8,7 +8,7 @@ Each source is a symmetric density with variance 1 that can do two things:
 
       G0(x) = P(X > x),   G1(x) = E[X 1{X > x}],   G2(x) = E[X**2 1{X > x}]   (x >= 0)
 
-  from which every closed form of :mod:`fedquant.bench.limits` is built: the
+  from which every closed form of :mod:`fedquant.tools.bench.limits` is built: the
   mass and first two moments of any interval ``[a, b]`` on the positive side
   are ``G(a) - G(b)``, and the clipping error above a level ``L`` is
   ``G2(L) - 2 L G1(L) + L**2 G0(L)``. Working with upper tails (not CDFs)
@@ -40,7 +40,7 @@ from typing import ClassVar
 import numba
 import numpy as np
 
-from fedquant.errors import InvalidInputError
+from fedquant.tools.bench.registry import lookup
 
 
 @numba.vectorize(["float64(float64)"], cache=True)
@@ -161,9 +161,4 @@ DENSITIES: dict[str, Density] = {d.name: d for d in (Gaussian(), Laplace(), Stud
 
 def get_density(name: str) -> Density:
     """The source called ``name``; :class:`InvalidInputError` lists the known names."""
-    try:
-        return DENSITIES[name]
-    except KeyError:
-        raise InvalidInputError(
-            f"source {name!r} is unknown; expected one of: {', '.join(DENSITIES)}"
-        ) from None
+    return lookup(DENSITIES, name, "source")

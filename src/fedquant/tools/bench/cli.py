@@ -1,29 +1,29 @@
-"""The benchmark command: ``python -m fedquant.bench`` (``fedquant bench`` once wired).
+"""The benchmark command: ``fedquant bench`` (also ``python -m fedquant.tools.bench``).
 
 Runs the sections asked for, then writes ``<out>/bench.json`` (every row) and
 ``<out>/bench.md`` (the tables, generated from the JSON) and prints the
 Markdown's headline. Sections:
 
 ``grid``
-    :func:`fedquant.bench.grid.grid_table` -- OCTAV's coefficient vs the grid.
+    :func:`fedquant.tools.bench.grid.grid_table` -- OCTAV's coefficient vs the grid.
 ``error``
-    :mod:`fedquant.bench.error` -- NMSE of fedquant, the peers and the limits on
+    :mod:`fedquant.tools.bench.error` -- NMSE of fedquant, the peers and the limits on
     synthetic sources and on the paper's CNN trained centrally on MNIST and
     CIFAR-10 (or on checkpoints given with ``--weights``).
 ``speed``
-    :mod:`fedquant.bench.speed` -- throughput as a ratio to memcpy, 1 thread and
+    :mod:`fedquant.tools.bench.speed` -- throughput as a ratio to memcpy, 1 thread and
     all threads; with ``--device cuda`` also a torch implementation on the GPU.
 ``federated`` (not in the default set: it trains for tens of minutes)
-    :mod:`fedquant.bench.federated` -- uplink bytes to a target accuracy per
+    :mod:`fedquant.tools.bench.federated` -- uplink bytes to a target accuracy per
     method, the default run's overhead and memory, and the simulator vs
-    Flower's simulation engine (:mod:`fedquant.flower.simulation`, skipped
+    Flower's simulation engine (:mod:`fedquant.tools.bench.flower_ray`, skipped
     without Ray). ``--fed-parts`` picks some of them.
 ``beyond``
     The "beyond the paper" options of :class:`~fedquant.quant.spec.QuantSpec`:
     the randomized Hadamard rotation (``rotation=True``,
-    :mod:`fedquant.bench.rotation`), rANS coding of the codes
-    (``entropy="rans"``, :mod:`fedquant.bench.entropy`) and adaptive per-layer
-    bit allocation (``bits="auto:B"``, :func:`fedquant.bench.allocation.codec_comparison`)
+    :mod:`fedquant.tools.bench.rotation`), rANS coding of the codes
+    (``entropy="rans"``, :mod:`fedquant.tools.bench.entropy`) and adaptive per-layer
+    bit allocation (``bits="auto:B"``, :func:`fedquant.tools.bench.allocation.codec_comparison`)
     -- on the synthetic sources and on the same model weights as ``error``
     (loaded once when both run), plus the speed of rotation and rANS.
 
@@ -122,7 +122,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     fed.add_argument(
         "--fed-methods",
         default=None,
-        help="methods of fedquant.bench.federated.ALL_METHODS (default: all RunConfig accepts)",
+        help="methods of fedquant.tools.bench.federated.ALL_METHODS (default: all RunConfig accepts)",
     )
     fed.add_argument(
         "--fed-workers", type=int, default=1, help="runs in parallel processes (default 1)"
@@ -171,7 +171,7 @@ def _log(msg: str) -> None:
 
 def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     """Run the sections of parsed ``args``; returns the results dictionary."""
-    from fedquant.bench import error, grid, speed
+    from fedquant.tools.bench import error, grid, speed
 
     sections = _sections(args.only)
     models = tuple(m.strip() for m in args.models.split(",") if m.strip())
@@ -298,10 +298,10 @@ def _int_list(option: str, text: str) -> tuple[int, ...]:
 
 
 def _federated_section(args: argparse.Namespace, quick: bool, command: str) -> dict[str, Any]:
-    """The federated section (:mod:`fedquant.bench.federated`); quick = tiny smoke sizes."""
-    from fedquant.bench import federated
+    """The federated section (:mod:`fedquant.tools.bench.federated`); quick = tiny smoke sizes."""
     from fedquant.fl.config import RunConfig
     from fedquant.fl.data import load_dataset
+    from fedquant.tools.bench import federated
 
     parts = tuple(s.strip() for s in args.fed_parts.split(",") if s.strip())
     bad = [s for s in parts if s not in FED_PARTS]
@@ -372,7 +372,7 @@ def _federated_section(args: argparse.Namespace, quick: bool, command: str) -> d
         if why is not None:
             out["flower"] = {"skipped": why, "rows": []}
         else:
-            from fedquant.flower.simulation import simulator_vs_flower
+            from fedquant.tools.bench.flower_ray import simulator_vs_flower
 
             out["flower"] = simulator_vs_flower(
                 base,
@@ -401,8 +401,8 @@ def _model_states(
 ) -> _States:
     """The model weights of the ``error`` and ``beyond`` sections: the ``--weights``
     checkpoints, then each of ``models`` trained (cached), untrained in a quick run."""
-    from fedquant.bench.weights import load_state, trained_weights
     from fedquant.errors import DataError
+    from fedquant.tools.bench.weights import load_state, trained_weights
 
     skipped: list[str] = []
     cache = Path(args.cache_dir) if args.cache_dir else _default_cache() / "bench"
@@ -436,8 +436,8 @@ def _error_section(
     n_error: int,
     states: _States,
 ) -> dict[str, Any]:
-    from fedquant.bench import error
-    from fedquant.bench.weights import quantizable_layers
+    from fedquant.tools.bench import error
+    from fedquant.tools.bench.weights import quantizable_layers
 
     todo, skipped = states
     out: dict[str, Any] = {
@@ -471,9 +471,9 @@ def _beyond_section(
     threads: Sequence[int],
     states: _States,
 ) -> dict[str, Any]:
-    """Rotation, rANS and adaptive allocation (:mod:`fedquant.bench.rotation`,
-    :mod:`fedquant.bench.entropy`, :mod:`fedquant.bench.allocation`)."""
-    from fedquant.bench import allocation, entropy, rotation
+    """Rotation, rANS and adaptive allocation (:mod:`fedquant.tools.bench.rotation`,
+    :mod:`fedquant.tools.bench.entropy`, :mod:`fedquant.tools.bench.allocation`)."""
+    from fedquant.tools.bench import allocation, entropy, rotation
 
     todo, skipped = states
     seed = args.seed
@@ -520,18 +520,7 @@ def _beyond_section(
         n=n_speed, bits=(2, 4) if quick else (2, 4, 8), reps=reps, seed=seed
     )
     out["load_after"] = _load()
-    return _finite(out)
-
-
-def _finite(o: Any) -> Any:
-    """``o`` with NaN and infinities replaced by None (JSON has neither)."""
-    if isinstance(o, float):
-        return o if np.isfinite(o) else None
-    if isinstance(o, dict):
-        return {k: _finite(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_finite(v) for v in o]
-    return o
+    return out
 
 
 def _load() -> str:
@@ -551,17 +540,18 @@ def _default_cache() -> Path:
 def _untrained_state(model: str, seed: int) -> dict[str, np.ndarray]:
     import torch
 
-    from fedquant.bench.weights import load_state
     from fedquant.fl.models import PaperCNN
+    from fedquant.tools.bench.weights import load_state
 
     torch.manual_seed(seed)
     shape = (1, 28, 28) if model == "mnist" else (3, 32, 32)
     return load_state(PaperCNN(shape, 10).state_dict())
 
 
-def main(argv: Sequence[str] | None = None, prog: str = "python -m fedquant.bench") -> int:
-    """Entry point; returns the exit status (0 ok, 2 bad options or a fedquant error)."""
-    from fedquant.bench import report
+def main(argv: Sequence[str] | None = None, prog: str = "fedquant bench") -> int:
+    """Entry point of ``fedquant bench``; returns the exit status (0 ok, 2 bad options or a
+    fedquant error)."""
+    from fedquant.tools.bench import report
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(prog).parse_args(argv)
@@ -571,15 +561,14 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m fedquant.benc
     except FedquantError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
-    out = Path(args.out)
-    report.write_json(results, out / "bench.json")
-    # the report is rendered from the JSON as written (floats rounded there), so
-    # regenerating it from bench.json gives the same text, digit for digit
-    results = json.loads((out / "bench.json").read_text())
-    md = report.write_markdown(results, args.markdown or out / "bench.md")
-    for line in (
-        report.headline(results) + report.peer_wins(results) + report.peer_speed_wins(results)
-    ):
-        print(line)
-    print(f"wrote {out / 'bench.json'} and {md}")
+    js, md = report.save(results, args.out, args.markdown)
+    # the report is rendered from the JSON as written (floats rounded there)
+    results = json.loads(js.read_text())
+    for figure, value in report.headline(results):
+        print(f"{figure}: {value}")
+    for row in report.peer_wins(results):
+        print("lower NMSE than OCTAV: " + " ".join(row))
+    for row in report.peer_speed_wins(results):
+        print("faster than fedquant: " + " ".join(row))
+    print(f"wrote {js} and {md}")
     return 0

@@ -8,16 +8,16 @@ For the zero-mean synthetic sources it equals the vNMSE
 Sources
 -------
 * Seeded samples of the unit Gaussian, Laplace and Student-t(3)
-  (:mod:`fedquant.bench.sources`), default ``2**20`` values each;
+  (:mod:`fedquant.tools.bench.sources`), default ``2**20`` values each;
 * the conv and linear weights of a trained model, per layer
   (:func:`weights_errors`; by default the paper's CNN trained centrally on
-  MNIST and CIFAR-10, :mod:`fedquant.bench.weights`).
+  MNIST and CIFAR-10, :mod:`fedquant.tools.bench.weights`).
 
 Contenders, at B = 1, 2, 3, 4, 8 bits
 -------------------------------------
 * fedquant: every threshold method x rounding (x granularity on layers);
-* the peers of :mod:`fedquant.bench.peers`, each at the bit widths it has;
-* the limits of :mod:`fedquant.bench.limits`: best uniform quantizer (nearest
+* the peers of :mod:`fedquant.tools.bench.peers`, each at the bit widths it has;
+* the limits of :mod:`fedquant.tools.bench.limits`: best uniform quantizer (nearest
   and stochastic rounding), Lloyd-Max and rate-distortion -- in closed form
   for the synthetic sources, exactly on the sample for layers.
 
@@ -33,11 +33,12 @@ from typing import Any
 
 import numpy as np
 
-from fedquant.bench import limits, peers
-from fedquant.bench.sources import DENSITIES, get_density
 from fedquant.quant.clipping import ThresholdMethod
 from fedquant.quant.grid import Rounding
 from fedquant.quant.quantizer import Granularity, dequantize, quantize
+from fedquant.tools.bench import limits, peers
+from fedquant.tools.bench.sources import DENSITIES, get_density
+from fedquant.tools.report import Row
 
 BITS: tuple[int, ...] = (1, 2, 3, 4, 8)
 METHODS: tuple[str, ...] = tuple(m.value for m in ThresholdMethod)
@@ -45,8 +46,6 @@ ROUNDINGS: tuple[str, ...] = tuple(r.value for r in Rounding)
 GRANULARITIES: tuple[str, ...] = tuple(g.value for g in Granularity)
 #: peers of the error tables (``torch-qint8`` is 8-bit min-max nearest; it is in the speed table)
 PEER_NAMES: tuple[str, ...] = tuple(p for p in peers.PEERS if p != "torch-qint8")
-
-Row = dict[str, Any]
 
 
 def nmse(x: np.ndarray, x_hat: np.ndarray) -> float:
@@ -217,9 +216,9 @@ def weights_errors(
     """Per-layer rows for the quantizable tensors of ``state`` (source ``"<model>/<tensor>"``).
 
     ``state`` maps names to arrays or tensors (see
-    :func:`fedquant.bench.weights.load_state` for checkpoint files).
+    :func:`fedquant.tools.bench.weights.load_state` for checkpoint files).
     """
-    from fedquant.bench.weights import load_state, quantizable_layers
+    from fedquant.tools.bench.weights import load_state, quantizable_layers
 
     rows: list[Row] = []
     for lname, w in quantizable_layers(load_state(state)).items():

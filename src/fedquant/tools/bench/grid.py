@@ -14,7 +14,7 @@ in-range noise. Which ``c`` is right depends on the grid and the rounding
 
 :func:`grid_table` computes, for each case and source, OCTAV's threshold (the
 converged fixed point on the density), the exact NMSE there
-(:func:`fedquant.bench.limits.uniform_mse`), the best NMSE any threshold
+(:func:`fedquant.tools.bench.limits.uniform_mse`), the best NMSE any threshold
 achieves on the same grid with the same rounding, and the excess -- then
 checks the closed forms by Monte-Carlo: fedquant's own ``threshold`` and
 ``quantize`` on seeded samples (the paper-coefficient rows use
@@ -29,11 +29,11 @@ from typing import Any
 
 import numpy as np
 
-from fedquant.bench import limits
-from fedquant.bench.sources import DENSITIES, get_density
 from fedquant.quant.clipping import threshold
 from fedquant.quant.grid import noise_coefficient, paper_coefficient
 from fedquant.quant.quantizer import dequantize, quantize
+from fedquant.tools.bench import limits
+from fedquant.tools.bench.sources import DENSITIES, get_density
 
 #: (key, grid, rounding, coefficient, description)
 CASES: tuple[tuple[str, str, str, str, str], ...] = (

@@ -1,9 +1,8 @@
 """Real weights for the error benchmark: the paper's CNN, trained *centrally*, or any state dict.
 
-The weights the paper quantizes come from federated training; wiring the
-simulator into the benchmarks is Part 3 of the suite
-(:mod:`fedquant.bench.federated`). Until then the error benchmark uses the
-paper's CNN (:class:`fedquant.fl.models.PaperCNN`) trained centrally -- one
+The weights the paper quantizes come from federated training (the federated
+benchmarks, :mod:`fedquant.tools.bench.federated`, run the simulator itself). The
+error benchmark uses the paper's CNN (:class:`fedquant.fl.models.PaperCNN`) trained centrally -- one
 model, the whole training split, the paper's optimizer (SGD, lr 0.01,
 momentum 0.9, weight decay 1e-4, batch 64) -- for a few epochs. Weights trained this way
 have the shapes and roughly the statistics of federated ones, not the same
@@ -48,7 +47,7 @@ class TrainInfo:
     train_examples: int
     test_accuracy: float
     seconds: float
-    note: str = "trained centrally (not federated) by fedquant.bench.weights"
+    note: str = "trained centrally (not federated) by fedquant.tools.bench.weights"
 
 
 def _as_numpy(v: Any) -> np.ndarray:

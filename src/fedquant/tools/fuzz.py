@@ -1,6 +1,6 @@
 """Structure-aware fuzzing of the wire format and of the server's ingest path.
 
-The targets are :func:`fedquant.quant.codec.decode`, :func:`~fedquant.quant.codec.inspect`
+The targets are :func:`fedquant.quant.codec.decode`, :func:`~fedquant.quant.codec.describe_payload`
 and :func:`fedquant.fl.aggregation.aggregate_payloads`. Their contract, which every
 generated input is checked against:
 
@@ -45,7 +45,7 @@ failures; ``strict=False`` (``--lenient``) reports them as warnings instead.
 
 Command::
 
-    python -m fedquant.fuzz --runs 1000000 --seed 1 [--corpus tests/fuzz_corpus]
+    python -m fedquant.tools.fuzz --runs 1000000 --seed 1 [--corpus tests/fuzz_corpus]
 
 prints the throughput and a summary and exits with status 1 on any failure.
 """
@@ -79,7 +79,8 @@ import numpy as np
 from fedquant.argparsing import Parser
 from fedquant.errors import ConfigError, DecodeError, FedquantError, InvalidInputError
 from fedquant.fl.aggregation import aggregate_payloads
-from fedquant.quant import codec
+from fedquant.quant import codec, wire
+from fedquant.quant.wire import Field, reseal
 
 __all__ = [
     "SHARED_KEY",
@@ -90,7 +91,6 @@ __all__ = [
     "Mutator",
     "check_input",
     "field_offsets",
-    "fix_length_and_crc",
     "load_corpus",
     "main",
     "run_fuzz",
@@ -122,7 +122,6 @@ MEM_SLACK = 16 * 1024
 #: corpus files must be smaller than this
 MAX_CORPUS_BYTES = 4096
 
-_HEADER = struct.Struct("<4sHHQII")
 _M64 = (1 << 64) - 1
 _RAW_ITEMSIZE = {5: 8, 6: 4, 7: 2, 8: 1, 9: 1, 10: 1}  # integer dtype codes -> bytes
 
@@ -235,15 +234,6 @@ def seed_payloads() -> list[bytes]:
     return list(_seed_tuple())
 
 
-def fix_length_and_crc(data: bytes | bytearray) -> bytes:
-    """Rewrite the header's total length and the trailing checksum to match ``data``
-    (:func:`fedquant.quant.codec.reseal`: the checksum of the header's version).
-
-    Inputs shorter than a header plus checksum are returned unchanged.
-    """
-    return codec.reseal(data)
-
-
 # --------------------------------------------------------------------------- payload model
 
 
@@ -277,10 +267,7 @@ class _Record:
     def to_bytes(self) -> bytes:
         return b"".join(
             (
-                struct.pack("<H", self.name_len & 0xFFFF),
-                self.name,
-                bytes(v & 0xFF for v in self.fixed),
-                b"".join(struct.pack("<Q", d & _M64) for d in self.dims),
+                wire.pack_head(self.name_len, self.name, self.fixed, self.dims),
                 struct.pack("<I", self.n_scales & 0xFFFFFFFF),
                 self.scales,
                 self.mse,
@@ -305,8 +292,7 @@ class _Payload:
 
     def to_bytes(self) -> bytes:
         magic, version, flags, total, count, meta_len = self.head
-        head = struct.pack(
-            "<4sHHQII",
+        head = wire.HEADER.pack(
             bytes(magic)[:4].ljust(4, b"\0"),
             version & 0xFFFF,
             flags & 0xFFFF,
@@ -318,76 +304,33 @@ class _Payload:
         return b"".join((head, self.meta, recs, self.tail, self.crc))
 
 
-def _parse_record(data: bytes, pos: int, end: int) -> tuple[_Record, int] | None:
-    if pos + 2 > end:
-        return None
-    (name_len,) = struct.unpack_from("<H", data, pos)
-    p = pos + 2
-    if p + name_len + 8 > end:
-        return None
-    name = data[p : p + name_len]
-    p += name_len
-    fixed = list(data[p : p + 8])
-    p += 8
-    ndim = fixed[6]
-    if p + 8 * ndim + 4 > end:
-        return None
-    dims = list(struct.unpack_from(f"<{ndim}Q", data, p))
-    p += 8 * ndim
-    (n_scales,) = struct.unpack_from("<I", data, p)
-    p += 4
-    if p + 4 * n_scales + 16 > end:
-        return None
-    scales = data[p : p + 4 * n_scales]
-    p += 4 * n_scales
-    mse = data[p : p + 8]
-    (data_len,) = struct.unpack_from("<Q", data, p + 8)
-    p += 16
-    if p + data_len > end:
-        return None
-    body = data[p : p + data_len]
-    p += data_len
-    rec = _Record(name_len, name, fixed, dims, n_scales, scales, mse, data_len, body)
-    return rec, p
+def _record(data: bytes, rec: wire.Record) -> _Record:
+    """The mutable model of a record the walker found in ``data``."""
+    return _Record(
+        rec.name_len,
+        bytes(rec.name),
+        list(rec.fixed),
+        list(rec.dims),
+        rec.n_scales,
+        bytes(rec.scales),
+        data[rec.mse_at : rec.mse_at + 8],
+        rec.data_len,
+        bytes(rec.data),
+    )
 
 
 def _parse(data: bytes, max_records: int = 256) -> _Payload | None:
     """Parse leniently: as many records as can be read; ``None`` if not even the header."""
-    if len(data) < _HEADER.size + 4:
+    layout = wire.walk(data, max_records)
+    if layout is None:
         return None
-    magic, version, flags, total, count, meta_len = _HEADER.unpack_from(data, 0)
-    end = len(data) - 4
-    if _HEADER.size + meta_len > end:
-        return None
-    pos = _HEADER.size + meta_len
-    records: list[_Record] = []
-    for _ in range(min(count, max_records)):
-        got = _parse_record(data, pos, end)
-        if got is None:
-            break
-        rec, pos = got
-        records.append(rec)
-    head = [magic, version, flags, total, count, meta_len]
     return _Payload(
-        head, data[_HEADER.size : _HEADER.size + meta_len], records, data[pos:end], data[end:]
+        list(layout.header),
+        bytes(layout.meta),
+        [_record(data, r) for r in layout.records],
+        data[layout.tail_at : layout.crc_at],
+        data[layout.crc_at :],
     )
-
-
-@dataclass(frozen=True)
-class Field:
-    """A fixed-size field of a payload: where it is and its ``struct`` format."""
-
-    name: str  # e.g. "n_tensors", "tensor[0].dims[1]"
-    offset: int
-    fmt: str  # "<B", "<H", "<I", "<Q", "<f", "<d"
-
-    @property
-    def size(self) -> int:
-        return struct.calcsize(self.fmt)
-
-
-_HEADER_FIELDS = (("version", 4, "<H"), ("flags", 6, "<H"), ("total_len", 8, "<Q"))
-_FIXED_NAMES = ("dtype", "kind", "bits", "granularity", "transform", "coding", "ndim", "reserved")
 
 
 def field_offsets(payload: bytes) -> list[Field]:
@@ -395,29 +338,10 @@ def field_offsets(payload: bytes) -> list[Field]:
 
     Header fields, then per record: ``name_len``, the eight one-byte fields,
     each dim, ``n_scales``, each scale, ``mse``, ``data_len``. Records are read as
-    far as they parse (see the module docstring for the layout).
+    far as they parse (:func:`fedquant.quant.wire.walk`).
     """
-    m = _parse(payload)
-    if m is None:
-        return []
-    out = [Field(n, o, f) for n, o, f in _HEADER_FIELDS]
-    out += [Field("n_tensors", 16, "<I"), Field("meta_len", 20, "<I")]
-    pos = _HEADER.size + len(m.meta)
-    for i, r in enumerate(m.records):
-        t = f"tensor[{i}]."
-        out.append(Field(t + "name_len", pos, "<H"))
-        pos += 2 + len(r.name)
-        out += [Field(t + n, pos + k, "<B") for k, n in enumerate(_FIXED_NAMES)]
-        pos += 8
-        out += [Field(f"{t}dims[{j}]", pos + 8 * j, "<Q") for j in range(len(r.dims))]
-        pos += 8 * len(r.dims)
-        out.append(Field(t + "n_scales", pos, "<I"))
-        pos += 4
-        out += [Field(f"{t}scales[{j}]", pos + 4 * j, "<f") for j in range(len(r.scales) // 4)]
-        pos += len(r.scales)
-        out += [Field(t + "mse", pos, "<d"), Field(t + "data_len", pos + 8, "<Q")]
-        pos += 16 + len(r.data)
-    return out
+    layout = wire.walk(payload, 256)
+    return [] if layout is None else layout.fields()
 
 
 # --------------------------------------------------------------------------- mutator
@@ -539,13 +463,10 @@ def _fill(rng: random.Random, n: int, kind: int = -1, dtype: int = 0) -> bytes:
 def _expected_sizes(rec: _Record) -> tuple[int, int]:
     """(scale count, data bytes) the decoder will demand of this record's fields."""
     _, kind, bits, gran = rec.fixed[:4]
-    numel = math.prod(rec.dims)
-    if kind == 0:
-        want = (rec.dims[0] if rec.dims else 0) if gran == 1 else 1
-        return want, (numel * bits + 7) // 8
-    if kind == 1:
-        return 0, 4 * numel
-    return 0, (bits // 8) * numel
+    size = wire.data_size(kind, bits, math.prod(rec.dims))
+    if kind == wire.KIND_QUANT:
+        return (rec.dims[0] if rec.dims else 0) if gran == 1 else 1, size
+    return 0, size
 
 
 class Mutator:
@@ -628,12 +549,11 @@ class Mutator:
             data = data[: self.max_len]
         r = rng.random()
         if r < 0.88:
-            data = fix_length_and_crc(data)
-        elif r < 0.92 and len(data) >= 28:
-            data = data[:8] + struct.pack("<Q", len(data)) + data[16:]
-        elif r < 0.96 and len(data) >= 28:
-            version = struct.unpack_from("<H", data, 4)[0]
-            data = data[:-4] + struct.pack("<I", codec.checksum(data[:-4], version))
+            data = reseal(data)
+        elif r < 0.92:
+            data = reseal(data, crc=False)
+        elif r < 0.96:
+            data = reseal(data, length=False)
         return data, idx
 
     # ------------------------------------------------------------------ byte level
@@ -886,8 +806,8 @@ def _decoded_problem(data: bytes, dec: codec.DecodedUpdate) -> str | None:
         return f"nbytes={dec.nbytes} but the payload has {len(data)} bytes"
     if list(dec.tensors) != list(dec.info):
         return f"tensors {list(dec.tensors)} but info {list(dec.info)}"
-    meta_len = _HEADER.unpack_from(data, 0)[5]
-    if sum(i.nbytes for i in dec.info.values()) + _HEADER.size + meta_len + 4 != len(data):
+    meta_len = wire.read_header(data).meta_len
+    if sum(i.nbytes for i in dec.info.values()) + wire.HEADER.size + meta_len + 4 != len(data):
         return "record sizes do not add up to the payload length"
     for name, arr in dec.tensors.items():
         info = dec.info[name]
@@ -1007,7 +927,7 @@ class _Checker:
         for target in order:
             if res and not cross_check and next(iter(res.values()))[1] is not None:
                 break
-            fn = codec.decode if target == "decode" else codec.inspect
+            fn = codec.decode if target == "decode" else codec.describe_payload
             res[target] = out = self._timed(target, fn, data, shared_key=SHARED_KEY)
             if out[1] is not None and not isinstance(out[1], DecodeError):
                 fails.append(_crash(target, out[1], raw))
@@ -1489,7 +1409,7 @@ def _check_args(args: argparse.Namespace) -> None:
         )
 
 
-def main(argv: Sequence[str] | None = None, prog: str = "python -m fedquant.fuzz") -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "python -m fedquant.tools.fuzz") -> int:
     """``fedquant fuzz``: run the fuzzer, print a summary, 1 on any failure."""
     p = Parser(prog=prog, description=__doc__.split("\n")[0])
     p.add_argument("--runs", type=int, default=100_000, help="number of inputs (default 100000)")

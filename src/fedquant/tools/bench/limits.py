@@ -4,7 +4,7 @@ Every figure here is recomputed, none is pasted (``../shared/ANCHORS.md``
 lists the values to expect; the tests compare).
 
 * :func:`quantizer_mse` -- the exact MSE of a symmetric scalar quantizer with
-  given levels on a :class:`~fedquant.bench.sources.Density` (or on a data
+  given levels on a :class:`~fedquant.tools.bench.sources.Density` (or on a data
   sample, :class:`EmpiricalDensity`), for nearest or stochastic rounding.
   Values beyond the end levels are clipped to them. With nearest rounding a
   value goes to the closest level; with stochastic rounding a value between
@@ -35,9 +35,9 @@ from typing import Literal
 
 import numpy as np
 
-from fedquant.bench.sources import Density, Gaussian, Laplace, StudentT3
 from fedquant.errors import InvalidInputError
 from fedquant.quant.grid import Rounding, check_bits, parse_rounding
+from fedquant.tools.bench.sources import Density, Gaussian, Laplace, StudentT3
 
 Grid = Literal["endpoint", "midrise"]
 GRIDS: tuple[str, ...] = ("endpoint", "midrise")

@@ -1,22 +1,22 @@
 """Benchmark of the randomized Hadamard rotation: error, bytes, speed.
 
-Rows are plain dicts, like the rest of :mod:`fedquant.bench`.
+Rows are plain dicts, like the rest of :mod:`fedquant.tools.bench`.
 
 :func:`rotation_errors`
     NMSE of fedquant's quantizer (OCTAV, per tensor) with and without the
-    rotation on the synthetic sources of :mod:`fedquant.bench.sources`,
+    rotation on the synthetic sources of :mod:`fedquant.tools.bench.sources`,
     measured through the codec: the bits per coordinate count the real payload
     (padding and the 6-byte sub-header included). Each row also carries the
     closed-form NMSE of the same quantizer on a unit Gaussian
-    (:mod:`fedquant.bench.limits`), which the rotation should reach whatever
+    (:mod:`fedquant.tools.bench.limits`), which the rotation should reach whatever
     the source, and the gain over the unrotated quantizer.
 :func:`rotation_weight_errors`
-    The same, per layer of a trained model (:mod:`fedquant.bench.weights`),
+    The same, per layer of a trained model (:mod:`fedquant.tools.bench.weights`),
     per tensor and per channel.
 :func:`rotation_speed`
     Throughput of the rotation and of encode/decode with and without it, as
     the median ratio to a memcpy of the same float32 tensor, interleaved rep
-    by rep (:func:`fedquant.bench.speed.measure`).
+    by rep (:func:`fedquant.tools.bench.speed.measure`).
 """
 
 from __future__ import annotations
@@ -27,16 +27,15 @@ from typing import Any
 
 import numpy as np
 
-from fedquant.bench import limits
-from fedquant.bench.error import nmse
-from fedquant.bench.sources import get_density
-from fedquant.bench.speed import _Threads, max_threads, measure
 from fedquant.quant import rotation
 from fedquant.quant.codec import decode, encode, encode_with_stats
 from fedquant.quant.grid import noise_coefficient
 from fedquant.quant.spec import QuantSpec
-
-Row = dict[str, Any]
+from fedquant.tools.bench import limits
+from fedquant.tools.bench.error import nmse
+from fedquant.tools.bench.sources import get_density
+from fedquant.tools.bench.speed import _Threads, max_threads, measure
+from fedquant.tools.report import Row
 
 #: bit widths of the rotation tables
 BITS: tuple[int, ...] = (2, 3, 4, 8)
@@ -130,7 +129,7 @@ def rotation_weight_errors(
     ``granularity, rounding, bits``, then the
     columns of :func:`rotation_errors` (without the Gaussian reference).
     """
-    from fedquant.bench.weights import quantizable_layers
+    from fedquant.tools.bench.weights import quantizable_layers
 
     rows: list[Row] = []
     for name, w in quantizable_layers(state).items():

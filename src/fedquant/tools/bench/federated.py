@@ -1,9 +1,8 @@
 """Federated benchmarks: traffic to a target accuracy, the simulator's overhead and memory.
 
-Traffic to a target accuracy, the simulator's overhead and memory. Every function runs
-the real simulator (:class:`fedquant.fl.simulation.Simulation`) and returns
-plain rows (dicts), like the rest of :mod:`fedquant.bench`; the command is
-``python -m fedquant.bench --only federated``.
+Every function runs the real simulator (:class:`fedquant.fl.simulation.Simulation`) and returns
+plain rows (dicts), like the rest of :mod:`fedquant.tools.bench`; the command is
+``python -m fedquant.tools.bench --only federated``.
 
 :func:`bytes_to_target`
     Uplink bytes each method needs to reach a target test accuracy: float32
@@ -24,8 +23,8 @@ plain rows (dicts), like the rest of :mod:`fedquant.bench`; the command is
     ``clients x`` the model's float32 size.
 
 The comparison with Flower's simulation engine is in
-:mod:`fedquant.flower.simulation` (the only Flower-importing code lives in
-:mod:`fedquant.flower`). Timings are wall-clock on a possibly busy
+:mod:`fedquant.tools.bench.flower_ray`, which imports this module and
+:mod:`fedquant.flower`. Timings are wall-clock on a possibly busy
 machine: every timed row records the load average, and the figures worth
 quoting are the ratios measured within one run.
 """
@@ -38,7 +37,6 @@ import functools
 import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,12 +50,13 @@ import numpy as np
 from fedquant.errors import ConfigError, FedquantError
 from fedquant.fl.config import RunConfig
 from fedquant.fl.data import Dataset
+from fedquant.tools.report import Row
+from fedquant.tools.runner import call_in_fresh_process, run_in_processes
 
 #: the section name in ``--only``
 SECTION = "federated"
 AVAILABLE = True
 
-Row = dict[str, Any]
 Log = Callable[[str], None]
 
 #: accuracy margin below the float32 reference that counts as reaching it (1 point)
@@ -402,6 +401,14 @@ def _timed_run(cfg: RunConfig, dataset: Dataset | None) -> tuple[list[dict[str, 
     return rows, timing
 
 
+def _timed_run_item(
+    item: tuple[int, RunConfig, Dataset],
+) -> tuple[list[dict[str, Any]], Row]:
+    """:func:`_timed_run` of one ``(index, config, data)`` item of a worker process."""
+    _, cfg, data = item
+    return _timed_run(cfg, data)
+
+
 def bytes_to_target(
     base: RunConfig | None = None,
     *,
@@ -505,17 +512,22 @@ def bytes_to_target(
             )
 
     if workers <= 1:
-        for job, cfg in zip(jobs, configs, strict=True):
-            record(job, _timed_run(cfg, data))
+        results = [_timed_run(cfg, data) for cfg in configs]
     else:
-        import concurrent.futures
-        import multiprocessing
-
-        ctx = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-            futures = [pool.submit(_timed_run, cfg, data) for cfg in configs]
-            for job, fut in zip(jobs, futures, strict=True):
-                record(job, fut.result())
+        done: dict[int, Any] = {}
+        run_in_processes(
+            _timed_run_item,
+            [(i, cfg, data) for i, cfg in enumerate(configs)],
+            workers=workers,
+            threads=threads,
+            on_done=lambda item, result: done.__setitem__(item[0], result),
+        )
+        for r in done.values():
+            if isinstance(r, BaseException):
+                raise r
+        results = [done[i] for i in range(len(configs))]
+    for job, result in zip(jobs, results, strict=True):  # in job order, however they finished
+        record(job, result)
     targets = {
         int(s): target_accuracy(metrics[FP32.name, int(s)], k=k, margin=margin) for s in seeds
     }
@@ -939,31 +951,6 @@ def profile_rounds(
 # --------------------------------------------------------------------------- memory vs clients
 
 
-def _in_fresh_process(
-    function: str, args: Mapping[str, Any], timeout_s: float, failed: str
-) -> tuple[Any, str]:
-    """``function(**args)`` of this module in a new Python process: (its JSON result, stderr).
-
-    The result is the last line the child prints; a child that fails raises
-    :class:`FedquantError` starting with ``failed`` and ending with its stderr.
-    """
-    code = (
-        "import json, sys\n"
-        "from fedquant.bench import federated\n"
-        f"print(json.dumps(federated.{function}(**json.loads(sys.argv[1]))))\n"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", code, json.dumps(dict(args))],
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise FedquantError(f"{failed}: {proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
-
-
 def _overhead_child(cfg: dict[str, Any], n_train: int, n_test: int, warmup: int) -> dict[str, Any]:
     """:func:`overhead` as run by :func:`overhead_in_fresh_process` (round lines on stderr)."""
     run = RunConfig.from_mapping(cfg)
@@ -994,11 +981,11 @@ def overhead_in_fresh_process(
     examples of the data set (:func:`small_dataset`). The child's per-round
     lines are passed to ``log`` when it ends.
     """
-    out, stderr = _in_fresh_process(
-        "_overhead_child",
+    out, stderr = call_in_fresh_process(
+        f"{__name__}:_overhead_child",
         {"cfg": cfg.to_dict(), "n_train": n_train, "n_test": n_test, "warmup": warmup},
-        timeout_s,
-        "overhead: the measuring process failed",
+        timeout_s=timeout_s,
+        failed="overhead: the measuring process failed",
     )
     if log is not None:
         for line in stderr.splitlines():
@@ -1059,8 +1046,11 @@ def memory_probe(
 
 def _probe_in_fresh_process(args: Mapping[str, Any], timeout_s: float) -> Row:
     """:func:`memory_probe` with ``args`` in a new Python process."""
-    row, _ = _in_fresh_process(
-        "memory_probe", args, timeout_s, f"memory probe ({dict(args)}) failed in its process"
+    row, _ = call_in_fresh_process(
+        f"{__name__}:memory_probe",
+        args,
+        timeout_s=timeout_s,
+        failed=f"memory probe ({dict(args)}) failed in its process",
     )
     return dict(row)
 

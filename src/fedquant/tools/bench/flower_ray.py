@@ -29,9 +29,9 @@ Flower needs ``flwr[simulation]`` (Ray); without it the comparison is
 skipped. ``flwr.simulation.run_simulation`` is deprecated in Flower 1.42 in
 favour of ``flwr run``, which drives the same engine from the command line.
 
-It lives in :mod:`fedquant.flower` (the only package that imports ``flwr``);
-``fedquant bench --only federated`` imports it only when
-:func:`fedquant.bench.federated.flower_missing` finds Flower and Ray.
+It sits beside the benchmarks and imports :mod:`fedquant.flower` (never the
+other way round); ``fedquant bench --only federated`` imports it only when
+:func:`fedquant.tools.bench.federated.flower_missing` finds Flower and Ray.
 """
 
 from __future__ import annotations
@@ -47,9 +47,10 @@ from typing import Any
 
 import numpy as np
 
-from fedquant.bench.federated import Log, Row, flower_missing, load_average, small_dataset
 from fedquant.errors import ConfigError, FedquantError
 from fedquant.fl.config import RunConfig
+from fedquant.tools.bench.federated import Log, flower_missing, load_average, small_dataset
+from fedquant.tools.report import Row
 
 #: the train ConfigRecord key that carries the run (JSON of RunConfig and the data subset)
 RUN_KEY = "bench.run"
@@ -354,7 +355,7 @@ def _summarize(row: Row) -> None:
 
 
 def simulator_vs_flower(
-    cfg: RunConfig | None = None,
+    cfg: RunConfig,
     *,
     rounds: int = 5,
     client_cpus: Sequence[int] = (2, 1),
@@ -366,10 +367,9 @@ def simulator_vs_flower(
 
     Parameters
     ----------
-    cfg : RunConfig, optional
-        The run (default ``RunConfig()``: 10 clients, the paper's CNN and
-        4-2-2-4 uplink on the embedded MNIST subset). Every client trains every
-        round (``client_fraction`` 1, no failures), weight upload, CPU.
+    cfg : RunConfig
+        The run, e.g. ``RunConfig()`` (10 clients, the paper's CNN and 4-2-2-4
+        uplink on the embedded MNIST subset). Every client trains every round (``client_fraction`` 1, no failures), weight upload, CPU.
     rounds : int, default 5
     client_cpus : sequence of int, default (2, 1)
         One Flower run per value: the CPUs Ray reserves per client (Flower's
@@ -391,7 +391,6 @@ def simulator_vs_flower(
         set (and there are no rows) when Flower's simulation engine is not
         installed.
     """
-    cfg = cfg if cfg is not None else RunConfig()
     if rounds < 1:
         raise ConfigError("rounds", f"{rounds} is not a positive integer")
     cpus = os.cpu_count() or 1

@@ -41,7 +41,7 @@ What is timed (fedquant, CPU, numba kernels)
 ``kernel(dequantize)``
     the fused unpack + lookup kernel alone, into a preallocated output.
 
-Peers are timed the same way (encode and decode, :mod:`fedquant.bench.peers`).
+Peers are timed the same way (encode and decode, :mod:`fedquant.tools.bench.peers`).
 With ``device="cuda"`` (or any torch device) :func:`torch_speed` times a torch
 implementation of the same quantizer and fedquant's ``encode`` of a tensor on that
 device (on a GPU, :mod:`fedquant.quant.device` quantizes it there) against
@@ -50,7 +50,6 @@ device (on a GPU, :mod:`fedquant.quant.device` quantizes it there) against
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -59,7 +58,6 @@ from typing import Any
 
 import numpy as np
 
-from fedquant.bench import peers
 from fedquant.quant import kernels
 from fedquant.quant.clipping import threshold
 from fedquant.quant.codec import decode, encode
@@ -68,8 +66,9 @@ from fedquant.quant.grid import Rounding, noise_coefficient
 from fedquant.quant.packing import packed_size
 from fedquant.quant.quantizer import _coefficients, dequantize, level_table, quantize
 from fedquant.quant.spec import QuantSpec
+from fedquant.tools.bench import peers
+from fedquant.tools.report import Row
 
-Row = dict[str, Any]
 #: the op name of the PyTorch qint8 row of :func:`fedquant_speed`
 TORCH_QINT8_OP = "torch quantize_per_tensor (qint8)"
 #: the speed goals: (what, op, bits, rounding, ratio at 1 thread, ratio at 2+ threads);
@@ -457,27 +456,13 @@ def torch_speed(
 
 
 def environment() -> dict[str, Any]:
-    """Versions and machine facts recorded with every speed table."""
-    import platform
-
+    """Versions and machine facts recorded with every speed table: those of
+    :func:`fedquant.tools.report.environment` and numba's threads and threading layer."""
     import numba
-    import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(
-                (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu
-            )
-    except OSError:
-        pass
-    return {
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "numba": numba.__version__,
-        "torch": torch.__version__,
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
+    from fedquant.tools import report
+
+    return report.environment(("numpy", "numba", "torch")) | {
         "numba_threads": max_threads(),
         "numba_threading_layer": str(numba.config.THREADING_LAYER),  # type: ignore[attr-defined]
     }

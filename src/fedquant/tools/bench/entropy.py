@@ -1,6 +1,6 @@
 """Benchmark of entropy coding: bits per code against the entropy, and speed.
 
-Rows are plain dicts, like the rest of :mod:`fedquant.bench`.
+Rows are plain dicts, like the rest of :mod:`fedquant.tools.bench`.
 
 :func:`entropy_efficiency`
     For fedquant's codes (OCTAV per tensor, optionally rotated) of seeded
@@ -17,7 +17,7 @@ Rows are plain dicts, like the rest of :mod:`fedquant.bench`.
     rANS encode and decode (to codes, and straight to float32 levels), with
     the unpack + dequantize of packed codes and zstd as references; each as the
     median ratio to a memcpy of a float32 tensor of the same number of values,
-    interleaved rep by rep (:func:`fedquant.bench.speed.measure`).
+    interleaved rep by rep (:func:`fedquant.tools.bench.speed.measure`).
 """
 
 from __future__ import annotations
@@ -28,15 +28,14 @@ from typing import Any
 
 import numpy as np
 
-from fedquant.bench.sources import get_density
-from fedquant.bench.speed import measure
 from fedquant.quant import entropy, rotation
 from fedquant.quant.codec import encode
 from fedquant.quant.packing import pack
 from fedquant.quant.quantizer import dequantize, quantize
 from fedquant.quant.spec import QuantSpec
-
-Row = dict[str, Any]
+from fedquant.tools.bench.sources import get_density
+from fedquant.tools.bench.speed import measure
+from fedquant.tools.report import Row
 
 BITS: tuple[int, ...] = (2, 3, 4, 5, 8)
 SOURCES: tuple[str, ...] = ("gaussian", "laplace", "student-t3")
@@ -119,7 +118,7 @@ def entropy_weight_efficiency(
 ) -> list[Row]:
     """Per layer: bits per code of each coder; then one ``layer="(payload)"`` row per
     configuration with the bytes of the encoded state, packed and with ``entropy="rans"``."""
-    from fedquant.bench.weights import quantizable_layers
+    from fedquant.tools.bench.weights import quantizable_layers
 
     rows: list[Row] = []
     layers = quantizable_layers(state)

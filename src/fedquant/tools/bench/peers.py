@@ -37,7 +37,7 @@ name                   what it is
                        nearest rounding (8 bits only).
 ``hadamard-octav``     not a peer: the ``rotation`` peer's Hadamard rotation followed by
                        fedquant's quantizer (OCTAV, stochastic) -- a reference for
-                       fedquant's own ``QuantSpec(rotation=True)`` (report section 5).
+                       fedquant's own ``QuantSpec(rotation=True)``.
 =====================  ==============================================================
 """
 
@@ -53,6 +53,7 @@ import numpy as np
 
 from fedquant.errors import InvalidInputError
 from fedquant.quant.quantizer import dequantize, quantize
+from fedquant.tools.bench.registry import lookup
 
 FLOAT_BITS = 32
 
@@ -461,9 +462,4 @@ PEERS: dict[str, Peer] = {
 
 def get_peer(name: str) -> Peer:
     """The peer called ``name``; :class:`InvalidInputError` lists the known names."""
-    try:
-        return PEERS[name]
-    except KeyError:
-        raise InvalidInputError(
-            f"peer {name!r} is unknown; expected one of: {', '.join(PEERS)}"
-        ) from None
+    return lookup(PEERS, name, "peer")

@@ -18,16 +18,10 @@ batched is faster), plus the largest difference of its trained weights from
 the loop's (float round-off, see :mod:`fedquant.fl.batched`). Encoding,
 aggregation and evaluation are not timed: they do not change with batching.
 
-Command: ``python -m fedquant.bench.batched [--reps 7] [--ks 10,5] [--threads N]``.
+Command: ``python -m fedquant.tools.bench.batched [--reps 7] [--ks 10,5] [--threads N]``.
 
-Measured 2026-11-29 on the project's 2-core machine (torch 2.13.0 CPU, otherwise
-idle), default run, 7 reps: the loop 0.78 s; batched-10 1.35 s (speed-up 0.60x),
-batched-5 1.04 s (0.72x); with 1 thread 0.54x and 0.68x. Batching is slower
-here: at batch 64 the CPU is already compute-bound, and vmap's batching rules
-add copies and decomposed BatchNorm; a hand-written grouped-convolution forward
-pass (no vmap) was still ~0.85x the loop in a 1-thread probe. The trained
-weights differed from the loop's by at most 6.5e-4 (conv1; see
-:mod:`fedquant.fl.batched`).
+The measured figures and why batching can lose on a CPU are in
+docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -51,10 +45,9 @@ from fedquant.fl.config import RunConfig
 from fedquant.fl.data import Dataset
 from fedquant.fl.seeding import Purpose
 from fedquant.fl.simulation import Simulation
+from fedquant.tools.report import Row
 
 __all__ = ["batched_speedup", "main"]
-
-Row = dict[str, Any]
 
 
 def _timed(fn: Callable[[], dict[int, dict[str, np.ndarray]]]) -> tuple[float, float, Any]:
@@ -211,7 +204,7 @@ def format_table(result: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m fedquant.bench.batched",
+        prog="python -m fedquant.tools.bench.batched",
         description="Time one round's local training of the default run: loop vs batched clients.",
     )
     p.add_argument("--reps", type=int, default=7, help="timed repetitions per variant (default 7)")
