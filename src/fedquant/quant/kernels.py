@@ -71,7 +71,7 @@ _LO16 = np.uint64(0xFFFF)
 
 
 @njit(inline="always")
-def _mix64(key, g):  # pragma: no cover - compiled
+def mix64(key, g):  # pragma: no cover - compiled
     """SplitMix64 finalizer of ``key + (g + 1) * gamma``: 64 random bits for group ``g``."""
     z = key + np.uint64(g + 1) * _GAMMA
     z = (z ^ (z >> np.uint64(30))) * _M1
@@ -87,15 +87,15 @@ def _uniforms_into(key, lo, m, u):  # pragma: no cover - compiled
     """
     g0 = lo >> 2
     for g in range((m + 3) >> 2):
-        z = _mix64(key, g0 + g)
+        z = mix64(key, g0 + g)
         u[4 * g] = (np.float32(np.uint32(z & _LO16)) + _HALF16) * _U16
         u[4 * g + 1] = (np.float32(np.uint32((z >> np.uint64(16)) & _LO16)) + _HALF16) * _U16
         u[4 * g + 2] = (np.float32(np.uint32((z >> np.uint64(32)) & _LO16)) + _HALF16) * _U16
         u[4 * g + 3] = (np.float32(np.uint32(z >> np.uint64(48))) + _HALF16) * _U16
 
 
-def _mix64_np(key: int, g: np.ndarray) -> np.ndarray:
-    """NumPy twin of :func:`_mix64` for an array of group numbers ``g`` (uint64)."""
+def mix64_array(key: int, g: np.ndarray) -> np.ndarray:
+    """NumPy twin of :func:`mix64` for an array of group numbers ``g`` (uint64)."""
     with np.errstate(over="ignore"):
         z = np.uint64(key) + (g + np.uint64(1)) * _GAMMA
         z = (z ^ (z >> np.uint64(30))) * _M1
@@ -107,7 +107,7 @@ def uniform_reference(key: int, index: np.ndarray) -> np.ndarray:
     """NumPy twin of the kernels' random stream (for tests and non-numba callers):
     the float32 uniform in ``(0, 1)`` that element ``index`` is rounded with."""
     idx = np.asarray(index).astype(np.uint64)
-    z = _mix64_np(key, idx >> np.uint64(2))
+    z = mix64_array(key, idx >> np.uint64(2))
     u = (z >> ((idx & np.uint64(3)) * np.uint64(16))) & _LO16
     return (u.astype(np.float32) + _HALF16) * _U16
 
@@ -272,7 +272,7 @@ def sample_starts(n: int, blocks: int, block: int) -> np.ndarray:
     b = np.arange(blocks, dtype=np.int64)
     lo = (b * n // blocks + 15) & ~np.int64(15)
     room = ((b + 1) * n // blocks - lo - block) // 16  # >= 0: each stratum holds a block
-    z = _mix64_np(n ^ 0x5EED5A3B1E0F5C2D, b.astype(np.uint64))
+    z = mix64_array(n ^ 0x5EED5A3B1E0F5C2D, b.astype(np.uint64))
     off = (z % (room.astype(np.uint64) + np.uint64(1))).astype(np.int64)
     return lo + 16 * off
 
@@ -541,6 +541,17 @@ def _pack_impl(codes, bits, out):  # pragma: no cover - compiled
         _pack_into(codes[lo:hi], hi - lo, bits, out, (lo // 8) * bits)
 
 
+@njit(inline="always")
+def _group_word(packed, g, bits, nbytes):  # pragma: no cover - compiled
+    """The ``bits`` bytes of packed group ``g`` (8 codes) as one little-endian word."""
+    word = np.uint64(0)
+    ib = g * bits
+    for b in range(bits):
+        if ib + b < nbytes:
+            word |= np.uint64(packed[ib + b]) << np.uint64(8 * b)
+    return word
+
+
 def _unpack_impl(packed, bits, n, out):  # pragma: no cover - compiled
     """Inverse of :func:`pack` for ``n`` codes."""
     nbytes = packed.size
@@ -552,11 +563,7 @@ def _unpack_impl(packed, bits, n, out):  # pragma: no cover - compiled
         g0 = c * per
         g1 = min(groups, g0 + per)
         for g in range(g0, g1):
-            word = np.uint64(0)
-            ib = g * bits
-            for b in range(bits):
-                if ib + b < nbytes:
-                    word |= np.uint64(packed[ib + b]) << np.uint64(8 * b)
+            word = _group_word(packed, g, bits, nbytes)
             base = g * 8
             for j in range(8):
                 if base + j < n:
@@ -573,11 +580,7 @@ def _unpack_dequantize_impl(packed, bits, n, lut, row_len, out):  # pragma: no c
         lo = c * CHUNK
         hi = min(n, lo + CHUNK)
         for g in range(lo // 8, (hi + 7) // 8):
-            word = np.uint64(0)
-            ib = g * bits
-            for b in range(bits):
-                if ib + b < nbytes:
-                    word |= np.uint64(packed[ib + b]) << np.uint64(8 * b)
+            word = _group_word(packed, g, bits, nbytes)
             base = g * 8
             for j in range(8):
                 i = base + j

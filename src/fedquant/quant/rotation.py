@@ -94,6 +94,7 @@ from numba import njit, prange
 
 from fedquant.errors import InvalidInputError, NonFiniteError
 from fedquant.quant import kernels
+from fedquant.quant.kernels import mix64, mix64_array
 
 #: largest block of the transform
 DEFAULT_BLOCK = 1 << 16
@@ -104,9 +105,6 @@ MAX_BLOCK_LOG2 = 24
 #: blocks up to this size are transformed in one piece (L1-resident stages)
 _SUB = 1 << 12
 
-_GAMMA = np.uint64(0x9E3779B97F4A7C15)
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
 _F32_MAX = np.float32(np.finfo(np.float32).max)
 
 
@@ -237,15 +235,6 @@ def _layout_arrays(padded: int, block: int) -> tuple[np.ndarray, np.ndarray]:
 # --------------------------------------------------------------------------- kernels
 
 
-@njit(inline="always")
-def _mix(key, w):  # pragma: no cover - compiled
-    """SplitMix64 finalizer of ``key + (w + 1) * GAMMA``: 64 sign bits for word ``w``."""
-    z = key + np.uint64(w + 1) * _GAMMA
-    z = (z ^ (z >> np.uint64(30))) * _M1
-    z = (z ^ (z >> np.uint64(27))) * _M2
-    return z ^ (z >> np.uint64(31))
-
-
 @njit(cache=True)
 def _first8(y, base, size):  # pragma: no cover - compiled
     """Stages h = 1, 2, 4 on groups of 8 values held in registers, scaled by 1/8 first."""
@@ -372,20 +361,20 @@ def _apply_signs(src, s0, dst, d0, count, key, g):  # pragma: no cover - compile
     j = 0
     lead = min(count, (64 - (g & 63)) & 63)
     if lead:
-        h = _mix(key, g >> 6)
+        h = mix64(key, g >> 6)
         for k in range(lead):
             bit = np.uint32((h >> np.uint64((g + k) & 63)) & one)
             di[d0 + k] = si[s0 + k] ^ (bit << top)
         j = lead
     while j + 64 <= count:
-        h = _mix(key, (g + j) >> 6)
+        h = mix64(key, (g + j) >> 6)
         vs = si[s0 + j : s0 + j + 64]
         vd = di[d0 + j : d0 + j + 64]
         for k in range(64):
             vd[k] = vs[k] ^ (np.uint32((h >> np.uint64(k)) & one) << top)
         j += 64
     if j < count:
-        h = _mix(key, (g + j) >> 6)
+        h = mix64(key, (g + j) >> 6)
         for k in range(count - j):
             bit = np.uint32((h >> np.uint64(k)) & one)
             di[d0 + j + k] = si[s0 + j + k] ^ (bit << top)
@@ -645,10 +634,6 @@ def padding_error(
 def signs_reference(key: int, count: int) -> np.ndarray:
     """NumPy twin of the kernels' sign stream: ``D``'s diagonal for positions ``0..count-1``."""
     idx = np.arange(count, dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        z = np.uint64(key) + ((idx >> np.uint64(6)) + np.uint64(1)) * _GAMMA
-        z = (z ^ (z >> np.uint64(30))) * _M1
-        z = (z ^ (z >> np.uint64(27))) * _M2
-        z = z ^ (z >> np.uint64(31))
+    z = mix64_array(key, idx >> np.uint64(6))
     bit = (z >> (idx & np.uint64(63))) & np.uint64(1)
     return np.where(bit == 1, -1.0, 1.0).astype(np.float32)
