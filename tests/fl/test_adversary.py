@@ -10,7 +10,7 @@ from fedquant.fl.aggregation import aggregate_payloads, plausible_mse, relative_
 from fedquant.fl.config import RunConfig
 from fedquant.fl.ingest import Reference, admit
 from fedquant.fl.simulation import Simulation, final_accuracy
-from fedquant.quant.codec import describe_payload, encode
+from fedquant.quant.codec import decode, describe_payload, encode
 from fedquant.quant.spec import QuantSpec
 
 STATE = {
@@ -19,8 +19,6 @@ STATE = {
     "n": np.array(3, np.int64),
 }
 REJECTED = {
-    "zero-mse",  # an MSE below what the payload's own quantization step allows
-    "tiny-mse",
     "nan-scale",
     "nan-values",
     "negative-mse",
@@ -31,7 +29,9 @@ REJECTED = {
     "oversized",
     "truncated",
 }
-NEUTRALIZED = {"huge-examples", "duplicate"}
+# admitted, with what they buy bounded: a low MSE claim is floored and capped in the
+# aggregation, a huge example count capped, a duplicate counted once
+NEUTRALIZED = {"zero-mse", "tiny-mse", "huge-examples", "duplicate"}
 
 
 def honest(seed: int) -> bytes:
@@ -66,6 +66,22 @@ def test_lying_about_mse_is_bounded_even_without_admission(mode: str) -> None:
     assert plausible_mse(describe_payload(liar).info["w"]) > 0
 
 
+def test_honest_clients_near_the_grid_are_admitted() -> None:
+    """Weights that already sit on the grid (a model sent quantized, trained a few
+    steps) rounded to nearest measure an MSE far below ``D**2/12``: still honest."""
+    spec = QuantSpec(default_bits=2, rounding="nearest")
+    first = encode(STATE, spec, seed=0, meta={"num_examples": 100})
+    on_grid = {k: np.asarray(v) for k, v in decode(first).tensors.items()}
+    rng = np.random.default_rng(1)
+    moved = dict(on_grid, w=on_grid["w"] + 1e-4 * rng.standard_normal(on_grid["w"].shape))
+    moved["w"] = moved["w"].astype(np.float32)
+    payload = encode(moved, spec, meta={"num_examples": 100})
+    info = describe_payload(payload).info["w"]
+    assert info.mse < plausible_mse(info)  # what an MSE screen would have refused
+    a = admit("c", payload, Reference.from_state(STATE))
+    assert a.ok, a.reason
+
+
 def test_huge_example_claims_are_capped_in_fedavg() -> None:
     payloads = [corrupt(honest(0), "huge-examples"), *[honest(s) for s in range(1, 5)]]
     n = [int(describe_payload(p).meta["num_examples"]) for p in payloads]
@@ -96,6 +112,6 @@ def test_thirty_percent_hostile_clients_end_within_two_points() -> None:
     hostile = sim.run()
     for row in hostile.metrics:
         assert all(np.isfinite(v).all() for v in hostile.global_state.values())
-        assert row["clients_rejected"] == 3  # nan-scale, nan-values and zero-mse
+        assert row["clients_rejected"] == 2  # nan-scale and nan-values; zero-mse is floored
     assert abs(final_accuracy(hostile.metrics) - final_accuracy(clean.metrics)) <= 0.02
     assert final_accuracy(hostile.metrics) > 0.85

@@ -10,11 +10,11 @@ Rules (:class:`AggregationRule`), per tensor ``l`` and client ``j``:
     2405.13365, Sec. IV). No dataset sizes are disclosed. The claimed MSE is
     not trusted blindly; two floors guard ``e -> 0``:
 
-    * a plausibility floor from the client's own payload
-      (:func:`plausible_mse`): a quantizer with step ``D`` cannot have a mean
-      squared error much below ``D**2 / 12`` (nearest rounding of values spread
-      over the range; stochastic rounding adds twice that), so a claim below
-      ``PLAUSIBLE_FRACTION * D**2 / 12`` is raised to it;
+    * a floor from the client's own payload (:func:`plausible_mse`): a claim
+      below ``PLAUSIBLE_FRACTION * D**2 / 12`` (``D`` its quantization step) is
+      raised to it. Values spread over a step give about ``D**2 / 12`` (nearest
+      rounding) or more (stochastic); weights that sit near the grid give less,
+      honestly, and are then weighted as if they measured the floor;
     * a relative floor: ``e_lj <- max(e_lj, MSE_FLOOR_REL * median_k(e_lk),
       MSE_FLOOR_ABS)``, i.e. no client is weighted more than
       ``1 / MSE_FLOOR_REL = 100`` times a median client on the same tensor.
@@ -86,14 +86,14 @@ PLAUSIBLE_FRACTION = 0.1
 
 
 def plausible_mse(info: TensorInfo) -> float:
-    """The smallest MSE a payload's quantized tensor can honestly claim.
+    """The smallest MSE a payload's quantized tensor is weighted by (its claim's floor).
 
     ``PLAUSIBLE_FRACTION * mean_r(D_r**2) / 12`` over its rows' steps
     ``D_r = 2 s_r / (2**B - 1)``: uniform noise over a step has variance
-    ``D**2/12`` (nearest rounding; stochastic rounding doubles it), and clipped
-    values only add error. Honest clients measure >= ~0.9 of it (values
-    exactly on the grid are the only exception, e.g. all-zero tensors, where
-    ``D = 0`` and the floor is 0). 0 for unquantized tensors.
+    ``D**2/12``. Values spread over the range measure about that or more; values
+    near the grid (a quantized model trained a few steps, rounded to nearest)
+    honestly measure less, so this bounds what a claim buys and is not a test of
+    honesty. 0 for unquantized tensors.
     """
     if not info.quantized or info.scales.size == 0:
         return 0.0
