@@ -104,6 +104,29 @@ def plausible_mse(info: TensorInfo) -> float:
     return PLAUSIBLE_FRACTION * float(np.mean(steps * steps)) / 12.0
 
 
+def floored_claims(
+    info_list: Sequence[Mapping[str, TensorInfo]], names: Sequence[str]
+) -> list[dict[str, float]]:
+    """Each client's MSE claims, a claim below its :func:`plausible_mse` raised.
+
+    A claim below the floor is raised to the larger of the floor and the median
+    claim for that tensor: a client claiming 0 is weighted like a median client,
+    not like the floor (which would buy it the weight cap). When most claims are
+    low (honest clients near the grid, nearest rounding), the median is low too
+    and they are all weighted as if they measured the floor.
+    """
+    medians = {n: float(np.median([info[n].mse for info in info_list])) for n in names}
+    out = []
+    for info in info_list:
+        row = {}
+        for n in names:
+            i = info[n]
+            floor = plausible_mse(i)
+            row[n] = i.mse if i.mse >= floor else max(floor, medians[n])
+        out.append(row)
+    return out
+
+
 class AggregationRule(str, Enum):
     """How the server weights client updates."""
 
@@ -546,7 +569,7 @@ def aggregate_payloads(
         equal = np.full(m, 1.0 / m)
         return AggregateResult(tensors, {n: equal for n in names}, info_list, nbytes, dropped)
 
-    mse = [{n: max(i.mse, plausible_mse(i)) for n, i in info.items()} for info in info_list]
+    mse = floored_claims(info_list, names)
     spreads = None
     if spread and parse_rule(rule) is AggregationRule.INVERSE_MSE:
         quantized = [n for n in names if any(info[n].quantized for info in info_list)]
