@@ -109,20 +109,27 @@ def floored_claims(
 ) -> list[dict[str, float]]:
     """Each client's MSE claims, a claim below its :func:`plausible_mse` raised.
 
-    A claim below the floor is raised to the larger of the floor and the median
-    claim for that tensor: a client claiming 0 is weighted like a median client,
+    A claim below the floor is raised to the larger of the floor and the (lower)
+    median claim for that tensor: a client claiming 0 is weighted like a median client,
     not like the floor (which would buy it the weight cap). When most claims are
     low (honest clients near the grid, nearest rounding), the median is low too
     and they are all weighted as if they measured the floor.
     """
-    medians = {n: float(np.median([info[n].mse for info in info_list])) for n in names}
+    medians: dict[str, float] = {}
+
+    def median(n: str) -> float:  # the lower median: a client's own claim, no arithmetic
+        if n not in medians:
+            claims = np.array([info[n].mse for info in info_list], dtype=np.float64)
+            medians[n] = float(np.quantile(claims, 0.5, method="lower"))
+        return medians[n]
+
     out = []
     for info in info_list:
         row = {}
         for n in names:
             i = info[n]
             floor = plausible_mse(i)
-            row[n] = i.mse if i.mse >= floor else max(floor, medians[n])
+            row[n] = i.mse if i.mse >= floor else max(floor, median(n))
         out.append(row)
     return out
 
