@@ -17,9 +17,9 @@ A low claimed MSE is not a reason to reject: an honest client whose weights sit
 near the quantization grid (a model sent quantized and trained for a few steps,
 rounded to nearest) measures far below ``D**2/12``, so no threshold separates a
 liar from it. What a low (or zero) claim buys is bounded in the aggregation
-instead: :mod:`fedquant.fl.aggregation` raises every claim to
-:func:`~fedquant.fl.aggregation.plausible_mse` and to a fraction of the median
-client's, and caps every client's weight.
+instead: :func:`fedquant.fl.aggregation.floored_claims` raises a claim below
+:func:`~fedquant.fl.aggregation.plausible_mse` to the median client's claim (or to
+that floor), a relative floor follows, and every client's weight is capped.
 """
 
 from __future__ import annotations
