@@ -55,7 +55,14 @@ __all__ = [
 #: they may differ between machines and are left out of fingerprints.
 ENV_FIELDS = ("device", "threads", "out", "data_root", "cache_dir")
 #: keys of a scale table that are not RunConfig options.
-_SCALE_KEYS = ("seeds", "samples_per_client", "test_samples", "subset_seed", "final_on_subset")
+_SCALE_KEYS = (
+    "seeds",
+    "samples_per_client",
+    "test_samples",
+    "subset_seed",
+    "final_on_subset",
+    "cells",
+)
 #: the placeholder for a data set's paper bits.
 PAPER_BITS = "paper"
 #: the grid file, relative to the repository root (or the working directory).
@@ -108,6 +115,9 @@ class Scale:
     final_on_subset : bool
         Take the final accuracy on the ``test_samples`` subset too, instead of
         the whole test split (for grids too large to evaluate every run on it).
+    cells : tuple of str or None
+        The cells this scale runs (``None``: every cell of the grid); ``--cells``
+        still selects among all of them.
     """
 
     name: str
@@ -117,6 +127,7 @@ class Scale:
     subset_seed: int
     settings: Mapping[str, Any]
     final_on_subset: bool = False
+    cells: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -317,6 +328,17 @@ def _bool(value: Any, where: str) -> bool:
     return value
 
 
+def _names(value: Any, where: str) -> tuple[str, ...]:
+    if (
+        not isinstance(value, list)
+        or not value
+        or not all(isinstance(x, str) for x in value)
+        or len(set(value)) != len(value)
+    ):
+        raise ConfigError(where, f"{value!r} is not valid; expected a non-empty list of cell names")
+    return tuple(value)
+
+
 def load_grid(path: str | os.PathLike[str] | None = None) -> Grid:
     """Read and validate a grid file (default: :func:`default_grid_path`).
 
@@ -381,6 +403,7 @@ def load_grid(path: str | os.PathLike[str] | None = None) -> Grid:
             subset_seed=_int(s.get("subset_seed", 0), f"{where}.subset_seed"),
             settings={k: v for k, v in s.items() if k not in _SCALE_KEYS},
             final_on_subset=_bool(s.get("final_on_subset", False), f"{where}.final_on_subset"),
+            cells=None if "cells" not in s else _names(s["cells"], f"{where}.cells"),
         )
     if not scales:
         raise ConfigError("scales", f"{src} defines no scale")
@@ -411,6 +434,15 @@ def load_grid(path: str | os.PathLike[str] | None = None) -> Grid:
         )
     if not cells:
         raise ConfigError("cells", f"{src} defines no cell")
+    known_cells = [c.name for c in cells]
+    for sc in scales.values():
+        unknown = [n for n in sc.cells or () if n not in known_cells]
+        if unknown:
+            raise ConfigError(
+                f"scales.{sc.name}.cells",
+                f"{', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not a cell of "
+                f"{src}; expected names from [cells]",
+            )
     return Grid(
         path=p,
         defaults=defaults,
@@ -461,7 +493,8 @@ def expand(
         Where the data sets' ``data_root`` are resolved (default: the working
         directory).
     datasets, cells : sequence of str, optional
-        Restrict to these data sets / cell names (default: all).
+        Restrict to these data sets / cell names (default: all data sets; the
+        scale's ``cells``, else all).
     seeds : sequence of int, optional
         Instead of the scale's seeds.
     overrides : mapping, optional
@@ -487,7 +520,8 @@ def expand(
             raise ConfigError(k, f"only {', '.join(ENV_FIELDS)} can be overridden for a whole grid")
     scale_env = {k: v for k, v in scale.settings.items() if k in ENV_FIELDS}
     ds_list = [grid.dataset(n) for n in datasets] if datasets else list(grid.datasets)
-    cell_list = [grid.cell(n) for n in cells] if cells else list(grid.cells)
+    names = cells or scale.cells
+    cell_list = [grid.cell(n) for n in names] if names else list(grid.cells)
     seed_list = tuple(seeds) if seeds else scale.seeds
     base_dir = Path(data_dir) if data_dir is not None else Path.cwd()
 
