@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -559,6 +560,36 @@ def test_committed_report_regenerates_from_its_raw_data(tmp_path: Path, scale: s
         assert abs(int(cells[7]) - need) <= max(1, need // 20)  # per-seed values are rounded
         checked += 1
     assert checked > 0
+    # the precision line agrees with the per-claim counts and the 90 % intervals shown
+    verdicts = [line for line in md.splitlines() if re.match(r"\| \([a-d]\) ", line)]
+    held_or_not = sum(
+        int(m.group(1)) + int(m.group(2))
+        for line in verdicts
+        for m in [re.search(r"(\d+) held, (\d+) did not hold, \d+ inconclusive of \d+", line)]
+        if m is not None
+    )
+    line = next(x for x in md.splitlines() if x.startswith("Precision achieved: "))
+    assert f"33 counted comparisons, {held_or_not} resolved;" in line
+    half = [
+        (float(m.group(2)) - float(m.group(1))) / 2
+        for x in md.split("## The claims, comparison by comparison")[1]
+        .split("### Our corrected")[0]
+        .splitlines()
+        if x.startswith("| ") and "not counted" not in x
+        for m in [re.search(r"\[([-+]\d+\.\d+), ([-+]\d+\.\d+)\] \| [-+]", x)]
+        if m is not None
+    ]
+    assert len(half) == 33
+    median = sorted(half)[16]
+    shown = re.search(r"interval half-width median (\d+\.\d+) pp \(largest (\d+\.\d+)\)", line)
+    assert shown is not None
+    assert abs(float(shown.group(1)) - median) <= 0.011  # bounds are rounded to 0.01
+    assert abs(float(shown.group(2)) - max(half)) <= 0.011
+    # the cell table lists the cells the scale runs
+    run = load_grid(GRID).scales[scale].cells
+    setup = md.split("## Set-up")[1].split("## The claims")[0]
+    table_cells = re.findall(r"^\| `([a-z0-9-]+)` \|", setup, flags=re.M)
+    assert set(table_cells) == set(run or [c.name for c in load_grid(GRID).cells])
 
 
 def test_committed_robustness_table_regenerates_from_its_raw_data(tmp_path: Path) -> None:

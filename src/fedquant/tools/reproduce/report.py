@@ -27,7 +27,9 @@ from fedquant.fl.files import atomic_write
 from fedquant.tools.report import environment_line, table
 from fedquant.tools.reproduce.claims import (
     BEYOND,
+    HELD,
     INCONCLUSIVE,
+    NOT_HELD,
     ClaimResult,
     Comparison,
     diff_range,
@@ -452,15 +454,39 @@ def _settings_section(c: Collected) -> str:
         )
     )
     lines.append("")
-    lines.append(f"Cells of [`{c.grid.path.name}`](../../../experiments/{c.grid.path.name}):")
+    run_cells = c.scale.cells
+    shown = [cell for cell in c.grid.cells if run_cells is None or cell.name in run_cells]
+    which = "Cells of" if run_cells is None else f"The {len(shown)} cells this scale runs, of"
+    lines.append(f"{which} [`{c.grid.path.name}`](../../../experiments/{c.grid.path.name}):")
     lines.append("")
     lines.append(
         table(
             ["cell", "changes from base", "what"],
-            ([f"`{cell.name}`", cell.describe(), cell.label] for cell in c.grid.cells),
+            ([f"`{cell.name}`", cell.describe(), cell.label] for cell in shown),
         )
     )
     return "\n".join(lines)
+
+
+def _precision_line(claims: list[ClaimResult]) -> str:
+    """What the seeds bought: spread and interval half-widths of the counted comparisons."""
+    tested = [r.tested for res in claims for r in res.rows if r.counted and r.tested is not None]
+    sds = [t.sd for t in tested if math.isfinite(t.sd)]
+    half = [(t.hi - t.lo) / 2 for t in tested if math.isfinite(t.hi - t.lo)]
+    if not sds or not half:
+        return "Precision: no counted comparison has two seeds yet."
+    resolved = sum(
+        1
+        for res in claims
+        for r in res.rows
+        if r.counted and r.tested is not None and r.outcome in (HELD, NOT_HELD)
+    )
+    return (
+        f"Precision achieved: {len(tested)} counted comparisons, {resolved} resolved; "
+        f"sd of the paired differences median {float(np.median(sds)):.2f} pp "
+        f"(largest {max(sds):.2f}); interval half-width median {float(np.median(half)):.2f} pp "
+        f"(largest {max(half):.2f})."
+    )
 
 
 def write_report(
@@ -587,6 +613,8 @@ def write_report(
         "",
         f"Holm's correction over claims (a)–(d), family-wise α = {c.alpha:g}; "
         f"intervals {100 * (1 - 2 * c.alpha):g} %.",
+        "",
+        _precision_line(claims),
         "",
         "## Set-up",
         "",
