@@ -50,7 +50,7 @@ import numpy as np
 from fedquant.argparsing import Parser
 from fedquant.errors import ConfigError, FedquantError
 
-SECTIONS = ("grid", "error", "speed", "federated", "beyond")
+SECTIONS = ("grid", "error", "speed", "federated", "beyond", "averaging")
 DEFAULT_SECTIONS = ("grid", "error", "speed", "beyond")
 FED_PARTS = ("bytes", "overhead", "flower")
 MODELS = ("mnist", "cifar10")
@@ -222,7 +222,7 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
         sec["grid"] = {"n": n_error, "rows": grid.grid_table(bits, n=n_error, seed=args.seed)}
         _log(f"grid: {time.perf_counter() - t0:.1f} s")
     states: _States | None = None
-    if "error" in sections or "beyond" in sections:
+    if {"error", "beyond", "averaging"} & set(sections):
         # the model weights of both sections, loaded (or trained) once
         t0 = time.perf_counter()
         states = _model_states(args, quick, models, weights)
@@ -280,6 +280,11 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
             states,
         )
         _log(f"beyond: {time.perf_counter() - t0:.1f} s")
+    if "averaging" in sections:
+        assert states is not None
+        t0 = time.perf_counter()
+        sec["averaging"] = _averaging_section(args, quick, n_error, states)
+        _log(f"averaging: {time.perf_counter() - t0:.1f} s")
     if "federated" in sections:
         t0 = time.perf_counter()
         sec["federated"] = _federated_section(args, quick, command)
@@ -456,6 +461,29 @@ def _error_section(
             "total": error.aggregate_layers(rows, name),
         }
     return out
+
+
+def _averaging_section(
+    args: argparse.Namespace, quick: bool, n_error: int, states: _States
+) -> dict[str, Any]:
+    from fedquant.tools.bench import averaging
+    from fedquant.tools.bench.sources import get_density
+    from fedquant.tools.bench.weights import quantizable_layers
+
+    todo, skipped = states
+    width = 1024 if n_error >= 1 << 14 else 64
+    gauss = get_density("gaussian").sample(n_error - n_error % width, seed=args.seed)
+    sources = {"gaussian": {"x": gauss.reshape(-1, width)}}  # 2-D: quantized, not sent raw
+    for name, (state, _info, _source) in todo.items():
+        sources[name] = quantizable_layers(state)
+    clients = (1, 4) if quick else averaging.CLIENTS
+    bits = (2, 4) if quick else averaging.BITS
+    return {
+        "n_gaussian": int(gauss.size),
+        "clients": list(clients),
+        "rows": averaging.averaging_table(sources, bits=bits, clients=clients, seed=args.seed),
+        "skipped": list(skipped),
+    }
 
 
 #: the fixed bit settings the allocation table compares ``auto`` with (each at its budget)

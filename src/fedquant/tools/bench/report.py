@@ -541,7 +541,53 @@ def markdown(results: Mapping[str, Any]) -> str:
         out += render(sec[key]) if sec.get(key) else []
     out += federated_markdown(sec.get("federated"))
     out += beyond_markdown(sec["beyond"]) if sec.get("beyond") else []
+    out += _averaging_md(sec["averaging"]) if sec.get("averaging") else []
     return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- averaging
+
+
+def _averaging_md(av: Mapping[str, Any]) -> list[str]:
+    clients = [str(n) for n in av["clients"]]
+    top = clients[-1]
+    out = ["## Averaging: one upload vs the server's mean of N uploads", ""]
+    out += _settings(
+        [
+            ("sources", "a unit Gaussian (as one 2-D tensor) and the models' conv and "
+             "linear weights"),
+            ("Gaussian values", f"{av['n_gaussian']:,}"),
+            ("uploads averaged (N)", ", ".join(clients)),
+            ("each upload", "the same tensors, its own seed (seed, client)"),
+            ("skipped", ", ".join(av.get("skipped", [])) or None),
+        ]
+    )  # fmt: skip
+    rows = av["rows"]
+    best = []
+    keys = list(dict.fromkeys((r["source"], r["rounding"], r["bits"]) for r in rows))
+    for src, rnd, b in keys:
+        group = [r for r in rows if (r["source"], r["rounding"], r["bits"]) == (src, rnd, b)]
+        first = min(group, key=lambda r: r["nmse"]["1"])
+        last = min(group, key=lambda r: r["nmse"][top])
+        best.append([src, rnd, b, f"`{first['method']}`", f"`{last['method']}`"])
+    out += _titled(
+        f"### Lowest error: one upload vs the mean of {top}",
+        ["source", "rounding", "B", "lowest NMSE, 1 upload", f"lowest NMSE, mean of {top}"],
+        best,
+    )
+    head = ["source", "B", "method", *(f"NMSE, mean of {n}" if n != "1" else "NMSE, 1 upload"
+                                       for n in clients),
+            f"mean of {top} / 1 upload", "share of 1 upload's error that averaging keeps"]  # fmt: skip
+    for rnd in sorted({r["rounding"] for r in rows}):
+        body = [
+            [r["source"], r["bits"], f"`{r['method']}`", *(fmt(r["nmse"][n]) for n in clients),
+             _x(r["nmse"][top] / r["nmse"]["1"] if r["nmse"]["1"] else None),
+             "-" if r["bias_share"] is None else f"{100 * r['bias_share']:.0f} %"]
+            for r in rows
+            if r["rounding"] == rnd
+        ]  # fmt: skip
+        out += _titled(f"### {rnd.capitalize()} rounding", head, body)
+    return out
 
 
 # --------------------------------------------------------------------------- federated
@@ -741,13 +787,14 @@ def _flower_md(fl: Mapping[str, Any]) -> list[str]:
             [r["runtime"], fmt(r["startup_s"], 3), fmt(r["round_median_s"], 3),
              fmt(r.get("round_vs_simulator"), 3), fmt(r["train_median_s"], 3),
              fmt(r["total_s"], 4), fmt(r.get("total_vs_simulator"), 3),
-             f"{100 * r['final_accuracy']:.1f}" + (f" ({fmt(diff, 2)})" if diff is not None else ""),
+             f"{100 * r['final_accuracy']:.1f}" + (f" ({fmt(100 * diff, 2)})" if diff is not None else ""),
              f"{r.get('load_before', '-')}/{r.get('load_after', '-')}"]
         )  # fmt: skip
     out += _tbl(
             ["runtime", "startup s", "round s", "round x simulator",
              "client training s per round", "total s", "total x simulator",
-             "final accuracy % (max difference)", "load before/after"],
+             "final accuracy % (largest per-round difference, points)",
+             "load before/after"],
             body,
         )  # fmt: skip
     return out
