@@ -18,7 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from fedquant.quant.clipping import ThresholdMethod
 from fedquant.quant.codec import decode, encode
+from fedquant.quant.grid import Rounding
 from fedquant.quant.spec import QuantSpec
 
 #: threshold rules compared: ours, the paper's coefficient, and no clipping
@@ -67,7 +69,7 @@ def averaged_errors(
     norm = sum(float(np.sum(np.square(v, dtype=np.float64))) for v in ref.values())
     if not norm > 0:
         raise ValueError("averaged_errors: the tensors are all zero; the error is undefined")
-    spec = QuantSpec(method=method, rounding=rounding, default_bits=bits)
+    spec = QuantSpec(method=ThresholdMethod(method), rounding=Rounding(rounding), default_bits=bits)
     total = {k: np.zeros(v.shape, dtype=np.float64) for k, v in ref.items()}
     wanted = set(clients)
     out: dict[int, float] = {}
