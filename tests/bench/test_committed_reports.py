@@ -13,7 +13,10 @@ from fedquant.tools.bench import report
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("folder", ["bench", "bench-speed", "bench-averaging"])
+@pytest.mark.parametrize(
+    "folder",
+    ["bench", "bench-speed", "bench-speed-nomalloc", "bench-speed-malloc", "bench-averaging"],
+)
 def test_committed_report_renders_from_its_json(folder: str) -> None:
     d = ROOT / "docs" / "results" / folder
     results = json.loads((d / "bench.json").read_text())
