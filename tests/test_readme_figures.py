@@ -82,3 +82,17 @@ def test_averaging_figure_quoted_in_readme() -> None:
     ]
     lo, hi = round(100 * min(shares)), round(100 * max(shares))
     assert f"{lo}–{hi} % of one upload's error at 2–4 bits" in README.replace("\n", " ")
+
+
+def test_threshold_sweep_figure_quoted_in_readme() -> None:
+    import json
+
+    res = json.loads((ROOT / "docs" / "results" / "bench-averaging" / "bench.json").read_text())
+    rows = [r for r in res["sections"]["averaging"]["sweep"] if 2 <= r["bits"] <= 4]
+    factors = [r["best_factor"] for r in rows]
+    ratios = [r["best_nmse"] / r["nmse"]["1"] for r in rows]
+    quoted = (
+        f"clipping at {min(factors):g}–{max(factors):g}x OCTAV's threshold leaves the "
+        f"mean of 30 uploads {min(ratios):.2f}–{max(ratios):.2f}x OCTAV's error"
+    )
+    assert quoted in README.replace("\n", " ")

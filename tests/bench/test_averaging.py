@@ -69,3 +69,31 @@ def test_averaging_section_quick(tmp_path: Path) -> None:
     md = (tmp_path / "bench.md").read_text()
     assert "## Averaging: one upload vs the server's mean of N uploads" in md
     assert "### Stochastic rounding" in md and "### Nearest rounding" in md
+    sweep = res["sections"]["averaging"]["sweep"]
+    assert {(r["source"], r["bits"]) for r in sweep} == {
+        (s, b) for s in ("gaussian", "mnist") for b in (2, 4)
+    }
+    assert "the threshold that is best for the mean of 4" in md
+
+
+def test_threshold_sweep_factor_one_is_octav_and_finds_the_aggregate_optimum() -> None:
+    x = _gauss()
+    sweep = averaging.threshold_sweep(
+        x, rounding="stochastic", bits=2, clients=30, factors=(0.5, 1.0, 1.8, 4.0)
+    )
+    # factor 1 is OCTAV itself: the same error the encoder's mean of 30 gives (other seeds)
+    via_codec = averaging.averaged_errors(
+        x, method="octav", rounding="stochastic", bits=2, clients=(30,)
+    )[30]
+    assert sweep["nmse"]["1"] == pytest.approx(via_codec, rel=0.05)
+    # clipping less than OCTAV is better for the mean of 30; far less (4x) is worse again
+    assert sweep["best_factor"] == 1.8
+    assert sweep["nmse"]["1.8"] < 0.5 * sweep["nmse"]["1"]
+    assert sweep["nmse"]["4"] > sweep["nmse"]["1.8"]
+    # one upload: OCTAV's threshold is the best of these
+    one = averaging.threshold_sweep(
+        x, rounding="stochastic", bits=2, clients=1, factors=(0.5, 1.0, 1.8, 4.0)
+    )
+    assert one["best_factor"] == 1.0
+    with pytest.raises(ValueError, match="expected >= 1"):
+        averaging.threshold_sweep(x, rounding="stochastic", bits=2, clients=0)

@@ -478,10 +478,22 @@ def _averaging_section(
         sources[name] = quantizable_layers(state)
     clients = (1, 4) if quick else averaging.CLIENTS
     bits = (2, 4) if quick else averaging.BITS
+    sweep = [
+        {
+            "source": name,
+            "bits": b,
+            **averaging.threshold_sweep(
+                tensors, rounding="stochastic", bits=b, clients=max(clients), seed=args.seed
+            ),
+        }
+        for name, tensors in sources.items()
+        for b in bits
+    ]
     return {
         "n_gaussian": int(gauss.size),
         "clients": list(clients),
         "rows": averaging.averaging_table(sources, bits=bits, clients=clients, seed=args.seed),
+        "sweep": sweep,
         "skipped": list(skipped),
     }
 

@@ -587,6 +587,18 @@ def _averaging_md(av: Mapping[str, Any]) -> list[str]:
             if r["rounding"] == rnd
         ]  # fmt: skip
         out += _titled(f"### {rnd.capitalize()} rounding", head, body)
+    sweep = av.get("sweep") or []
+    if sweep:
+        factors = list(sweep[0]["nmse"])
+        out += _titled(
+            f"### Stochastic rounding: the threshold that is best for the mean of {top}",
+            ["source", "B", *(f"{f} x OCTAV" for f in factors), "best", "best / OCTAV"],
+            [
+                [r["source"], r["bits"], *(fmt(r["nmse"][f]) for f in factors),
+                 f"{r['best_factor']:g} x", _x(r["best_nmse"] / r["nmse"]["1"])]
+                for r in sweep
+            ],
+        )  # fmt: skip
     return out
 
 
