@@ -592,6 +592,10 @@ def test_committed_report_regenerates_from_its_raw_data(tmp_path: Path, scale: s
     assert set(table_cells) == set(run or [c.name for c in load_grid(GRID).cells])
 
 
+def test_precision_line_without_tested_comparisons() -> None:
+    assert report._precision_line([]) == "Precision: no counted comparison has two seeds yet."
+
+
 def test_committed_robustness_table_regenerates_from_its_raw_data(tmp_path: Path) -> None:
     from fedquant.tools.reproduce.robustness import write_robustness_report
 

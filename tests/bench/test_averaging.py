@@ -97,3 +97,9 @@ def test_threshold_sweep_factor_one_is_octav_and_finds_the_aggregate_optimum() -
     assert one["best_factor"] == 1.0
     with pytest.raises(ValueError, match="expected >= 1"):
         averaging.threshold_sweep(x, rounding="stochastic", bits=2, clients=0)
+    with pytest.raises(ValueError, match="> 0"):
+        averaging.threshold_sweep(x, rounding="stochastic", bits=2, clients=2, factors=(0.0,))
+    with pytest.raises(ValueError, match="threshold_sweep: the tensors are all zero"):
+        averaging.threshold_sweep(
+            {"w": np.zeros((4, 4), np.float32)}, rounding="stochastic", bits=2, clients=2
+        )

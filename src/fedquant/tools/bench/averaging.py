@@ -68,10 +68,7 @@ def averaged_errors(
     """
     if not clients or min(clients) < 1:
         raise ValueError(f"clients={list(clients)}: expected numbers of uploads >= 1")
-    ref = {k: np.asarray(v, dtype=np.float32) for k, v in tensors.items()}
-    norm = sum(float(np.sum(np.square(v, dtype=np.float64))) for v in ref.values())
-    if not norm > 0:
-        raise ValueError("averaged_errors: the tensors are all zero; the error is undefined")
+    ref, norm = _reference(tensors, "averaged_errors")
     spec = QuantSpec(method=ThresholdMethod(method), rounding=Rounding(rounding), default_bits=bits)
     total = {k: np.zeros(v.shape, dtype=np.float64) for k, v in ref.items()}
     wanted = set(clients)
@@ -82,9 +79,23 @@ def averaged_errors(
             total[k] += decoded[k]
         n = c + 1
         if n in wanted:
-            err = sum(float(np.sum(np.square(total[k] / n - ref[k]))) for k in ref)
-            out[n] = err / norm
+            out[n] = sum(_squared_error(total[k] / n, ref[k]) for k in ref) / norm
     return out
+
+
+def _reference(
+    tensors: Mapping[str, np.ndarray], where: str
+) -> tuple[dict[str, np.ndarray], float]:
+    """The tensors as float32 and their total squared norm (the errors' denominator)."""
+    ref = {k: np.asarray(v, dtype=np.float32) for k, v in tensors.items()}
+    norm = sum(_squared_error(v, 0.0) for v in ref.values())
+    if not norm > 0:
+        raise ValueError(f"{where}: the tensors are all zero; the error is undefined")
+    return ref, norm
+
+
+def _squared_error(estimate: np.ndarray, truth: np.ndarray | float) -> float:
+    return float(np.sum(np.square(np.subtract(estimate, truth, dtype=np.float64))))
 
 
 def bias_share(errors: Mapping[int, float]) -> float | None:
@@ -152,10 +163,7 @@ def threshold_sweep(
     """
     if clients < 1 or not factors or min(factors) <= 0:
         raise ValueError(f"clients={clients}, factors={list(factors)}: expected >= 1 and > 0")
-    ref = {k: np.asarray(v, dtype=np.float32) for k, v in tensors.items()}
-    norm = sum(float(np.sum(np.square(v, dtype=np.float64))) for v in ref.values())
-    if not norm > 0:
-        raise ValueError("threshold_sweep: the tensors are all zero; the error is undefined")
+    ref, norm = _reference(tensors, "threshold_sweep")
     base = {k: threshold(v, bits, rounding, "octav") for k, v in ref.items()}
     errs: dict[str, float] = {}
     for f in factors:
@@ -167,7 +175,7 @@ def threshold_sweep(
                     v, bits, scale=f * base[k], rounding=rounding,
                     seed=np.random.SeedSequence([seed, c, i]),
                 )  # fmt: skip
-            err += float(np.sum(np.square(total / clients - v)))
+            err += _squared_error(total / clients, v)
         errs[f"{f:g}"] = err / norm
     best = min(errs, key=errs.__getitem__)
     return {"nmse": errs, "best_factor": float(best), "best_nmse": errs[best]}

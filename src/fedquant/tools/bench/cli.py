@@ -223,7 +223,7 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
         _log(f"grid: {time.perf_counter() - t0:.1f} s")
     states: _States | None = None
     if {"error", "beyond", "averaging"} & set(sections):
-        # the model weights of both sections, loaded (or trained) once
+        # the model weights these sections share, loaded (or trained) once
         t0 = time.perf_counter()
         states = _model_states(args, quick, models, weights)
         _log(f"model weights: {time.perf_counter() - t0:.1f} s")

@@ -470,17 +470,13 @@ def _settings_section(c: Collected) -> str:
 
 def _precision_line(claims: list[ClaimResult]) -> str:
     """What the seeds bought: spread and interval half-widths of the counted comparisons."""
-    tested = [r.tested for res in claims for r in res.rows if r.counted and r.tested is not None]
+    rows = [r for res in claims for r in res.rows if r.counted and r.tested is not None]
+    tested = [r.tested for r in rows if r.tested is not None]
     sds = [t.sd for t in tested if math.isfinite(t.sd)]
     half = [(t.hi - t.lo) / 2 for t in tested if math.isfinite(t.hi - t.lo)]
     if not sds or not half:
         return "Precision: no counted comparison has two seeds yet."
-    resolved = sum(
-        1
-        for res in claims
-        for r in res.rows
-        if r.counted and r.tested is not None and r.outcome in (HELD, NOT_HELD)
-    )
+    resolved = sum(r.outcome in (HELD, NOT_HELD) for r in rows)
     return (
         f"Precision achieved: {len(tested)} counted comparisons, {resolved} resolved; "
         f"sd of the paired differences median {float(np.median(sds)):.2f} pp "
