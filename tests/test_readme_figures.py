@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -72,8 +73,6 @@ def test_bench_figures_quoted_in_readme() -> None:
 
 
 def test_averaging_figure_quoted_in_readme() -> None:
-    import json
-
     res = json.loads((ROOT / "docs" / "results" / "bench-averaging" / "bench.json").read_text())
     shares = [
         r["bias_share"]
@@ -85,8 +84,6 @@ def test_averaging_figure_quoted_in_readme() -> None:
 
 
 def test_threshold_sweep_figure_quoted_in_readme() -> None:
-    import json
-
     res = json.loads((ROOT / "docs" / "results" / "bench-averaging" / "bench.json").read_text())
     rows = [r for r in res["sections"]["averaging"]["sweep"] if 2 <= r["bits"] <= 4]
     factors = [r["best_factor"] for r in rows]
